@@ -1,0 +1,420 @@
+//! A chunk's life as a pure state machine: no IO, no clock, no tokio.
+//!
+//! Every state carries exactly the data that exists at that point: a remote id
+//! exists only from `Triggered` on, row counts only once `Downloaded`. The
+//! worker persists each new state before it acts on it, so the state found in
+//! the store after a crash always says what to do next.
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type UnixMs = i64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ChunkState {
+    /// Inputs stored, nothing sent yet.
+    Planned,
+    /// The intent to trigger is durable; the answer is not. Found like this
+    /// after a crash, or after a call that ended without a readable answer,
+    /// the chunk is *in doubt*: the provider is asked before any new trigger.
+    Triggering { intent_at: UnixMs },
+    /// The provider accepted the trigger; the collection is being built.
+    Triggered {
+        remote_id: String,
+        triggered_at: UnixMs,
+    },
+    /// The provider says the dataset is ready; it is not saved yet.
+    Ready {
+        remote_id: String,
+        triggered_at: UnixMs,
+        ready_at: UnixMs,
+        expires_at: UnixMs,
+    },
+    /// The part file is durable. Terminal.
+    Downloaded {
+        remote_id: String,
+        triggered_at: UnixMs,
+        ready_at: UnixMs,
+        expires_at: UnixMs,
+        downloaded_at: UnixMs,
+        rows: u64,
+        error_rows: u64,
+    },
+    /// The provider refused the chunk or its collection failed. Terminal.
+    Failed {
+        remote_id: Option<String>,
+        triggered_at: Option<UnixMs>,
+        error: String,
+    },
+    /// The dataset was deleted by the provider before it was saved. Terminal.
+    Expired {
+        remote_id: String,
+        triggered_at: UnixMs,
+        expires_at: Option<UnixMs>,
+        error: String,
+    },
+    /// Cancelled by the user or the provider. Terminal.
+    Cancelled { remote_id: Option<String> },
+}
+
+/// What happened to a chunk; input to [`next`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkEvent {
+    /// About to send the trigger call.
+    Intent {
+        at: UnixMs,
+    },
+    /// The provider answered with a collection id.
+    Accepted {
+        remote_id: String,
+        at: UnixMs,
+    },
+    /// The provider refused the chunk for good (400/404/422).
+    Rejected {
+        error: String,
+    },
+    /// The trigger provably created nothing (refused before it was accepted,
+    /// or an in-doubt chunk the provider shows no trace of): plan again.
+    NotCreated,
+    /// The collection finished building.
+    Ready {
+        at: UnixMs,
+        expires_at: UnixMs,
+    },
+    /// The part file is durable.
+    Saved {
+        at: UnixMs,
+        rows: u64,
+        error_rows: u64,
+    },
+    /// The collection failed at the provider.
+    Failed {
+        error: String,
+    },
+    /// The provider no longer has the data.
+    Expired {
+        error: String,
+    },
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("chunk in state '{from}' cannot take event {event}")]
+pub struct TransitionError {
+    pub from: &'static str,
+    pub event: String,
+}
+
+impl ChunkState {
+    /// The name used in manifests, status and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChunkState::Planned => "planned",
+            ChunkState::Triggering { .. } => "triggering",
+            ChunkState::Triggered { .. } => "triggered",
+            ChunkState::Ready { .. } => "ready",
+            ChunkState::Downloaded { .. } => "downloaded",
+            ChunkState::Failed { .. } => "failed",
+            ChunkState::Expired { .. } => "expired",
+            ChunkState::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            ChunkState::Downloaded { .. }
+                | ChunkState::Failed { .. }
+                | ChunkState::Expired { .. }
+                | ChunkState::Cancelled { .. }
+        )
+    }
+
+    /// Whether the chunk holds a collection at the provider that is not yet
+    /// saved: it counts against `max_in_flight`.
+    pub fn is_in_flight(&self) -> bool {
+        matches!(
+            self,
+            ChunkState::Triggering { .. } | ChunkState::Triggered { .. } | ChunkState::Ready { .. }
+        )
+    }
+
+    pub fn remote_id(&self) -> Option<&str> {
+        match self {
+            ChunkState::Triggered { remote_id, .. }
+            | ChunkState::Ready { remote_id, .. }
+            | ChunkState::Downloaded { remote_id, .. }
+            | ChunkState::Expired { remote_id, .. } => Some(remote_id),
+            ChunkState::Failed { remote_id, .. } | ChunkState::Cancelled { remote_id } => {
+                remote_id.as_deref()
+            }
+            ChunkState::Planned | ChunkState::Triggering { .. } => None,
+        }
+    }
+}
+
+/// The one place that decides which transitions exist.
+pub fn next(state: &ChunkState, event: ChunkEvent) -> Result<ChunkState, TransitionError> {
+    use ChunkEvent as E;
+    use ChunkState as S;
+    let new = match (state, event) {
+        (S::Planned, E::Intent { at }) => S::Triggering { intent_at: at },
+        (S::Triggering { .. }, E::Accepted { remote_id, at }) => S::Triggered {
+            remote_id,
+            triggered_at: at,
+        },
+        (S::Triggering { .. }, E::Rejected { error }) => S::Failed {
+            remote_id: None,
+            triggered_at: None,
+            error,
+        },
+        (S::Triggering { .. }, E::NotCreated) => S::Planned,
+        (
+            S::Triggered {
+                remote_id,
+                triggered_at,
+            },
+            E::Ready { at, expires_at },
+        ) => S::Ready {
+            remote_id: remote_id.clone(),
+            triggered_at: *triggered_at,
+            ready_at: at,
+            expires_at,
+        },
+        (
+            S::Ready {
+                remote_id,
+                triggered_at,
+                ready_at,
+                expires_at,
+            },
+            E::Saved {
+                at,
+                rows,
+                error_rows,
+            },
+        ) => S::Downloaded {
+            remote_id: remote_id.clone(),
+            triggered_at: *triggered_at,
+            ready_at: *ready_at,
+            expires_at: *expires_at,
+            downloaded_at: at,
+            rows,
+            error_rows,
+        },
+        (
+            S::Triggered {
+                remote_id,
+                triggered_at,
+            }
+            | S::Ready {
+                remote_id,
+                triggered_at,
+                ..
+            },
+            E::Failed { error },
+        ) => S::Failed {
+            remote_id: Some(remote_id.clone()),
+            triggered_at: Some(*triggered_at),
+            error,
+        },
+        (
+            S::Triggered {
+                remote_id,
+                triggered_at,
+            },
+            E::Expired { error },
+        ) => S::Expired {
+            remote_id: remote_id.clone(),
+            triggered_at: *triggered_at,
+            expires_at: None,
+            error,
+        },
+        (
+            S::Ready {
+                remote_id,
+                triggered_at,
+                expires_at,
+                ..
+            },
+            E::Expired { error },
+        ) => S::Expired {
+            remote_id: remote_id.clone(),
+            triggered_at: *triggered_at,
+            expires_at: Some(*expires_at),
+            error,
+        },
+        (S::Planned, E::Cancelled) => S::Cancelled { remote_id: None },
+        (S::Triggered { remote_id, .. } | S::Ready { remote_id, .. }, E::Cancelled) => {
+            S::Cancelled {
+                remote_id: Some(remote_id.clone()),
+            }
+        }
+        (state, event) => {
+            return Err(TransitionError {
+                from: state.name(),
+                event: format!("{event:?}"),
+            })
+        }
+    };
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn triggered() -> ChunkState {
+        ChunkState::Triggered {
+            remote_id: "j_1".into(),
+            triggered_at: 10,
+        }
+    }
+    fn ready() -> ChunkState {
+        ChunkState::Ready {
+            remote_id: "j_1".into(),
+            triggered_at: 10,
+            ready_at: 20,
+            expires_at: 30,
+        }
+    }
+
+    #[test]
+    fn transition_table() {
+        let accepted = || ChunkEvent::Accepted {
+            remote_id: "j_1".into(),
+            at: 10,
+        };
+        let saved = || ChunkEvent::Saved {
+            at: 25,
+            rows: 3,
+            error_rows: 1,
+        };
+        // (from, event, expected state name or None for a refused transition)
+        let table: Vec<(ChunkState, ChunkEvent, Option<&str>)> = vec![
+            (
+                ChunkState::Planned,
+                ChunkEvent::Intent { at: 1 },
+                Some("triggering"),
+            ),
+            (ChunkState::Planned, accepted(), None),
+            (
+                ChunkState::Planned,
+                ChunkEvent::Cancelled,
+                Some("cancelled"),
+            ),
+            (
+                ChunkState::Triggering { intent_at: 1 },
+                accepted(),
+                Some("triggered"),
+            ),
+            (
+                ChunkState::Triggering { intent_at: 1 },
+                ChunkEvent::NotCreated,
+                Some("planned"),
+            ),
+            (
+                ChunkState::Triggering { intent_at: 1 },
+                ChunkEvent::Rejected {
+                    error: "bad".into(),
+                },
+                Some("failed"),
+            ),
+            // A trigger whose outcome is unknown must be settled, never cancelled blind.
+            (
+                ChunkState::Triggering { intent_at: 1 },
+                ChunkEvent::Cancelled,
+                None,
+            ),
+            (
+                ChunkState::Triggering { intent_at: 1 },
+                ChunkEvent::Intent { at: 2 },
+                None,
+            ),
+            (
+                triggered(),
+                ChunkEvent::Ready {
+                    at: 20,
+                    expires_at: 30,
+                },
+                Some("ready"),
+            ),
+            (triggered(), saved(), None),
+            (
+                triggered(),
+                ChunkEvent::Failed { error: "x".into() },
+                Some("failed"),
+            ),
+            (
+                triggered(),
+                ChunkEvent::Expired { error: "x".into() },
+                Some("expired"),
+            ),
+            (triggered(), ChunkEvent::Cancelled, Some("cancelled")),
+            (ready(), saved(), Some("downloaded")),
+            (
+                ready(),
+                ChunkEvent::Expired { error: "x".into() },
+                Some("expired"),
+            ),
+            (ready(), ChunkEvent::Intent { at: 1 }, None),
+        ];
+        for (from, event, want) in table {
+            let got = next(&from, event.clone());
+            match (want, got) {
+                (Some(name), Ok(state)) => assert_eq!(state.name(), name, "{from:?} + {event:?}"),
+                (None, Err(_)) => {}
+                (want, got) => panic!("{from:?} + {event:?}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states_take_no_events() {
+        let downloaded = next(
+            &ready(),
+            ChunkEvent::Saved {
+                at: 25,
+                rows: 3,
+                error_rows: 1,
+            },
+        )
+        .expect("ready + saved");
+        assert!(downloaded.is_terminal());
+        for event in [
+            ChunkEvent::Intent { at: 1 },
+            ChunkEvent::Cancelled,
+            ChunkEvent::Failed { error: "x".into() },
+            ChunkEvent::Expired { error: "x".into() },
+        ] {
+            assert!(next(&downloaded, event).is_err());
+        }
+    }
+
+    #[test]
+    fn data_carried_forward() {
+        let s = next(
+            &ready(),
+            ChunkEvent::Saved {
+                at: 25,
+                rows: 3,
+                error_rows: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            ChunkState::Downloaded {
+                remote_id: "j_1".into(),
+                triggered_at: 10,
+                ready_at: 20,
+                expires_at: 30,
+                downloaded_at: 25,
+                rows: 3,
+                error_rows: 1
+            }
+        );
+        assert_eq!(s.remote_id(), Some("j_1"));
+    }
+}

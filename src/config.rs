@@ -1,0 +1,465 @@
+//! Daemon configuration: an optional TOML file, then the environment, then
+//! flags (SPEC §3). Every field has a named default; unknown keys are errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where job files are dropped.
+    pub jobs_dir: PathBuf,
+    /// Where the sled store, the lock file and the admin files live.
+    pub state_dir: PathBuf,
+    /// Where `<job>/<run_id>/` output directories are written.
+    pub output_dir: PathBuf,
+    /// Loopback address of the admin API, or `off`.
+    pub admin_listen: String,
+    /// `text` or `json`; unset means text on a TTY, JSON otherwise.
+    pub log_format: Option<LogFormat>,
+    /// How long a shutdown may take before the daemon exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often the jobs directory is rescanned even without file events.
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
+    pub providers: Providers,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Providers {
+    pub brightdata: ProviderConfig,
+    pub firecrawl: ProviderConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// Overrides the provider's public API address (tests, proxies).
+    pub base_url: Option<String>,
+    /// A file holding the API token, used when no environment variable is set.
+    pub token_file: Option<PathBuf>,
+}
+
+/// SPEC §7: every interval and threshold of provider etiquette.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Collections triggered and not yet downloaded, per key.
+    pub max_in_flight: u32,
+    /// Trigger calls per minute, per key.
+    pub triggers_per_minute: u32,
+    /// All calls to one provider.
+    pub requests_per_second: u32,
+    #[serde(with = "humantime_serde")]
+    pub poll_min_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub poll_max_interval: Duration,
+    /// First retry delay after a 5xx, timeout or reset (full jitter).
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_cap: Duration,
+    /// Answers 429 within `brake_window` that pause the whole provider.
+    pub brake_after_429: u32,
+    #[serde(with = "humantime_serde")]
+    pub brake_window: Duration,
+    /// First provider-wide pause; doubles up to `brake_pause_max`.
+    #[serde(with = "humantime_serde")]
+    pub brake_pause: Duration,
+    #[serde(with = "humantime_serde")]
+    pub brake_pause_max: Duration,
+    /// Pause after a 429 that names no wait.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_pause: Duration,
+    /// How often a blocked provider (401/402/403, no token) is tried again.
+    #[serde(with = "humantime_serde")]
+    pub blocked_retry: Duration,
+    /// 404s on a collection younger than this are build lag, not loss.
+    #[serde(with = "humantime_serde")]
+    pub not_found_grace: Duration,
+    /// An in-doubt trigger not found at the provider is looked for once more
+    /// after this long (listings can lag) before it is triggered again.
+    #[serde(with = "humantime_serde")]
+    pub in_doubt_recheck: Duration,
+    /// Per-call timeout for everything but downloads; downloads use it as an
+    /// idle (read) timeout.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Warn when a ready dataset is unsaved with this little time left
+    /// (Bright Data; Firecrawl uses `firecrawl_expiry_warn`).
+    #[serde(with = "humantime_serde")]
+    pub expiry_warn: Duration,
+    #[serde(with = "humantime_serde")]
+    pub expiry_error: Duration,
+    #[serde(with = "humantime_serde")]
+    pub firecrawl_expiry_warn: Duration,
+    #[serde(with = "humantime_serde")]
+    pub firecrawl_expiry_error: Duration,
+    /// Per-key overrides, e.g. `[limits.keys."c_…"] max_in_flight = 4`.
+    pub keys: BTreeMap<String, KeyLimits>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimits {
+    pub max_in_flight: Option<u32>,
+    pub triggers_per_minute: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            jobs_dir: "jobs".into(),
+            state_dir: "state".into(),
+            output_dir: "out".into(),
+            admin_listen: "127.0.0.1:9848".into(),
+            log_format: None,
+            shutdown_grace: Duration::from_secs(20),
+            rescan_interval: Duration::from_secs(10),
+            providers: Providers::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        const MIN: u64 = 60;
+        const HOUR: u64 = 3600;
+        const DAY: u64 = 24 * HOUR;
+        LimitsConfig {
+            max_in_flight: 10,
+            triggers_per_minute: 30,
+            requests_per_second: 5,
+            poll_min_interval: Duration::from_secs(5),
+            poll_max_interval: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            brake_after_429: 3,
+            brake_window: Duration::from_secs(5 * MIN),
+            brake_pause: Duration::from_secs(MIN),
+            brake_pause_max: Duration::from_secs(10 * MIN),
+            rate_limit_pause: Duration::from_secs(2),
+            blocked_retry: Duration::from_secs(5 * MIN),
+            not_found_grace: Duration::from_secs(2 * MIN),
+            in_doubt_recheck: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
+            expiry_warn: Duration::from_secs(3 * DAY),
+            expiry_error: Duration::from_secs(DAY),
+            firecrawl_expiry_warn: Duration::from_secs(6 * HOUR),
+            firecrawl_expiry_error: Duration::from_secs(HOUR),
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn max_in_flight(&self, key: &str) -> u32 {
+        self.keys
+            .get(key)
+            .and_then(|k| k.max_in_flight)
+            .unwrap_or(self.max_in_flight)
+    }
+
+    pub fn triggers_per_minute(&self, key: &str) -> u32 {
+        self.keys
+            .get(key)
+            .and_then(|k| k.triggers_per_minute)
+            .unwrap_or(self.triggers_per_minute)
+    }
+}
+
+/// Where configuration values come from besides the file.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    /// File (if any) → environment; flags are applied by the caller.
+    pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.var("HARVESTD_CONFIG").map(PathBuf::from));
+        let mut config = match &file {
+            Some(path) => Self::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(line) => format!("line {line}: {}", e.message()),
+                None => e.message().to_string(),
+            }
+        })
+    }
+
+    fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        if let Some(v) = env.var("HARVESTD_JOBS_DIR") {
+            self.jobs_dir = v.into();
+        }
+        if let Some(v) = env.var("HARVESTD_STATE_DIR") {
+            self.state_dir = v.into();
+        }
+        if let Some(v) = env.var("HARVESTD_OUTPUT_DIR") {
+            self.output_dir = v.into();
+        }
+        if let Some(v) = env.var("HARVESTD_ADMIN_LISTEN") {
+            self.admin_listen = v;
+        }
+        if let Some(v) = env.var("HARVESTD_LOG_FORMAT") {
+            self.log_format = Some(match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "HARVESTD_LOG_FORMAT",
+                        message: format!("'{v}' is not 'text' or 'json'"),
+                    })
+                }
+            });
+        }
+        if let Some(v) = env.var("HARVESTD_BRIGHTDATA_URL") {
+            self.providers.brightdata.base_url = Some(v);
+        }
+        if let Some(v) = env.var("HARVESTD_FIRECRAWL_URL") {
+            self.providers.firecrawl.base_url = Some(v);
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive = [
+            ("limits.max_in_flight", l.max_in_flight),
+            ("limits.triggers_per_minute", l.triggers_per_minute),
+            ("limits.requests_per_second", l.requests_per_second),
+            ("limits.brake_after_429", l.brake_after_429),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        for (key, k) in &l.keys {
+            if k.max_in_flight == Some(0) || k.triggers_per_minute == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.keys.\"{key}\": limits must be at least 1"
+                )));
+            }
+        }
+        if l.poll_min_interval > l.poll_max_interval {
+            return Err(ConfigError::Invalid(
+                "limits.poll_min_interval is longer than limits.poll_max_interval".into(),
+            ));
+        }
+        if self.admin_listen != "off" {
+            let addr: std::net::SocketAddr = self.admin_listen.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "admin_listen: '{}' is not an address such as 127.0.0.1:9848 (or 'off')",
+                    self.admin_listen
+                ))
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "admin_listen: {addr} is not a loopback address"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn brightdata_url(&self) -> &str {
+        self.providers
+            .brightdata
+            .base_url
+            .as_deref()
+            .unwrap_or("https://api.brightdata.com")
+    }
+
+    pub fn firecrawl_url(&self) -> &str {
+        self.providers
+            .firecrawl
+            .base_url
+            .as_deref()
+            .unwrap_or("https://api.firecrawl.dev")
+    }
+}
+
+/// An API token. Never printed: `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(value: impl Into<String>) -> Token {
+        Token(value.into())
+    }
+    /// The secret itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Finds a provider's token: environment variables, then `token_file`, then
+/// systemd's `$CREDENTIALS_DIRECTORY/<credential>` (SPEC §3).
+pub fn find_token(
+    env: &dyn Env,
+    vars: &[&str],
+    token_file: Option<&Path>,
+    credential: &str,
+) -> Result<Option<Token>, ConfigError> {
+    for name in vars {
+        if let Some(v) = env.var(name) {
+            return Ok(Some(Token::new(v.trim())));
+        }
+    }
+    let read = |path: &Path| -> Result<Option<Token>, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: format!("cannot read token: {e}"),
+        })?;
+        let text = text.trim();
+        Ok((!text.is_empty()).then(|| Token::new(text)))
+    };
+    if let Some(path) = token_file {
+        return read(path);
+    }
+    if let Some(dir) = env.var("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&dir).join(credential);
+        if path.exists() {
+            return read(&path);
+        }
+    }
+    Ok(None)
+}
+
+pub const BRIGHTDATA_TOKEN_VARS: &[&str] = &[
+    "BRIGHT_DATA_API_TOKEN",
+    "BRIGHTDATA_API_TOKEN",
+    "BRIGHTDATA_API_KEY",
+];
+pub const FIRECRAWL_TOKEN_VARS: &[&str] = &["FIRECRAWL_API_KEY"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::from_toml("jobs_dir = \"j\"\nstate_dri = \"s\"\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("state_dri"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_in_flite = 3\n").unwrap_err();
+        assert!(err.contains("max_in_flite"), "{err}");
+    }
+
+    #[test]
+    fn file_then_env_precedence_and_key_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "output_dir = \"from-file\"\njobs_dir = \"jf\"\n[limits]\npoll_min_interval = \"50ms\"\n\
+             [limits.keys.\"c_x\"]\nmax_in_flight = 2\n",
+        )
+        .unwrap();
+        let env = MapEnv(HashMap::from([("HARVESTD_OUTPUT_DIR", "from-env")]));
+        let c = Config::load(Some(&path), &env).unwrap();
+        assert_eq!(c.output_dir, PathBuf::from("from-env"));
+        assert_eq!(c.jobs_dir, PathBuf::from("jf"));
+        assert_eq!(c.limits.poll_min_interval, Duration::from_millis(50));
+        assert_eq!(c.limits.max_in_flight("c_x"), 2);
+        assert_eq!(c.limits.max_in_flight("c_y"), 10);
+    }
+
+    #[test]
+    fn admin_listen_must_be_loopback() {
+        let mut c = Config {
+            admin_listen: "0.0.0.0:9848".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        c.admin_listen = "off".into();
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn token_never_shows() {
+        let t = Token::new("sekrit");
+        assert_eq!(format!("{t:?} {t}"), "*** ***");
+        let env = MapEnv(HashMap::from([("BRIGHTDATA_API_KEY", "k1")]));
+        let found = find_token(&env, BRIGHTDATA_TOKEN_VARS, None, "brightdata-token").unwrap();
+        assert_eq!(found.unwrap().expose(), "k1");
+    }
+}

@@ -1,0 +1,319 @@
+//! The supervisor: owns the event loop. It takes the state directory's
+//! lock, resumes every unfinished run from the store, scans the jobs
+//! directory, spawns and tracks one task per run, and drains them on
+//! shutdown within `shutdown_grace` (SPEC §2 `run`, §11, §12).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{find_token, Config, ConfigError, Env, BRIGHTDATA_TOKEN_VARS};
+use crate::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
+use crate::limits::{KeyedLimits, ProviderGate};
+use crate::provider::http::Http;
+use crate::provider::scraper_studio::ScraperStudio;
+use crate::signals::Signal;
+use crate::spec::ProviderKind;
+use crate::store::{RunRecord, RunState, Store, StoreError};
+use crate::watcher::Watcher;
+use crate::worker::{self, Context, Counters, RunOutcome, WorkerError};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Run the jobs present at start once, wait for them, exit.
+    pub once: bool,
+    /// Serve the built-in emulator in-process and point providers at it.
+    pub emulator: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another harvestd is using the state directory {0} (its lock is held)")]
+    Locked(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl DaemonError {
+    /// SPEC §2 exit codes.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Locked(_) => 75,
+            DaemonError::Config(_) => 78,
+            _ => 1,
+        }
+    }
+}
+
+/// What a daemon run did, for `--once`'s exit code and its last words.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub complete: usize,
+    /// Finished partial, failed or cancelled.
+    pub incomplete: usize,
+    /// Waiting on a blocked provider, with the reason.
+    pub parked: Vec<String>,
+    /// Stopped by shutdown before finishing.
+    pub stopped: usize,
+    pub invalid_jobs: usize,
+}
+
+impl Summary {
+    /// `--once`: 0 when every run completed, 1 when any did not, 65 when
+    /// every run completed but a job file was invalid.
+    pub fn exit_code(&self) -> u8 {
+        if self.incomplete > 0 || !self.parked.is_empty() || self.stopped > 0 {
+            1
+        } else if self.invalid_jobs > 0 {
+            65
+        } else {
+            0
+        }
+    }
+}
+
+/// Holds the state directory for this process; released on exit, also on
+/// `kill -9`, because the kernel drops the file lock with the process.
+pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
+    std::fs::create_dir_all(dir).map_err(|e| DaemonError::Io(format!("{}: {e}", dir.display())))?;
+    let path = dir.join("harvestd.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DaemonError::Io(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(DaemonError::Io(format!("{}: {e}", path.display())))
+        }
+    }
+}
+
+fn supported(kind: ProviderKind) -> bool {
+    kind == ProviderKind::ScraperStudio
+}
+
+type RunResult = (String, String, Result<RunOutcome, WorkerError>);
+
+struct Supervisor {
+    config: Config,
+    store: Store,
+    studio: Arc<Context>,
+    keys: KeyedLimits,
+    runs: JoinSet<RunResult>,
+    active: HashSet<(String, String)>,
+    summary: Summary,
+    stop: CancellationToken,
+}
+
+impl Supervisor {
+    fn spawn(&mut self, run: RunRecord) {
+        let id = (run.job.clone(), run.run_id.clone());
+        if !self.active.insert(id.clone()) {
+            return;
+        }
+        let now = worker::now_ms();
+        let ago = self
+            .store
+            .last_trigger(&run.spec.key)
+            .ok()
+            .flatten()
+            .map(|t| Duration::from_millis((now - t).max(0) as u64));
+        let key = self.keys.key(&run.spec.key, ago);
+        let ctx = self.studio.clone();
+        self.runs.spawn(async move {
+            let result = worker::drive_run(ctx, key, run).await;
+            (id.0, id.1, result)
+        });
+    }
+
+    fn record(&mut self, (job, run_id, result): RunResult) -> Result<(), DaemonError> {
+        self.active.remove(&(job.clone(), run_id.clone()));
+        match result? {
+            RunOutcome::Finished(RunState::Complete) => self.summary.complete += 1,
+            RunOutcome::Finished(state) => {
+                warn!(job = %job, run = %run_id, state = state.as_str(), "run did not complete");
+                self.summary.incomplete += 1;
+            }
+            RunOutcome::Parked(why) => {
+                error!(job = %job, run = %run_id, reason = %why, "run waits on a blocked provider");
+                self.summary.parked.push(format!("{job}/{run_id}: {why}"));
+            }
+            RunOutcome::Stopped => self.summary.stopped += 1,
+        }
+        Ok(())
+    }
+
+    async fn scan(&mut self) -> Result<(), DaemonError> {
+        let (dir, store) = (self.config.jobs_dir.clone(), self.store.clone());
+        let scan = tokio::task::spawn_blocking(move || {
+            crate::intake::scan(&dir, &store, worker::now_ms(), supported)
+        })
+        .await
+        .map_err(|e| DaemonError::Io(e.to_string()))??;
+        self.summary.invalid_jobs = scan.invalid.len();
+        for run in scan.new_runs {
+            self.spawn(run);
+        }
+        Ok(())
+    }
+}
+
+/// Runs the daemon until shutdown (or, with `once`, until the runs end).
+pub async fn run(
+    mut config: Config,
+    options: RunOptions,
+    env: &dyn Env,
+    mut signals: tokio::sync::mpsc::UnboundedReceiver<Signal>,
+) -> Result<Summary, DaemonError> {
+    // Emulator state never mixes with real provider state.
+    let state_dir = if options.emulator {
+        config.state_dir.join("emulator")
+    } else {
+        config.state_dir.clone()
+    };
+    let _lock = lock_state_dir(&state_dir)?;
+    let emulator = if options.emulator {
+        let emu = Emulator::start(([127, 0, 0, 1], 0).into(), Scenario::default())
+            .await
+            .map_err(|e| DaemonError::Io(format!("cannot start the emulator: {e}")))?;
+        info!(url = %emu.url(), "built-in emulator serving");
+        config.providers.brightdata.base_url = Some(emu.url());
+        config.providers.firecrawl.base_url = Some(emu.url());
+        Some(emu)
+    } else {
+        None
+    };
+    let brightdata_token = if emulator.is_some() {
+        Some(crate::config::Token::new(DEMO_BRIGHTDATA_TOKEN))
+    } else {
+        find_token(
+            env,
+            BRIGHTDATA_TOKEN_VARS,
+            config.providers.brightdata.token_file.as_deref(),
+            "brightdata-token",
+        )?
+    };
+    std::fs::create_dir_all(&config.output_dir)
+        .map_err(|e| DaemonError::Io(format!("{}: {e}", config.output_dir.display())))?;
+    let store = Store::open(&state_dir)?;
+    let stop = CancellationToken::new();
+
+    let gate = ProviderGate::new(&config.limits);
+    if brightdata_token.is_none() {
+        gate.block("no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file".into());
+    }
+    let http = Http::new(
+        config.brightdata_url(),
+        brightdata_token,
+        gate.clone(),
+        config.limits.request_timeout,
+    );
+    let studio = Arc::new(Context {
+        store: store.clone(),
+        provider: Arc::new(ScraperStudio::new(http)),
+        gate,
+        limits: config.limits.clone(),
+        output_dir: config.output_dir.clone(),
+        stop: stop.clone(),
+        park_on_block: options.once,
+        counters: Arc::new(Counters::default()),
+    });
+    let mut sup = Supervisor {
+        keys: KeyedLimits::new(config.limits.clone()),
+        config,
+        store,
+        studio,
+        runs: JoinSet::new(),
+        active: HashSet::new(),
+        summary: Summary::default(),
+        stop: stop.clone(),
+    };
+
+    // Resume before anything new: unfinished runs continue without a new trigger.
+    let mut resumed = 0;
+    for run in sup.store.runs()? {
+        match run.state {
+            RunState::Planning => {
+                info!(job = %run.job, run = %run.run_id, "discarding a run caught mid-planning; it is planned again");
+                sup.store.delete_run(&run.job, &run.run_id)?;
+            }
+            RunState::InProgress => {
+                resumed += 1;
+                sup.spawn(run);
+            }
+            _ => {}
+        }
+    }
+    sup.store.flush().await?;
+    info!(resumed, "state loaded; ready");
+
+    sup.scan().await?;
+    let mut watcher =
+        (!options.once).then(|| Watcher::new(&sup.config.jobs_dir, sup.config.rescan_interval));
+    loop {
+        if options.once && sup.runs.is_empty() {
+            break;
+        }
+        tokio::select! {
+            signal = signals.recv() => match signal {
+                Some(Signal::Shutdown) | None => {
+                    info!("shutdown requested: finishing calls in flight");
+                    break;
+                }
+                Some(Signal::Reload) => {
+                    info!("SIGHUP: retrying blocked providers and rescanning jobs");
+                    sup.studio.gate.unblock();
+                    sup.scan().await?;
+                }
+            },
+            _ = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
+                sup.scan().await?;
+            }
+            Some(joined) = sup.runs.join_next() => match joined {
+                Ok(result) => sup.record(result)?,
+                Err(e) => error!(error = %e, "run task panicked"),
+            },
+        }
+    }
+
+    sup.stop.cancel();
+    let grace = sup.config.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(joined) = sup.runs.join_next().await {
+            if let Ok(result) = joined {
+                if let Err(e) = sup.record(result) {
+                    error!(error = %e, "while draining");
+                }
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            ?grace,
+            "shutdown grace passed with work still running; the store has every step"
+        );
+        sup.summary.stopped += sup.runs.len();
+    }
+    sup.store.flush().await?;
+    if let Some(emu) = emulator {
+        emu.stop().await;
+    }
+    Ok(sup.summary)
+}

@@ -1,0 +1,556 @@
+//! The built-in fake of the provider APIs (SPEC §10), written from
+//! `providers/*.md` and sharing no request or response code with the
+//! clients, so a client bug cannot hide behind the same bug here.
+//!
+//! It speaks HTTP/1.1 through hyper directly: faults such as a dropped
+//! connection, a lost acknowledgement or a cut body must reach the client as
+//! they would from the real network. Time is the emulator's own clock, which
+//! tests advance instead of waiting. `GET /_emulator/ledger` lists every
+//! accepted (billed) trigger.
+
+pub mod scenario;
+mod scraper_studio;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use scenario::Scenario;
+use scenario::{Fault, FaultKind};
+
+pub const DEMO_BRIGHTDATA_TOKEN: &str = "demo-brightdata-token";
+pub const DEMO_FIRECRAWL_TOKEN: &str = "fc-demo-firecrawl-token";
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What a handler answers: a response, or a dropped connection.
+pub(crate) enum Reply {
+    Response(Response<Body>),
+    /// Close the connection without answering (after the work was done, for
+    /// a lost acknowledgement).
+    Drop,
+}
+
+/// Returned to hyper to make it close the connection without a response.
+#[derive(Debug)]
+struct Dropped;
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by the emulator")
+    }
+}
+impl std::error::Error for Dropped {}
+
+/// One accepted trigger: something the customer pays for.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub provider: String,
+    pub remote_id: String,
+    pub key: String,
+    pub inputs: u64,
+    pub name: Option<String>,
+    /// Emulator clock, ms since the epoch.
+    pub time: i64,
+}
+
+/// Counters a test can assert on.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Requests by endpoint.
+    pub requests: BTreeMap<String, u64>,
+    /// 429 answers sent.
+    pub rate_limited: u64,
+    /// Requests that arrived while a `Retry-After` the client had already
+    /// received was still running.
+    pub early_requests: u64,
+    /// The most 429 answers in any 5-minute window.
+    pub max_429_in_5min: u64,
+    /// Whether the client got itself banned (25 × 429 in 5 minutes).
+    pub banned: bool,
+}
+
+struct RateState {
+    /// Requests before this instant (and after `grace_from`) are too early.
+    not_before: Option<(Instant, Instant)>,
+    recent: VecDeque<Instant>,
+}
+
+pub(crate) struct State {
+    pub(crate) scenario: Scenario,
+    offset_ms: AtomicI64,
+    pub(crate) jobs: Mutex<HashMap<String, scraper_studio::Job>>,
+    ledger: Mutex<Vec<LedgerEntry>>,
+    ledger_len: watch::Sender<usize>,
+    rng: Mutex<StdRng>,
+    fault_counts: Mutex<Vec<u64>>,
+    stats: Mutex<Stats>,
+    rate: Mutex<RateState>,
+}
+
+/// A request a slower client might still send after a 429 it had not yet
+/// read; arrivals within this long of the 429 are not counted as early.
+const IN_FLIGHT_SLACK: Duration = Duration::from_millis(250);
+const BAN_AFTER: usize = 25;
+const BAN_WINDOW: Duration = Duration::from_secs(300);
+
+impl State {
+    /// The emulator's clock: real time plus whatever tests advanced it by.
+    pub(crate) fn now_ms(&self) -> i64 {
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64;
+        real + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn random_id(&self, prefix: &str) -> String {
+        const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let tail: String = (0..17)
+            .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+            .collect();
+        format!("{prefix}{tail}")
+    }
+
+    pub(crate) fn bill(&self, entry: LedgerEntry) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.push(entry);
+        self.ledger_len.send_replace(ledger.len());
+    }
+
+    fn count(&self, endpoint: &str) {
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        *s.requests.entry(endpoint.to_string()).or_default() += 1;
+    }
+
+    /// The first fault that applies to this request, if any.
+    fn fault_for(&self, endpoint: &str, key: Option<&str>) -> Option<Fault> {
+        let faults = &self.scenario.faults;
+        let mut counts = self.fault_counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, fault) in faults.iter().enumerate() {
+            if fault.endpoint != "any" && fault.endpoint != endpoint {
+                continue;
+            }
+            if fault.key.is_some() && fault.key.as_deref() != key {
+                continue;
+            }
+            let n = counts[i];
+            counts[i] += 1;
+            let by_count = n >= fault.skip && n < fault.skip + fault.first;
+            let by_chance = fault.probability > 0.0 && rng.gen::<f64>() < fault.probability;
+            if by_count || by_chance {
+                return Some(fault.clone());
+            }
+        }
+        None
+    }
+}
+
+/// A running emulator.
+pub struct Emulator {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Emulator {
+    /// Serves on `listen` (port 0 picks a free port) until dropped or stopped.
+    pub async fn start(listen: SocketAddr, scenario: Scenario) -> std::io::Result<Emulator> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            rng: Mutex::new(StdRng::seed_from_u64(scenario.seed)),
+            fault_counts: Mutex::new(vec![0; scenario.faults.len()]),
+            scenario,
+            offset_ms: AtomicI64::new(0),
+            jobs: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(Vec::new()),
+            ledger_len: watch::channel(0).0,
+            stats: Mutex::new(Stats::default()),
+            rate: Mutex::new(RateState {
+                not_before: None,
+                recent: VecDeque::new(),
+            }),
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, state.clone(), stop.clone()));
+        Ok(Emulator {
+            addr,
+            state,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        self.state
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until the ledger holds at least `n` entries.
+    pub async fn wait_for_ledger(&self, n: usize, timeout: Duration) -> Result<(), String> {
+        let mut rx = self.state.ledger_len.subscribe();
+        let reached = tokio::time::timeout(timeout, async {
+            rx.wait_for(|len| *len >= n).await.is_ok()
+        })
+        .await;
+        match reached {
+            Ok(true) => Ok(()),
+            _ => Err(format!(
+                "ledger has {} entries, wanted {n}",
+                *self.state.ledger_len.borrow()
+            )),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.state
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Moves the emulator's clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.state
+            .offset_ms
+            .fetch_add(by.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "emulator: accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    match handle(&state, req).await {
+                        Reply::Response(r) => Ok(r),
+                        Reply::Drop => Err(Dropped),
+                    }
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    connections.close();
+}
+
+pub(crate) fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    Reply::Response(r)
+}
+
+pub(crate) fn text(status: StatusCode, body: &str) -> Reply {
+    full(status, "text/plain; charset=utf-8", body.to_string())
+}
+
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
+    full(status, "application/json", value.to_string())
+}
+
+pub(crate) fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// Bright Data's three 401 texts (brightdata.md §1).
+fn check_auth(state: &State, req: &Request<Incoming>) -> Option<Reply> {
+    let Some(header) = req.headers().get(http::header::AUTHORIZATION) else {
+        return Some(text(StatusCode::UNAUTHORIZED, "Credentials are missing"));
+    };
+    let header = header.to_str().unwrap_or_default();
+    let Some(token) = header.strip_prefix("Bearer ") else {
+        return Some(text(
+            StatusCode::UNAUTHORIZED,
+            "Auth method is not supported",
+        ));
+    };
+    if !state.scenario.tokens.iter().any(|t| t == token.trim()) {
+        return Some(text(StatusCode::UNAUTHORIZED, "Invalid credentials"));
+    }
+    None
+}
+
+async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_string();
+    if let Some(reply) = control(state, &req, &path) {
+        return reply;
+    }
+    let endpoint = scraper_studio::endpoint_of(req.method(), &path);
+    state.count(endpoint.unwrap_or("unknown"));
+    note_arrival(state);
+    if state.stats.lock().map(|s| s.banned).unwrap_or(false) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "Your IP is blocked after too many rate-limited requests",
+        );
+    }
+    let Some(endpoint) = endpoint else {
+        return text(StatusCode::NOT_FOUND, "Not found");
+    };
+    if let Some(reply) = check_auth(state, &req) {
+        return reply;
+    }
+    let key = scraper_studio::key_of(state, &req, endpoint);
+    let fault = state.fault_for(endpoint, key.as_deref());
+    match fault.as_ref().map(|f| f.kind) {
+        Some(FaultKind::Status) => return fault_status(fault.as_ref()),
+        Some(FaultKind::RateLimit) => return rate_limit(state, fault.as_ref()),
+        Some(FaultKind::Reset) => return Reply::Drop,
+        Some(FaultKind::Html) => {
+            return full(
+                StatusCode::OK,
+                "text/html",
+                "<html><head><title>Error</title></head><body>Service temporarily unavailable</body></html>",
+            )
+        }
+        Some(FaultKind::Slow) => {
+            if let Some(f) = &fault {
+                tokio::time::sleep(f.delay).await;
+            }
+        }
+        _ => {}
+    }
+    let reply = scraper_studio::handle(state, req, endpoint).await;
+    match (fault.map(|f| (f.kind, f.delay)), reply) {
+        (Some((FaultKind::LostAck, _)), _) => Reply::Drop,
+        (Some((FaultKind::Truncate, _)), Reply::Response(r)) => Reply::Response(cut(r, None)),
+        (Some((FaultKind::Stall, delay)), Reply::Response(r)) => {
+            Reply::Response(cut(r, Some(delay)))
+        }
+        (_, reply) => reply,
+    }
+}
+
+/// `/_emulator/…`: the test and demo controls. No auth: loopback only.
+fn control(state: &State, req: &Request<Incoming>, path: &str) -> Option<Reply> {
+    let rest = path.strip_prefix("/_emulator/")?;
+    Some(match (req.method(), rest) {
+        (&Method::GET, "ledger") => {
+            let ledger = state
+                .ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            json(
+                StatusCode::OK,
+                &serde_json::to_value(ledger).unwrap_or_default(),
+            )
+        }
+        (&Method::GET, "stats") => {
+            let stats = state
+                .stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            json(
+                StatusCode::OK,
+                &serde_json::to_value(stats).unwrap_or_default(),
+            )
+        }
+        (&Method::POST, "clock") => match query(req)
+            .get("advance")
+            .map(|a| humantime::parse_duration(a))
+        {
+            Some(Ok(d)) => {
+                state
+                    .offset_ms
+                    .fetch_add(d.as_millis() as i64, Ordering::Relaxed);
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "now": state.now_ms() }),
+                )
+            }
+            _ => text(StatusCode::BAD_REQUEST, "advance=<duration> is required"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "Not found"),
+    })
+}
+
+fn note_arrival(state: &State) {
+    let now = Instant::now();
+    let rate = state.rate.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((grace_from, not_before)) = rate.not_before {
+        if now > grace_from && now < not_before {
+            state
+                .stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .early_requests += 1;
+        }
+    }
+}
+
+fn fault_status(fault: Option<&Fault>) -> Reply {
+    let Some(f) = fault else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error");
+    };
+    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    match f.body.as_str() {
+        "empty" => full(status, "text/plain", ""),
+        "text" => text(status, "Internal server error"),
+        _ => full(
+            status,
+            "text/html",
+            format!(
+                "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"
+            ),
+        ),
+    }
+}
+
+fn rate_limit(state: &State, fault: Option<&Fault>) -> Reply {
+    let secs = fault.map_or(1, |f| f.retry_after_secs);
+    let form = fault.map_or("seconds", |f| f.retry_after.as_str());
+    let now = Instant::now();
+    let mut header = None;
+    let mut until = None;
+    match form {
+        "none" => {}
+        "date" => {
+            // An HTTP date has whole seconds: the wait ends at the advertised
+            // second, which is what a careful client can know.
+            let at = SystemTime::now() + Duration::from_secs(secs);
+            let whole = UNIX_EPOCH
+                + Duration::from_secs(at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs());
+            let remaining = whole.duration_since(SystemTime::now()).unwrap_or_default();
+            header = Some(httpdate::fmt_http_date(whole));
+            until = Some(now + remaining);
+        }
+        _ => {
+            header = Some(secs.to_string());
+            until = Some(now + Duration::from_secs(secs));
+        }
+    }
+    {
+        let mut rate = state.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = until {
+            rate.not_before = Some((now + IN_FLIGHT_SLACK, until));
+        }
+        rate.recent.push_back(now);
+        while rate
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > BAN_WINDOW)
+        {
+            rate.recent.pop_front();
+        }
+        let mut stats = state.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.rate_limited += 1;
+        stats.max_429_in_5min = stats.max_429_in_5min.max(rate.recent.len() as u64);
+        if rate.recent.len() >= BAN_AFTER {
+            stats.banned = true;
+        }
+    }
+    let Reply::Response(mut r) = text(StatusCode::TOO_MANY_REQUESTS, "Too many requests") else {
+        return Reply::Drop;
+    };
+    if let Some(h) = header.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        r.headers_mut().insert(http::header::RETRY_AFTER, h);
+    }
+    Reply::Response(r)
+}
+
+/// Sends the first half of the body, then stalls for `stall` and goes on, or
+/// (no stall) drops the connection: a cut body.
+fn cut(response: Response<Body>, stall: Option<Duration>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let stream = futures::stream::unfold(
+        (body, 0usize, false),
+        move |(mut body, sent, stalled)| async move {
+            let frame = body.frame().await?;
+            match frame {
+                Ok(frame) => {
+                    let len = frame.data_ref().map_or(0, Bytes::len);
+                    if sent > 0 && !stalled {
+                        match stall {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => {
+                                return Some((
+                                    Err(std::io::Error::new(
+                                        std::io::ErrorKind::ConnectionReset,
+                                        "cut",
+                                    )),
+                                    (body, sent, true),
+                                ))
+                            }
+                        }
+                        return Some((Ok(frame), (body, sent + len, true)));
+                    }
+                    Some((Ok(frame), (body, sent + len, stalled)))
+                }
+                Err(e) => Some((Err(e), (body, sent, stalled))),
+            }
+        },
+    );
+    Response::from_parts(parts, BoxBody::new(http_body_util::StreamBody::new(stream)))
+}

@@ -1,0 +1,219 @@
+//! The emulator's scenario file (TOML): per-collector behaviour and faults,
+//! with a seed so every run of a test sees the same answers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    /// Seeds every random choice (fault probabilities, ids).
+    pub seed: u64,
+    /// Bearer tokens the emulator accepts.
+    pub tokens: Vec<String>,
+    /// `accept`: any `c_…` collector exists, with `defaults`; `reject`: only
+    /// those under `collectors`.
+    pub unknown_collectors: Unknown,
+    /// The job listing's shape: a bare `array` or an `object` with `data`
+    /// (the real shape is undocumented).
+    pub listing_shape: ListingShape,
+    pub defaults: CollectorScenario,
+    pub collectors: BTreeMap<String, CollectorScenario>,
+    pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unknown {
+    Accept,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListingShape {
+    Array,
+    Object,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorScenario {
+    /// Time from trigger to `done`, on the emulator's clock.
+    #[serde(with = "humantime_serde")]
+    pub build_time: Duration,
+    /// Data rows per successful input.
+    pub rows_per_input: u32,
+    /// Approximate size of each data row.
+    pub row_bytes: usize,
+    /// Every k-th input yields an error row instead of data (0: never).
+    pub error_every: u32,
+    /// The collection finishes with `[]`.
+    pub zero_rows: bool,
+    /// `/dca/log` answers 404 for this long after the trigger.
+    #[serde(with = "humantime_serde")]
+    pub early_404: Duration,
+    /// `/dca/dataset` still answers "building" this many times after `done`.
+    pub dataset_lag_polls: u32,
+    /// How "building" looks on `/dca/dataset`.
+    pub building_reply: BuildingReply,
+    /// `title` (documented example) or `lower` (seen live) keys on `/dca/log`.
+    pub log_keys: LogKeys,
+    /// A status word the client has never seen, used while running.
+    pub unknown_status_word: Option<String>,
+    /// How long a finished dataset is kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// A real-time collector refuses batch triggers.
+    pub realtime: bool,
+    /// The collection fails instead of finishing.
+    pub fail: bool,
+    /// Fields every input must have (422 otherwise).
+    pub input_fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildingReply {
+    /// 202 `{"status":"building",…}` (documented).
+    #[serde(rename = "202")]
+    Accepted,
+    /// 202 `{"status":"collecting"}` (seen live).
+    #[serde(rename = "202_collecting")]
+    AcceptedCollecting,
+    /// 200 with the status object.
+    #[serde(rename = "200_object")]
+    OkObject,
+    /// 200 with an empty body.
+    #[serde(rename = "200_empty")]
+    OkEmpty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogKeys {
+    Title,
+    Lower,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fault {
+    /// `trigger`, `log`, `dataset`, `jobs`, `cancel` or `any`.
+    pub endpoint: String,
+    /// Only for this collector, if set.
+    pub key: Option<String>,
+    pub kind: FaultKind,
+    /// For `status`: the HTTP status.
+    pub status: u16,
+    /// For `status`: `html`, `empty` or `text`.
+    pub body: String,
+    /// For `rate_limit`: `seconds`, `date` or `none`.
+    pub retry_after: String,
+    pub retry_after_secs: u64,
+    /// Skip this many matching requests, then fault the next `first`.
+    pub skip: u64,
+    pub first: u64,
+    /// Or fault each matching request with this probability (seeded).
+    pub probability: f64,
+    /// For `slow` and `stall`.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// An error status with an HTML, empty or text body.
+    Status,
+    /// 429, with or without `Retry-After`.
+    RateLimit,
+    /// The connection is dropped before any answer.
+    Reset,
+    /// The request is carried out, then the connection is dropped.
+    LostAck,
+    /// The answer's headers come after `delay`.
+    Slow,
+    /// The body stops halfway for `delay`.
+    Stall,
+    /// The body is cut halfway and the connection dropped.
+    Truncate,
+    /// 200 with an HTML error page.
+    Html,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            seed: 1,
+            tokens: vec![
+                super::DEMO_BRIGHTDATA_TOKEN.into(),
+                super::DEMO_FIRECRAWL_TOKEN.into(),
+            ],
+            unknown_collectors: Unknown::Accept,
+            listing_shape: ListingShape::Array,
+            defaults: CollectorScenario::default(),
+            collectors: BTreeMap::new(),
+            faults: Vec::new(),
+        }
+    }
+}
+
+impl Default for CollectorScenario {
+    fn default() -> Self {
+        CollectorScenario {
+            build_time: Duration::from_secs(2),
+            rows_per_input: 1,
+            row_bytes: 300,
+            error_every: 0,
+            zero_rows: false,
+            early_404: Duration::ZERO,
+            dataset_lag_polls: 0,
+            building_reply: BuildingReply::Accepted,
+            log_keys: LogKeys::Title,
+            unknown_status_word: None,
+            retention: Duration::from_secs(16 * 24 * 3600),
+            realtime: false,
+            fail: false,
+            input_fields: vec!["url".into()],
+        }
+    }
+}
+
+impl Default for Fault {
+    fn default() -> Self {
+        Fault {
+            endpoint: "any".into(),
+            key: None,
+            kind: FaultKind::Status,
+            status: 503,
+            body: "html".into(),
+            retry_after: "seconds".into(),
+            retry_after_secs: 1,
+            skip: 0,
+            first: 0,
+            probability: 0.0,
+            delay: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn from_file(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn collector(&self, id: &str) -> Option<&CollectorScenario> {
+        match self.collectors.get(id) {
+            Some(c) => Some(c),
+            None if self.unknown_collectors == Unknown::Accept && id.starts_with("c_") => {
+                Some(&self.defaults)
+            }
+            None => None,
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! Scraper Studio batch API (`/dca/…`) as brightdata.md §2 and §5 describe
+//! it: trigger, job log, dataset, job listing, cancel.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming};
+use serde_json::{json, Map, Value};
+
+use super::scenario::{BuildingReply, CollectorScenario, ListingShape, LogKeys};
+use super::{full, json as json_reply, query, text, LedgerEntry, Reply, State};
+
+/// A batch job (`j_…`).
+pub(crate) struct Job {
+    id: String,
+    collector: String,
+    name: Option<String>,
+    inputs: Arc<Vec<Map<String, Value>>>,
+    created_ms: i64,
+    cancelled_ms: Option<i64>,
+    /// `/dca/dataset` calls answered since the job was done.
+    dataset_polls_done: u32,
+    scenario: CollectorScenario,
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Phase {
+    Building,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+impl Job {
+    fn done_ms(&self) -> i64 {
+        self.created_ms + self.scenario.build_time.as_millis() as i64
+    }
+
+    fn phase(&self, now: i64) -> Phase {
+        if let Some(at) = self.cancelled_ms {
+            return if now > at + self.scenario.retention.as_millis() as i64 {
+                Phase::Expired
+            } else {
+                Phase::Cancelled
+            };
+        }
+        let done = self.done_ms();
+        if now >= done + self.scenario.retention.as_millis() as i64 {
+            Phase::Expired
+        } else if now >= done {
+            if self.scenario.fail {
+                Phase::Failed
+            } else {
+                Phase::Done
+            }
+        } else if now < self.created_ms + (done - self.created_ms) / 4 {
+            Phase::Building
+        } else {
+            Phase::Running
+        }
+    }
+
+    /// (data rows, error rows) the finished job holds.
+    fn counts(&self) -> (u64, u64) {
+        let s = &self.scenario;
+        if s.zero_rows {
+            return (0, 0);
+        }
+        let n = self.inputs.len() as u64;
+        let errors = if s.error_every > 0 {
+            n / u64::from(s.error_every)
+        } else {
+            0
+        };
+        ((n - errors) * u64::from(s.rows_per_input), errors)
+    }
+}
+
+pub(crate) fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::POST, ["dca", "trigger"]) => Some("trigger"),
+        (&Method::GET, ["dca", "log", _]) => Some("log"),
+        (&Method::GET, ["dca", "dataset"]) => Some("dataset"),
+        (&Method::GET, ["dca", "collector", "jobs"]) => Some("jobs"),
+        (&Method::POST, ["dca", "jobs", _, "cancel"]) => Some("cancel"),
+        _ => None,
+    }
+}
+
+/// The collector a request concerns, for per-collector faults.
+pub(crate) fn key_of(state: &State, req: &Request<Incoming>, endpoint: &str) -> Option<String> {
+    let q = query(req);
+    match endpoint {
+        "trigger" | "jobs" => q.get("collector").cloned(),
+        "dataset" => q.get("id").and_then(|id| collector_of(state, id)),
+        _ => req
+            .uri()
+            .path()
+            .split('/')
+            .find(|s| s.starts_with("j_"))
+            .and_then(|id| collector_of(state, id)),
+    }
+}
+
+fn collector_of(state: &State, id: &str) -> Option<String> {
+    state.jobs.lock().ok()?.get(id).map(|j| j.collector.clone())
+}
+
+pub(crate) async fn handle(state: &State, req: Request<Incoming>, endpoint: &str) -> Reply {
+    match endpoint {
+        "trigger" => trigger(state, req).await,
+        "log" => log(state, &req),
+        "dataset" => dataset(state, &req),
+        "jobs" => listing(state, &req),
+        "cancel" => cancel(state, &req),
+        _ => text(StatusCode::NOT_FOUND, "Not found"),
+    }
+}
+
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
+    let q = query(&req);
+    let Some(collector) = q.get("collector").cloned() else {
+        return text(StatusCode::BAD_REQUEST, "collector is required");
+    };
+    let Some(scenario) = state.scenario.collector(&collector).cloned() else {
+        return text(StatusCode::NOT_FOUND, "Collector not found");
+    };
+    if scenario.realtime {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Cannot trigger a batch job with a real-time scraper. Use /trigger_immediate endpoint instead",
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Request body too large or unreadable",
+            )
+        }
+    };
+    let inputs = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(items)) => items,
+        // Request-level delivery wraps the inputs: {"input": [...], "deliver": {...}}.
+        Ok(Value::Object(mut o)) => match o.remove("input") {
+            Some(Value::Array(items)) => items,
+            _ => return text(StatusCode::BAD_REQUEST, "Body must be an array of inputs"),
+        },
+        Ok(_) => return text(StatusCode::BAD_REQUEST, "Body must be an array of inputs"),
+        Err(e) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("Parser cannot parse input: {e}"), "code": "parse_error"}),
+            )
+        }
+    };
+    if inputs.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "No data to trigger");
+    }
+    let mut rows = Vec::with_capacity(inputs.len());
+    let mut errors = Vec::new();
+    for (i, input) in inputs.into_iter().enumerate() {
+        match input {
+            Value::Object(map) => {
+                for field in &scenario.input_fields {
+                    if !map.contains_key(field) {
+                        errors.push(json!([format!("{i}.{field}"), "This field is required"]));
+                    }
+                }
+                rows.push(map);
+            }
+            _ => errors.push(json!([i.to_string(), "Input must be an object"])),
+        }
+    }
+    if !errors.is_empty() {
+        return json_reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"error": "Invalid input provided", "code": "validation_error", "errors": errors}),
+        );
+    }
+    let now = state.now_ms();
+    let id = state.random_id("j_");
+    let job = Job {
+        id: id.clone(),
+        collector: collector.clone(),
+        name: q.get("name").cloned(),
+        inputs: Arc::new(rows),
+        created_ms: now,
+        cancelled_ms: None,
+        dataset_polls_done: 0,
+        scenario,
+    };
+    state.bill(LedgerEntry {
+        provider: "scraper_studio".into(),
+        remote_id: id.clone(),
+        key: collector,
+        inputs: job.inputs.len() as u64,
+        name: job.name.clone(),
+        time: now,
+    });
+    state
+        .jobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), job);
+    json_reply(
+        StatusCode::OK,
+        &json!({"collection_id": id, "start_eta": iso(now + 1000)}),
+    )
+}
+
+fn log(state: &State, req: &Request<Incoming>) -> Reply {
+    let id = req.uri().path().rsplit('/').next().unwrap_or_default();
+    let now = state.now_ms();
+    let jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(job) = jobs.get(id) else {
+        return text(StatusCode::NOT_FOUND, "Job not found");
+    };
+    if now < job.created_ms + job.scenario.early_404.as_millis() as i64 {
+        return text(StatusCode::NOT_FOUND, "Job not found");
+    }
+    let phase = job.phase(now);
+    let status = match phase {
+        Phase::Expired => return text(StatusCode::NOT_FOUND, "Job not found"),
+        Phase::Building => "building".to_string(),
+        Phase::Running => job
+            .scenario
+            .unknown_status_word
+            .clone()
+            .unwrap_or_else(|| "running".into()),
+        Phase::Done => "done".into(),
+        Phase::Failed => "failed".into(),
+        Phase::Cancelled => "canceled".into(),
+    };
+    let finished = matches!(phase, Phase::Done | Phase::Failed);
+    let (lines, fails) = if finished { job.counts() } else { (0, 0) };
+    let inputs = job.inputs.len() as u64;
+    let mut body = Map::new();
+    let mut put = |title: &str, v: Value| {
+        let key = match job.scenario.log_keys {
+            LogKeys::Title => title.to_string(),
+            LogKeys::Lower => title.to_ascii_lowercase(),
+        };
+        body.insert(key, v);
+    };
+    put("Id", json!(job.id));
+    put("Status", json!(status));
+    put("Collector", json!(job.collector));
+    put("Template", json!(format!("t_{}.1", &job.collector[2..])));
+    put("Inputs", json!(inputs));
+    put("dup_inputs", json!(0));
+    put("Lines", json!(lines));
+    put("Fails", json!(fails));
+    put("Pages", json!(if finished { inputs } else { 0 }));
+    put("Pages_left", json!(if finished { 0 } else { inputs }));
+    put("Success", json!(if finished { inputs - fails } else { 0 }));
+    put("Navigations", json!(if finished { inputs } else { 0 }));
+    put("created", json!(iso(job.created_ms)));
+    put("started", json!(iso(job.created_ms + 500)));
+    put(
+        "finished",
+        if finished {
+            json!(iso(job.done_ms()))
+        } else {
+            Value::Null
+        },
+    );
+    put(
+        "Success_rate",
+        json!(if finished && inputs > 0 {
+            (inputs - fails) as f64 / inputs as f64
+        } else {
+            0.0
+        }),
+    );
+    put("Job_time", json!(job.done_ms() - job.created_ms));
+    put("Queue_time", json!(500));
+    json_reply(StatusCode::OK, &Value::Object(body))
+}
+
+fn building(reply: BuildingReply) -> Reply {
+    let object = |status: &str| {
+        json!({"status": status, "message": "Dataset is not ready yet, try again in 10s"})
+            .to_string()
+    };
+    match reply {
+        BuildingReply::Accepted => {
+            full(StatusCode::ACCEPTED, "application/json", object("building"))
+        }
+        BuildingReply::AcceptedCollecting => full(
+            StatusCode::ACCEPTED,
+            "application/json",
+            object("collecting"),
+        ),
+        BuildingReply::OkObject => full(StatusCode::OK, "application/json", object("building")),
+        BuildingReply::OkEmpty => full(StatusCode::OK, "application/json", ""),
+    }
+}
+
+fn dataset(state: &State, req: &Request<Incoming>) -> Reply {
+    let q = query(req);
+    let Some(id) = q.get("id") else {
+        return text(StatusCode::BAD_REQUEST, "id is required");
+    };
+    let now = state.now_ms();
+    let mut jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(job) = jobs.get_mut(id) else {
+        return text(StatusCode::NOT_FOUND, "Job not found");
+    };
+    match job.phase(now) {
+        Phase::Expired => return text(StatusCode::NOT_FOUND, "Job not found or expired"),
+        Phase::Building | Phase::Running => return building(job.scenario.building_reply),
+        Phase::Failed => return json_reply(StatusCode::OK, &json!([])),
+        Phase::Done | Phase::Cancelled => {}
+    }
+    if job.cancelled_ms.is_none() && job.dataset_polls_done < job.scenario.dataset_lag_polls {
+        job.dataset_polls_done += 1;
+        return building(job.scenario.building_reply);
+    }
+    let rows = if job.cancelled_ms.is_some() {
+        Arc::new(Vec::new())
+    } else {
+        job.inputs.clone()
+    };
+    rows_body(rows, job.scenario.clone(), job.id.clone())
+}
+
+/// Streams the dataset as a JSON array, rows made from the inputs as the
+/// body is sent, so hundreds of megabytes never sit in memory.
+fn rows_body(
+    inputs: Arc<Vec<Map<String, Value>>>,
+    scenario: CollectorScenario,
+    job_id: String,
+) -> Reply {
+    const BATCH: usize = 64;
+    let total = if scenario.zero_rows { 0 } else { inputs.len() };
+    let batches = total.div_ceil(BATCH);
+    // Frame 0 is "[", frames 1..=batches the rows, the last "]": a cut or a
+    // stall always falls inside the array.
+    let mut first = true;
+    let stream = futures::stream::iter(0..batches + 2).map(move |frame| {
+        let mut out = Vec::new();
+        if frame == 0 {
+            out.push(b'[');
+        } else if frame == batches + 1 {
+            out.extend_from_slice(b"]");
+        } else {
+            let start = (frame - 1) * BATCH;
+            for i in start..(start + BATCH).min(total) {
+                for row in rows_for(&inputs[i], i, &scenario, &job_id) {
+                    if !std::mem::take(&mut first) {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(row.to_string().as_bytes());
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(Frame::data(Bytes::from(out)))
+    });
+    let mut response = http::Response::new(http_body_util::combinators::BoxBody::new(
+        http_body_util::StreamBody::new(stream),
+    ));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Reply::Response(response)
+}
+
+fn rows_for(
+    input: &Map<String, Value>,
+    i: usize,
+    s: &CollectorScenario,
+    job_id: &str,
+) -> Vec<Value> {
+    if s.error_every > 0 && (i as u64 + 1).is_multiple_of(u64::from(s.error_every)) {
+        return vec![json!({
+            "input": input,
+            "error": "Page returned 404 (dead page)",
+            "error_code": "dead_page",
+            "status_code": 404,
+        })];
+    }
+    (0..s.rows_per_input)
+        .map(|r| {
+            let mut row = json!({
+                "input": input,
+                "url": input.get("url").cloned().unwrap_or(Value::Null),
+                "title": format!("Result {i}.{r}"),
+                "rank": r + 1,
+                "about": {"updated_on": "2026-11-01", "collection": job_id},
+                "tags": ["emulated", "scraper_studio"],
+            });
+            let so_far = row.to_string().len();
+            if s.row_bytes > so_far + 12 {
+                row["body"] = json!("x".repeat(s.row_bytes - so_far - 12));
+            }
+            row
+        })
+        .collect()
+}
+
+fn listing(state: &State, req: &Request<Incoming>) -> Reply {
+    let q = query(req);
+    let (Some(from), Some(to)) = (q.get("from_date"), q.get("to_date")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "from_date and to_date are required (YYYY-MM-DD)",
+        );
+    };
+    let valid_date = |d: &str| d.len() == 10 && d.as_bytes()[4] == b'-' && d.as_bytes()[7] == b'-';
+    if !valid_date(from) || !valid_date(to) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "from_date and to_date must be YYYY-MM-DD",
+        );
+    }
+    let offset: usize = q.get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let limit: usize = q.get("limit").and_then(|v| v.parse().ok()).unwrap_or(100);
+    if limit > 500 {
+        return text(StatusCode::BAD_REQUEST, "limit must be at most 500");
+    }
+    let ascending = q.get("sort_asc").map(String::as_str) == Some("1");
+    let now = state.now_ms();
+    let jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let mut matching: Vec<&Job> = jobs
+        .values()
+        .filter(|j| q.get("collector").is_none_or(|c| *c == j.collector))
+        .filter(|j| {
+            let day = &iso(j.created_ms)[..10];
+            day >= from.as_str() && day <= to.as_str()
+        })
+        .collect();
+    matching.sort_by_key(|j| (j.created_ms, j.id.clone()));
+    if !ascending {
+        matching.reverse();
+    }
+    let items: Vec<Value> = matching
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|j| {
+            let (lines, fails) = if j.phase(now) == Phase::Done {
+                j.counts()
+            } else {
+                (0, 0)
+            };
+            json!({
+                "id": j.id,
+                "name": j.name,
+                "collector": j.collector,
+                "inputs": j.inputs.len(),
+                "data_lines": lines,
+                "failed_pages": fails,
+                "created": iso(j.created_ms),
+                "expired": iso(j.done_ms() + j.scenario.retention.as_millis() as i64),
+            })
+        })
+        .collect();
+    match state.scenario.listing_shape {
+        ListingShape::Array => json_reply(StatusCode::OK, &Value::Array(items)),
+        ListingShape::Object => json_reply(
+            StatusCode::OK,
+            &json!({"total": items.len(), "data": items}),
+        ),
+    }
+}
+
+fn cancel(state: &State, req: &Request<Incoming>) -> Reply {
+    let id = req.uri().path().split('/').nth(3).unwrap_or_default();
+    let now = state.now_ms();
+    let mut jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(job) = jobs.get_mut(id) else {
+        return text(StatusCode::NOT_FOUND, "Job not found");
+    };
+    match job.phase(now) {
+        Phase::Building | Phase::Running => {
+            job.cancelled_ms = Some(now);
+            text(StatusCode::OK, "OK")
+        }
+        _ => text(StatusCode::BAD_REQUEST, "Job is already finished"),
+    }
+}
+
+fn iso(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,68 @@
+//! # harvestd: durable batch ingestion from Bright Data and Firecrawl
+//!
+//! Users drop job files into a directory; harvestd splits their inputs into
+//! chunks, triggers one collection per chunk, remembers every remote id in
+//! sled, polls until each dataset is ready, and writes it to CSV / JSON /
+//! NDJSON long before the provider deletes it. The contract is
+//! `../shared/SPEC.md`; this is the map of the code.
+//!
+//! ## Data flow
+//!
+//! ```text
+//! job file ─> spec ─> plan ─> trigger ─> poll ─> download ─> part file ─> final files
+//!   intake ──┘  │        └───────── store (sled): every step persisted ─────────┘
+//!  watcher      │                  limits (in-flight, pacing, rate, 429 brake)
+//!               └─ daemon supervises one worker task per run
+//! ```
+//!
+//! ## Modules
+//!
+//! | module | role |
+//! |---|---|
+//! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it |
+//! | [`config`] | daemon configuration: file → environment → flags; tokens that never print |
+//! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers |
+//! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
+//! | [`plan`] | run ids, chunk names, chunking (pure) |
+//! | [`chunk`] | the chunk state machine: states carry their data; `next` is pure |
+//! | [`store`] | the only module that touches sled: typed, versioned records |
+//! | [`intake`] | which files are jobs, content identity, planning a run into the store |
+//! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
+//! | [`limits`] | per-key in-flight and trigger pacing, per-provider rate, 429 brake, blocks, backoff |
+//! | [`provider`] | one trait per remote API; [`provider::http`] is the shared driver |
+//! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting |
+//! | [`sink`] | atomic files, part files, CSV flattening, final files, manifest |
+//! | [`daemon`] | the supervisor: lock, resume, scan, spawn, drain |
+//! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
+//! | [`emulator`] | the built-in fake provider APIs, independent of the clients |
+//!
+//! ## Invariants
+//!
+//! - Dependencies point one way: daemon → worker → provider / store / sink /
+//!   limits → chunk, spec. `chunk`, `spec`, and `plan` do no IO besides
+//!   reading the job and inputs files. `provider` never imports `store`.
+//! - The emulator shares no request or response code with the clients.
+//! - Before a trigger the intent is flushed; the remote id is flushed right
+//!   after. A chunk found in `triggering` is in doubt and is settled at the
+//!   provider before any new trigger.
+//! - A chunk is `downloaded` only after its part file is durable; final files
+//!   are written only from part files, atomically; `_SUCCESS` comes last.
+//! - Blocking file work runs on the blocking pool; no lock is held across
+//!   an `.await`.
+
+pub mod chunk;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod emulator;
+pub mod intake;
+pub mod jsonstream;
+pub mod limits;
+pub mod plan;
+pub mod provider;
+pub mod signals;
+pub mod sink;
+pub mod spec;
+pub mod store;
+pub mod watcher;
+pub mod worker;

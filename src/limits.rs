@@ -1,0 +1,414 @@
+//! Provider etiquette (SPEC §7): per-key in-flight caps and trigger pacing,
+//! per-provider request rate, the provider-wide 429 brake and blocks, and the
+//! pure timing functions (backoff, poll interval).
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::LimitsConfig;
+
+/// Exponential backoff with full jitter: uniform in `[0, min(cap, base·2^attempt)]`.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
+    let exp = base.saturating_mul(2u32.saturating_pow(attempt.min(30)));
+    exp.min(cap).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// How long to wait before the next status poll of a collection that has
+/// been building for `waited`: a tenth of it, within `[min, max]`, with
+/// ±10 % jitter (`unit` in `[0, 1]`), never below `min`.
+pub fn poll_interval(waited: Duration, min: Duration, max: Duration, unit: f64) -> Duration {
+    let base = (waited / 10).clamp(min, max);
+    base.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0)).max(min)
+}
+
+/// A random number in `[0, 1)` for the functions above.
+pub fn jitter() -> f64 {
+    rand::thread_rng().gen()
+}
+
+/// Counts collections in flight for one key. Unlike a semaphore it can be
+/// entered past its cap, for collections already in flight when the daemon
+/// starts: they are polled whatever the (possibly lowered) cap says, and new
+/// triggers wait until the count is back under it.
+pub struct InFlight {
+    state: Mutex<(u32, u32)>, // (in flight, cap)
+    changed: Notify,
+}
+
+/// Releases its place in [`InFlight`] when dropped.
+pub struct InFlightPermit {
+    owner: Arc<InFlight>,
+}
+
+impl Drop for InFlightPermit {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.owner.state.lock() {
+            s.0 = s.0.saturating_sub(1);
+        }
+        self.owner.changed.notify_waiters();
+    }
+}
+
+impl InFlight {
+    pub fn new(cap: u32) -> Arc<InFlight> {
+        Arc::new(InFlight {
+            state: Mutex::new((0, cap.max(1))),
+            changed: Notify::new(),
+        })
+    }
+
+    pub fn count(&self) -> u32 {
+        self.state.lock().map(|s| s.0).unwrap_or(0)
+    }
+
+    pub fn set_cap(&self, cap: u32) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = cap.max(1);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits for a place under the cap.
+    pub async fn acquire(self: &Arc<Self>) -> InFlightPermit {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Ok(mut s) = self.state.lock() {
+                if s.0 < s.1 {
+                    s.0 += 1;
+                    return InFlightPermit {
+                        owner: self.clone(),
+                    };
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes a place even over the cap (a collection already in flight).
+    pub fn enter(self: &Arc<Self>) -> InFlightPermit {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 += 1;
+        }
+        InFlightPermit {
+            owner: self.clone(),
+        }
+    }
+}
+
+/// Limits of one key (collector, dataset, account).
+pub struct KeyLimits {
+    pub in_flight: Arc<InFlight>,
+    /// Triggers are spaced evenly, `period` apart (a cell rate with burst 1),
+    /// so no 60-second window ever holds more than `triggers_per_minute`,
+    /// whatever the window's start. This is kept on tokio's clock rather than
+    /// governor's so it can be seeded from the store after a restart and
+    /// tested with a paused clock.
+    period: Duration,
+    next_slot: Mutex<Instant>,
+}
+
+impl KeyLimits {
+    /// Waits until a trigger may be sent; the slot is taken on return.
+    pub async fn trigger_slot(&self) {
+        let slot = {
+            let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = (*next).max(Instant::now());
+            *next = slot + self.period;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// Per-key limits, created on first use, shared by every job using the key.
+pub struct KeyedLimits {
+    config: Mutex<LimitsConfig>,
+    keys: Mutex<HashMap<String, Arc<KeyLimits>>>,
+}
+
+impl KeyedLimits {
+    pub fn new(config: LimitsConfig) -> Self {
+        KeyedLimits {
+            config: Mutex::new(config),
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `last_trigger_ago`: how long ago the last trigger for this key was
+    /// sent (from the store), so pacing holds across a restart.
+    pub fn key(&self, key: &str, last_trigger_ago: Option<Duration>) -> Arc<KeyLimits> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keys.get(key) {
+            return k.clone();
+        }
+        let config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let per_minute = config.triggers_per_minute(key);
+        let period = Duration::from_secs(60) / per_minute.max(1);
+        let not_before = match last_trigger_ago {
+            Some(ago) if ago < period => Instant::now() + (period - ago),
+            _ => Instant::now(),
+        };
+        let limits = Arc::new(KeyLimits {
+            in_flight: InFlight::new(config.max_in_flight(key)),
+            period,
+            next_slot: Mutex::new(not_before),
+        });
+        keys.insert(key.to_string(), limits.clone());
+        limits
+    }
+
+    /// In-flight counts per key, for metrics and status.
+    pub fn in_flight(&self) -> Vec<(String, u32)> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = keys
+            .iter()
+            .map(|(k, l)| (k.clone(), l.in_flight.count()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Why a provider takes no calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub reason: String,
+}
+
+struct GateState {
+    pause_until: Instant,
+    recent_429: VecDeque<Instant>,
+    brake_level: u32,
+    total_429: u64,
+}
+
+/// Every call to one provider passes here: the request rate, pauses after
+/// 429, the brake, and blocks (401/402/403, no token).
+pub struct ProviderGate {
+    rate: DefaultDirectRateLimiter,
+    state: Mutex<GateState>,
+    blocked: watch::Sender<Option<Block>>,
+    config: LimitsConfig,
+}
+
+impl ProviderGate {
+    pub fn new(config: &LimitsConfig) -> Arc<ProviderGate> {
+        let rps = NonZeroU32::new(config.requests_per_second).unwrap_or(NonZeroU32::MIN);
+        Arc::new(ProviderGate {
+            // Burst 1 here too: "no burst above requests_per_second".
+            rate: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
+            state: Mutex::new(GateState {
+                pause_until: Instant::now(),
+                recent_429: VecDeque::new(),
+                brake_level: 0,
+                total_429: 0,
+            }),
+            blocked: watch::channel(None).0,
+            config: config.clone(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until a call may be sent: after any pause, within the rate.
+    pub async fn admit(&self) {
+        loop {
+            let until = self.state().pause_until;
+            if until > Instant::now() {
+                tokio::time::sleep_until(until).await;
+                continue;
+            }
+            self.rate.until_ready().await;
+            // A 429 may have arrived while this call waited for the rate.
+            if self.state().pause_until <= Instant::now() {
+                return;
+            }
+        }
+    }
+
+    /// Records a 429. `wait` is what the provider asked for, if anything.
+    /// Returns the pause now in force.
+    pub fn rate_limited(&self, wait: Option<Duration>) -> Duration {
+        let now = Instant::now();
+        let mut s = self.state();
+        s.total_429 += 1;
+        s.recent_429.push_back(now);
+        let window = self.config.brake_window;
+        while s
+            .recent_429
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            s.recent_429.pop_front();
+        }
+        let mut pause = wait.unwrap_or(self.config.rate_limit_pause);
+        if s.recent_429.len() as u32 >= self.config.brake_after_429 {
+            let brake = self
+                .config
+                .brake_pause
+                .saturating_mul(2u32.saturating_pow(s.brake_level.min(16)))
+                .min(self.config.brake_pause_max);
+            s.brake_level += 1;
+            s.recent_429.clear();
+            tracing::warn!(pause = ?brake, "provider brake: repeated 429 answers, pausing every call");
+            pause = pause.max(brake);
+        }
+        let until = now + pause;
+        if until > s.pause_until {
+            s.pause_until = until;
+        }
+        s.pause_until.saturating_duration_since(now)
+    }
+
+    /// A successful call lowers the brake again.
+    pub fn succeeded(&self) {
+        let mut s = self.state();
+        if s.brake_level > 0 && s.recent_429.is_empty() {
+            s.brake_level -= 1;
+        }
+    }
+
+    pub fn total_429(&self) -> u64 {
+        self.state().total_429
+    }
+
+    pub fn block(&self, reason: String) {
+        self.blocked.send_replace(Some(Block { reason }));
+    }
+
+    pub fn unblock(&self) {
+        self.blocked.send_replace(None);
+    }
+
+    pub fn blocked(&self) -> Option<Block> {
+        self.blocked.borrow().clone()
+    }
+
+    /// Waits until the provider is unblocked, or `blocked_retry` has passed
+    /// (then one call may probe whether the block still holds).
+    pub async fn wait_unblocked(&self) {
+        let mut rx = self.blocked.subscribe();
+        let probe = tokio::time::sleep(self.config.blocked_retry);
+        tokio::pin!(probe);
+        loop {
+            if rx.borrow_and_update().is_none() {
+                return;
+            }
+            tokio::select! {
+                _ = &mut probe => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_full_jitter() {
+        let base = Duration::from_secs(1);
+        let cap = Duration::from_secs(60);
+        assert_eq!(backoff(0, base, cap, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(3, base, cap, 1.0), Duration::from_secs(8));
+        assert_eq!(backoff(10, base, cap, 1.0), cap);
+        assert_eq!(backoff(u32::MAX, base, cap, 0.5), Duration::from_secs(30));
+        assert_eq!(backoff(5, base, cap, 0.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn poll_interval_grows_with_waiting_within_bounds() {
+        let min = Duration::from_secs(5);
+        let max = Duration::from_secs(60);
+        assert_eq!(poll_interval(Duration::ZERO, min, max, 0.5), min);
+        assert_eq!(
+            poll_interval(Duration::from_secs(300), min, max, 0.5),
+            Duration::from_secs(30)
+        );
+        assert_eq!(poll_interval(Duration::from_secs(3600), min, max, 0.5), max);
+        // Jitter never goes below the floor.
+        assert_eq!(poll_interval(Duration::ZERO, min, max, 0.0), min);
+        assert!(poll_interval(Duration::from_secs(3600), min, max, 1.0) <= max.mul_f64(1.1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_cap_holds_and_resumed_collections_enter_over_it() {
+        let f = InFlight::new(2);
+        let a = f.acquire().await;
+        let _b = f.acquire().await;
+        let _resumed = f.enter();
+        assert_eq!(f.count(), 3);
+        let waiter = {
+            let f = f.clone();
+            tokio::spawn(async move { f.acquire().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        tokio::task::yield_now().await;
+        // Still 2 in flight (b, resumed) = cap: the waiter must keep waiting.
+        assert!(!waiter.is_finished());
+        drop(_resumed);
+        let _c = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn brake_engages_after_repeated_429s_and_doubles() {
+        let config = LimitsConfig {
+            brake_after_429: 3,
+            brake_pause: Duration::from_secs(60),
+            brake_pause_max: Duration::from_secs(600),
+            ..LimitsConfig::default()
+        };
+        let gate = ProviderGate::new(&config);
+        assert_eq!(
+            gate.rate_limited(Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        gate.rate_limited(None);
+        assert_eq!(
+            gate.rate_limited(Some(Duration::from_secs(2))),
+            Duration::from_secs(60)
+        );
+        for _ in 0..2 {
+            gate.rate_limited(None);
+        }
+        assert_eq!(gate.rate_limited(None), Duration::from_secs(120));
+        let start = Instant::now();
+        gate.admit().await;
+        assert!(start.elapsed() >= Duration::from_secs(120));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn triggers_are_spaced_even_across_a_restart() {
+        let limits = KeyedLimits::new(LimitsConfig {
+            triggers_per_minute: 30,
+            ..LimitsConfig::default()
+        });
+        // The previous process triggered 0.5 s ago: the next waits 1.5 s more.
+        let key = limits.key("c_x", Some(Duration::from_millis(500)));
+        let start = Instant::now();
+        key.trigger_slot().await;
+        key.trigger_slot().await;
+        key.trigger_slot().await;
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(5500), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(6000), "{elapsed:?}");
+    }
+}

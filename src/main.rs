@@ -1,0 +1,8 @@
+//! Arguments → the library → exit code. Nothing else lives here.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = harvestd::cli::Cli::parse();
+    std::process::ExitCode::from(harvestd::cli::execute(cli))
+}

@@ -1,0 +1,261 @@
+//! The shared HTTP driver: every call to a provider goes through
+//! [`Http::send`], which waits at the [`ProviderGate`], adds the token, and
+//! turns status codes that mean the same for every API (429, 401/402/403, 5xx,
+//! network faults) into [`CallError`]s. Everything else goes back to the
+//! provider to decode.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::{Method, Response, StatusCode};
+
+use super::CallError;
+use crate::config::Token;
+use crate::limits::ProviderGate;
+
+/// Calls by (endpoint, status class), for metrics.
+#[derive(Default)]
+pub struct CallStats {
+    counts: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+impl CallStats {
+    fn count(&self, endpoint: &'static str, class: &str) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *c.entry((endpoint, class.to_string())).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
+        let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.iter().map(|((e, s), n)| (*e, s.clone(), *n)).collect()
+    }
+}
+
+pub struct Http {
+    client: reqwest::Client,
+    base: String,
+    token: RwLock<Option<Token>>,
+    pub gate: Arc<ProviderGate>,
+    pub timeout: Duration,
+    pub stats: CallStats,
+}
+
+/// Reads at most this much of an error body or status answer.
+const SMALL_BODY: usize = 64 * 1024;
+
+impl Http {
+    pub fn new(
+        base: &str,
+        token: Option<Token>,
+        gate: Arc<ProviderGate>,
+        timeout: Duration,
+    ) -> Http {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // An idle body (a stalled download) is a fault, not a slow file.
+            .read_timeout(timeout)
+            .user_agent(concat!("harvestd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Http {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            token: RwLock::new(token),
+            gate,
+            timeout,
+            stats: CallStats::default(),
+        }
+    }
+
+    pub fn set_token(&self, token: Option<Token>) {
+        *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.read().map(|t| t.is_some()).unwrap_or(false)
+    }
+
+    /// Sends one request. `Ok` for 2xx and for 4xx other than 401/402/403/429,
+    /// which the provider decodes. Headers must arrive within the timeout; the
+    /// body is read by the caller.
+    pub async fn send(
+        &self,
+        endpoint: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<(&'static str, Bytes)>,
+    ) -> Result<Response, CallError> {
+        let token = self.token.read().ok().and_then(|t| t.clone());
+        let Some(token) = token else {
+            return Err(CallError::Blocked {
+                status: 0,
+                message: "no API token configured".into(),
+            });
+        };
+        self.gate.admit().await;
+        let mut request = self
+            .client
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(token.expose())
+            .query(query);
+        if let Some((content_type, body)) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body);
+        }
+        let response = match tokio::time::timeout(self.timeout, request.send()).await {
+            Err(_) => {
+                self.stats.count(endpoint, "timeout");
+                return Err(CallError::Transient {
+                    detail: format!("{endpoint}: no answer within {:?}", self.timeout),
+                    sent: true,
+                });
+            }
+            Ok(Err(e)) => {
+                self.stats.count(endpoint, "network");
+                return Err(CallError::Transient {
+                    // Only a failed connect proves the request never left.
+                    sent: !e.is_connect(),
+                    detail: format!("{endpoint}: {}", error_chain(&e)),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        self.stats
+            .count(endpoint, &format!("{}xx", status.as_u16() / 100));
+        match status.as_u16() {
+            429 => {
+                let header_wait = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after);
+                let text = read_small(response).await.unwrap_or_default();
+                let wait = header_wait.or_else(|| retry_after_in_text(&text));
+                let pause = self.gate.rate_limited(wait);
+                tracing::warn!(endpoint, ?pause, "429 from provider; pausing its calls");
+                Err(CallError::RateLimited { wait })
+            }
+            401..=403 => {
+                let text = read_small(response).await.unwrap_or_default();
+                Err(CallError::Blocked {
+                    status: status.as_u16(),
+                    message: one_line(&text),
+                })
+            }
+            500..=599 => {
+                let text = read_small(response).await.unwrap_or_default();
+                Err(CallError::Transient {
+                    detail: format!("{endpoint}: {status}: {}", one_line(&text)),
+                    sent: true,
+                })
+            }
+            _ => {
+                self.gate.succeeded();
+                Ok(response)
+            }
+        }
+    }
+}
+
+/// Reads a small body as text; a cut or stalled body is transient.
+pub async fn read_small(response: Response) -> Result<String, CallError> {
+    let mut stream = response.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| CallError::Transient {
+            detail: format!("reading the answer: {}", error_chain(&e)),
+            sent: true,
+        })?;
+        let room = SMALL_BODY.saturating_sub(buf.len());
+        buf.extend_from_slice(&piece[..piece.len().min(room)]);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    // A date in the past still means "not before then": no wait beyond now,
+    // but at least a second, as the date only has second resolution.
+    Some(
+        when.duration_since(SystemTime::now())
+            .map(|d| d + Duration::from_secs(1))
+            .unwrap_or(Duration::from_secs(1)),
+    )
+}
+
+/// Firecrawl puts the wait in the message: "… retry after 54s …".
+pub fn retry_after_in_text(text: &str) -> Option<Duration> {
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find("retry after ")? + "retry after ".len();
+    let digits: String = lower[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok().map(Duration::from_secs)
+}
+
+pub fn one_line(text: &str) -> String {
+    let t = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if t.len() > 300 {
+        let mut end = 300;
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &t[..end])
+    } else {
+        t
+    }
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+pub fn is_success(status: StatusCode) -> bool {
+    status.is_success()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let in_10s = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(10));
+        let d = parse_retry_after(&in_10s).unwrap();
+        assert!(
+            d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+            "{d:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(
+            retry_after_in_text(
+                "Rate limit exceeded. Consumed 10, please retry after 54s, resets at …"
+            ),
+            Some(Duration::from_secs(54))
+        );
+    }
+}

@@ -1,0 +1,443 @@
+//! Bright Data Scraper Studio batch collections (`/dca/…`), from
+//! `providers/brightdata.md` §2: trigger, job log for status, dataset for
+//! rows, the job listing to settle lost answers, cancel.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::Value;
+
+use super::http::{error_chain, one_line, read_small, Http};
+use super::{CallError, DownloadOutcome, PollOutcome, Provider, RowSink, TriggerCall};
+use crate::chunk::UnixMs;
+use crate::jsonstream::ArraySplitter;
+use crate::spec::ProviderKind;
+
+/// Batch results are kept 16 days (*Receive Batch Data*).
+const RETENTION: Duration = Duration::from_secs(16 * 24 * 3600);
+
+/// The job listing pages at most 500 (*List Scraper Studio jobs*).
+const LIST_PAGE: usize = 500;
+/// A listing deeper than this is not searched further for one chunk.
+const LIST_MAX_PAGES: usize = 20;
+
+pub struct ScraperStudio {
+    http: Http,
+}
+
+impl ScraperStudio {
+    pub fn new(http: Http) -> Self {
+        ScraperStudio { http }
+    }
+
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+}
+
+/// Query parameters from the job's `params`: scalars as text.
+fn param_pairs(params: &serde_json::Map<String, Value>) -> Vec<(&str, String)> {
+    params
+        .iter()
+        .filter_map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => u8::from(*b).to_string(),
+                _ => return None,
+            };
+            Some((k.as_str(), text))
+        })
+        .collect()
+}
+
+/// The trigger body: the chunk's NDJSON inputs as one JSON array.
+fn array_body(ndjson: &[u8]) -> Bytes {
+    let mut body = Vec::with_capacity(ndjson.len() + 2);
+    body.push(b'[');
+    for (i, line) in ndjson
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(line);
+    }
+    body.push(b']');
+    Bytes::from(body)
+}
+
+/// A value by key, whatever its case: the log answers with `Status` in the
+/// documented example and `status` live (§2.3).
+fn field<'a>(obj: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
+}
+
+fn date(ms: UnixMs) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+#[async_trait]
+impl Provider for ScraperStudio {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::ScraperStudio
+    }
+
+    fn retention(&self) -> Duration {
+        RETENTION
+    }
+
+    async fn trigger(&self, call: &TriggerCall<'_>) -> Result<String, CallError> {
+        let mut query = vec![
+            ("collector", call.key.to_string()),
+            ("name", call.name.to_string()),
+        ];
+        query.extend(param_pairs(call.params));
+        let response = self
+            .http
+            .send(
+                "dca_trigger",
+                Method::POST,
+                "/dca/trigger",
+                &query,
+                Some(("application/json", array_body(call.inputs_ndjson))),
+            )
+            .await?;
+        let status = response.status().as_u16();
+        let text = read_small(response).await?;
+        if !(200..300).contains(&status) {
+            return Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            });
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|e| {
+            CallError::Protocol(format!("trigger answer: {e}: {}", one_line(&text)))
+        })?;
+        answer
+            .get("collection_id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                CallError::Protocol(format!(
+                    "trigger answer has no collection_id: {}",
+                    one_line(&text)
+                ))
+            })
+    }
+
+    async fn find(
+        &self,
+        call: &TriggerCall<'_>,
+        since: UnixMs,
+    ) -> Result<Option<String>, CallError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        // Dates are whole days in an unknown time zone: widen by a day each side.
+        let from = date(since - DAY_MS);
+        let to = date(now + DAY_MS);
+        for page in 0..LIST_MAX_PAGES {
+            let query = [
+                ("collector", call.key.to_string()),
+                ("from_date", from.clone()),
+                ("to_date", to.clone()),
+                ("offset", (page * LIST_PAGE).to_string()),
+                ("limit", LIST_PAGE.to_string()),
+                ("sort_asc", "-1".to_string()),
+            ];
+            let response = self
+                .http
+                .send(
+                    "dca_collector_jobs",
+                    Method::GET,
+                    "/dca/collector/jobs",
+                    &query,
+                    None,
+                )
+                .await?;
+            let status = response.status().as_u16();
+            let text = read_small_listing(response).await?;
+            if !(200..300).contains(&status) {
+                return Err(CallError::Rejected {
+                    status,
+                    message: one_line(&text),
+                });
+            }
+            let value: Value = serde_json::from_str(&text)
+                .map_err(|e| CallError::Protocol(format!("job listing: {e}")))?;
+            // The full shape is undocumented (§2.6): accept a bare array or
+            // an object holding one.
+            let jobs = match &value {
+                Value::Array(a) => a.as_slice(),
+                Value::Object(o) => ["data", "jobs", "items"]
+                    .iter()
+                    .find_map(|k| o.get(*k).and_then(Value::as_array))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                _ => &[],
+            };
+            for job in jobs.iter().filter_map(Value::as_object) {
+                let name = ["name", "human_name"]
+                    .iter()
+                    .find_map(|k| field(job, k).and_then(Value::as_str));
+                if name == Some(call.name) {
+                    let id = ["id", "collection_id", "job_id"]
+                        .iter()
+                        .find_map(|k| field(job, k).and_then(Value::as_str));
+                    if let Some(id) = id {
+                        return Ok(Some(id.to_string()));
+                    }
+                }
+            }
+            if jobs.len() < LIST_PAGE {
+                return Ok(None);
+            }
+        }
+        Err(CallError::Protocol(format!(
+            "job listing longer than {} entries; cannot tell whether chunk '{}' was created",
+            LIST_PAGE * LIST_MAX_PAGES,
+            call.name
+        )))
+    }
+
+    async fn poll(&self, _key: &str, remote_id: &str) -> Result<PollOutcome, CallError> {
+        let response = self
+            .http
+            .send(
+                "dca_log",
+                Method::GET,
+                &format!("/dca/log/{remote_id}"),
+                &[],
+                None,
+            )
+            .await?;
+        let status = response.status().as_u16();
+        let text = read_small(response).await?;
+        if status == 404 {
+            return Ok(PollOutcome::NotFound(one_line(&text)));
+        }
+        if !(200..300).contains(&status) {
+            return Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            });
+        }
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| CallError::Protocol(format!("job log: {e}: {}", one_line(&text))))?;
+        let state = value
+            .as_object()
+            .and_then(|o| field(o, "status"))
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_ascii_lowercase();
+        Ok(match state.as_str() {
+            "done" => PollOutcome::Ready,
+            "failed" => PollOutcome::Failed(
+                value
+                    .as_object()
+                    .and_then(|o| field(o, "error"))
+                    .and_then(Value::as_str)
+                    .map_or_else(
+                        || "collection failed at the provider".to_string(),
+                        str::to_string,
+                    ),
+            ),
+            "cancelled" | "canceled" => PollOutcome::Cancelled,
+            // building, running, queued, paused, and words not seen before:
+            // still going (the skills script does the same).
+            _ => PollOutcome::Building,
+        })
+    }
+
+    async fn download(
+        &self,
+        _key: &str,
+        remote_id: &str,
+        sink: &mut dyn RowSink,
+    ) -> Result<DownloadOutcome, CallError> {
+        let query = [
+            ("id", remote_id.to_string()),
+            ("format", "json".to_string()),
+        ];
+        let response = self
+            .http
+            .send("dca_dataset", Method::GET, "/dca/dataset", &query, None)
+            .await?;
+        let status = response.status().as_u16();
+        match status {
+            202 => return Ok(DownloadOutcome::NotReady),
+            400 | 404 => {
+                let text = read_small(response).await?;
+                return Ok(DownloadOutcome::NotFound(one_line(&text)));
+            }
+            200..=299 => {}
+            _ => {
+                let text = read_small(response).await?;
+                return Err(CallError::Protocol(format!(
+                    "dataset answered {status}: {}",
+                    one_line(&text)
+                )));
+            }
+        }
+        let mut stream = response.bytes_stream();
+        let mut splitter = ArraySplitter::new();
+        // The body is sniffed before it is trusted: a status object or an
+        // empty body on 200 still means "building" (§2.2), HTML is a fault.
+        let mut head: Vec<u8> = Vec::new();
+        let mut is_array = false;
+        loop {
+            let piece = match tokio::time::timeout(self.http.timeout, stream.next()).await {
+                Err(_) => {
+                    return Err(CallError::Transient {
+                        detail: "dataset download stalled".into(),
+                        sent: true,
+                    })
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(CallError::Transient {
+                        detail: format!("dataset download cut: {}", error_chain(&e)),
+                        sent: true,
+                    })
+                }
+                Ok(Some(Ok(piece))) => piece,
+            };
+            if !is_array {
+                head.extend_from_slice(&piece);
+                match head.iter().copied().find(|b| !b.is_ascii_whitespace()) {
+                    Some(b'[') => {
+                        is_array = true;
+                        let bytes = std::mem::take(&mut head);
+                        feed(&mut splitter, &bytes, sink)?;
+                    }
+                    Some(b'{') | None if head.len() < 64 * 1024 => continue,
+                    Some(b'<') => {
+                        return Err(CallError::Transient {
+                            detail: "dataset answered with an HTML page".into(),
+                            sent: true,
+                        })
+                    }
+                    _ => {
+                        return Err(CallError::Protocol(format!(
+                            "dataset answer is not a JSON array: {}",
+                            one_line(&String::from_utf8_lossy(&head[..head.len().min(200)]))
+                        )))
+                    }
+                }
+                continue;
+            }
+            feed(&mut splitter, &piece, sink)?;
+        }
+        if !is_array {
+            let text = String::from_utf8_lossy(&head);
+            if text.trim().is_empty() {
+                return Ok(DownloadOutcome::NotReady);
+            }
+            let value: Value = serde_json::from_str(&text).map_err(|e| {
+                CallError::Protocol(format!("dataset answer: {e}: {}", one_line(&text)))
+            })?;
+            return match value.get("status").and_then(Value::as_str) {
+                Some(_) => Ok(DownloadOutcome::NotReady),
+                None => Err(CallError::Protocol(format!(
+                    "dataset answer: {}",
+                    one_line(&text)
+                ))),
+            };
+        }
+        splitter.finish().map_err(|e| CallError::Transient {
+            detail: format!("dataset body cut short: {e}"),
+            sent: true,
+        })?;
+        Ok(DownloadOutcome::Saved)
+    }
+
+    async fn cancel(&self, _key: &str, remote_id: &str) -> Result<(), CallError> {
+        let response = self
+            .http
+            .send(
+                "dca_cancel",
+                Method::POST,
+                &format!("/dca/jobs/{remote_id}/cancel"),
+                &[],
+                None,
+            )
+            .await?;
+        let status = response.status().as_u16();
+        let text = read_small(response).await?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            })
+        }
+    }
+}
+
+fn feed(
+    splitter: &mut ArraySplitter,
+    bytes: &[u8],
+    sink: &mut dyn RowSink,
+) -> Result<(), CallError> {
+    splitter
+        .feed(bytes, |row| sink.row(row))
+        .map_err(|e| match e {
+            Ok(io) => CallError::Sink(io),
+            Err(split) => CallError::Protocol(format!("dataset: {split}")),
+        })
+}
+
+/// Listings can exceed the small-body cap; read them whole up to 16 MiB.
+async fn read_small_listing(response: reqwest::Response) -> Result<String, CallError> {
+    let mut stream = response.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| CallError::Transient {
+            detail: format!("reading the job listing: {}", error_chain(&e)),
+            sent: true,
+        })?;
+        if buf.len() + piece.len() > 16 * 1024 * 1024 {
+            return Err(CallError::Protocol("job listing larger than 16 MiB".into()));
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_and_params() {
+        assert_eq!(
+            &array_body(b"{\"url\":\"a\"}\n{\"url\":\"b\"}\n")[..],
+            b"[{\"url\":\"a\"},{\"url\":\"b\"}]"
+        );
+        let params = serde_json::json!({"queue_next": 1, "deadline": "2h", "dev": true});
+        let pairs = param_pairs(params.as_object().unwrap());
+        assert_eq!(
+            pairs,
+            vec![
+                ("queue_next", "1".to_string()),
+                ("deadline", "2h".to_string()),
+                ("dev", "1".to_string())
+            ]
+        );
+        assert_eq!(date(0), "1970-01-01");
+    }
+}

@@ -1,0 +1,42 @@
+//! Unix signals as daemon events (SPEC §12): SIGTERM/SIGINT stop, SIGHUP
+//! reloads.
+
+use futures::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Shutdown,
+    Reload,
+}
+
+/// Starts listening; signals arrive on the returned channel. A second
+/// shutdown signal while the first is being handled exits the process at
+/// once: the state is safe at every point anyway.
+pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut shutting_down = false;
+        while let Some(sig) = signals.next().await {
+            let event = if sig == SIGHUP {
+                Signal::Reload
+            } else {
+                Signal::Shutdown
+            };
+            if event == Signal::Shutdown {
+                if shutting_down {
+                    tracing::warn!("second shutdown signal: exiting now");
+                    std::process::exit(130);
+                }
+                shutting_down = true;
+            }
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}

@@ -1,0 +1,214 @@
+//! The run's final files from its part files: `data.csv|json|ndjson` and
+//! `errors.ndjson`, streamed row by row in chunk order. The CSV header is the
+//! union of all keys in first-seen order, so CSV takes a first pass over the
+//! parts that keeps only the column names.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::Path;
+
+use indexmap::IndexSet;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::flatten::flatten;
+use super::part::part_path;
+use super::{is_error_row, AtomicFile};
+use crate::spec::OutputFormat;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutputFile {
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Calls `row(raw, is_error)` for every row of the given parts, in order.
+fn for_each_row(
+    run_dir: &Path,
+    parts: &[u32],
+    mut row: impl FnMut(&[u8], bool) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut line = Vec::with_capacity(8192);
+    for &index in parts {
+        let path = part_path(run_dir, index);
+        let mut reader = BufReader::with_capacity(
+            256 * 1024,
+            File::open(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+        );
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            let raw = line.strip_suffix(b"\n").unwrap_or(&line);
+            if raw.is_empty() {
+                continue;
+            }
+            row(raw, is_error_row(raw)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn parse(raw: &[u8]) -> io::Result<Value> {
+    serde_json::from_slice(raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Writes the final files into `run_dir`; returns them for the manifest.
+pub fn write(
+    run_dir: &Path,
+    formats: &[OutputFormat],
+    escape_formulas: bool,
+    parts: &[u32],
+) -> io::Result<Vec<OutputFile>> {
+    let want = |f| formats.contains(&f);
+    let mut header: IndexSet<String> = IndexSet::new();
+    if want(OutputFormat::Csv) {
+        for_each_row(run_dir, parts, |raw, is_error| {
+            if !is_error {
+                flatten(&parse(raw)?, escape_formulas, &mut |column, _| {
+                    if !header.contains(column) {
+                        header.insert(column.to_string());
+                    }
+                });
+            }
+            Ok(())
+        })?;
+    }
+
+    let mut json = want(OutputFormat::Json)
+        .then(|| AtomicFile::create(&run_dir.join(OutputFormat::Json.file_name())))
+        .transpose()?;
+    let mut ndjson = want(OutputFormat::Ndjson)
+        .then(|| AtomicFile::create(&run_dir.join(OutputFormat::Ndjson.file_name())))
+        .transpose()?;
+    let mut csv = want(OutputFormat::Csv)
+        .then(|| -> io::Result<_> {
+            let file = AtomicFile::create(&run_dir.join(OutputFormat::Csv.file_name()))?;
+            let mut w = csv::WriterBuilder::new().from_writer(file);
+            if !header.is_empty() {
+                w.write_record(&header).map_err(io::Error::other)?;
+            }
+            Ok(w)
+        })
+        .transpose()?;
+    let mut errors = AtomicFile::create(&run_dir.join("errors.ndjson"))?;
+
+    if let Some(j) = json.as_mut() {
+        j.write_all(b"[")?;
+    }
+    let mut rows = 0u64;
+    let mut error_rows = 0u64;
+    let mut record = vec![String::new(); header.len()];
+    for_each_row(run_dir, parts, |raw, is_error| {
+        if is_error {
+            error_rows += 1;
+            errors.write_all(raw)?;
+            return errors.write_all(b"\n");
+        }
+        if let Some(j) = json.as_mut() {
+            j.write_all(if rows == 0 { b"\n" } else { b",\n" })?;
+            j.write_all(raw)?;
+        }
+        if let Some(n) = ndjson.as_mut() {
+            n.write_all(raw)?;
+            n.write_all(b"\n")?;
+        }
+        if let Some(w) = csv.as_mut() {
+            record.iter_mut().for_each(String::clear);
+            flatten(&parse(raw)?, escape_formulas, &mut |column, text| {
+                if let Some(i) = header.get_index_of(column) {
+                    record[i] = text;
+                }
+            });
+            w.write_record(&record).map_err(io::Error::other)?;
+        }
+        rows += 1;
+        Ok(())
+    })?;
+
+    let mut out = Vec::new();
+    let mut done = |name: &str, rows: u64, file: AtomicFile| -> io::Result<()> {
+        let written = file.commit()?;
+        out.push(OutputFile {
+            file: name.to_string(),
+            rows,
+            bytes: written.bytes,
+            sha256: written.sha256,
+        });
+        Ok(())
+    };
+    if let Some(w) = csv {
+        let file = w
+            .into_inner()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        done(OutputFormat::Csv.file_name(), rows, file)?;
+    }
+    if let Some(mut j) = json {
+        j.write_all(if rows == 0 { b"]\n" } else { b"\n]\n" })?;
+        done(OutputFormat::Json.file_name(), rows, j)?;
+    }
+    if let Some(n) = ndjson {
+        done(OutputFormat::Ndjson.file_name(), rows, n)?;
+    }
+    done("errors.ndjson", error_rows, errors)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::RowSink;
+    use crate::sink::part::PartWriter;
+
+    #[test]
+    fn parts_become_final_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        let mut p0 = PartWriter::create(run, 0).unwrap();
+        p0.row(br#"{"url":"a","about":{"n":1}}"#).unwrap();
+        p0.row(br#"{"input":{"url":"b"},"error":"dead","error_code":"dead_page"}"#)
+            .unwrap();
+        assert_eq!((p0.rows, p0.error_rows), (1, 1));
+        p0.commit().unwrap();
+        let mut p1 = PartWriter::create(run, 1).unwrap();
+        p1.row(br#"{"url":"c","title":"=1+1","about":{"n":2}}"#)
+            .unwrap();
+        p1.commit().unwrap();
+
+        let all = [OutputFormat::Csv, OutputFormat::Json, OutputFormat::Ndjson];
+        let files = write(run, &all, true, &[0, 1]).unwrap();
+        let names: Vec<_> = files.iter().map(|f| (f.file.as_str(), f.rows)).collect();
+        assert_eq!(
+            names,
+            [
+                ("data.csv", 2),
+                ("data.json", 2),
+                ("data.ndjson", 2),
+                ("errors.ndjson", 1)
+            ]
+        );
+        let csv = std::fs::read_to_string(run.join("data.csv")).unwrap();
+        assert_eq!(csv, "url,about.n,title\na,1,\nc,2,'=1+1\n");
+        let json: Vec<Value> =
+            serde_json::from_slice(&std::fs::read(run.join("data.json")).unwrap()).unwrap();
+        assert_eq!(json[1]["title"], "=1+1", "JSON is never altered");
+        let errors = std::fs::read_to_string(run.join("errors.ndjson")).unwrap();
+        assert!(errors.contains("dead_page") && errors.lines().count() == 1);
+
+        // Zero rows: valid empty files.
+        let empty = tempfile::tempdir().unwrap();
+        write(empty.path(), &all, true, &[]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(empty.path().join("data.json")).unwrap(),
+            "[]\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(empty.path().join("data.csv")).unwrap(),
+            ""
+        );
+    }
+}

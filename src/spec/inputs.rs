@@ -1,0 +1,272 @@
+//! Input files, read as a stream of rows with their line numbers: memory
+//! holds one row at a time, whatever the file's size.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::ProviderKind;
+use crate::jsonstream::ArraySplitter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// Header row names the fields; every value is a string.
+    Csv,
+    /// One JSON object per line (`.ndjson`, `.jsonl`).
+    Ndjson,
+    /// One JSON array of objects.
+    Json,
+    /// One URL per line, becoming `{"url": …}`.
+    Txt,
+}
+
+impl InputFormat {
+    pub fn from_path(path: &Path) -> Option<InputFormat> {
+        match path.extension()?.to_str()? {
+            "csv" => Some(InputFormat::Csv),
+            "ndjson" | "jsonl" => Some(InputFormat::Ndjson),
+            "json" => Some(InputFormat::Json),
+            "txt" => Some(InputFormat::Txt),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read inputs file: {0}")]
+    Open(String),
+    #[error("{message}")]
+    At { line: usize, message: String },
+    /// The callback asked to stop.
+    #[error("stopped")]
+    Stopped,
+}
+
+impl ReadError {
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ReadError::At { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+}
+
+fn at(line: usize, message: impl Into<String>) -> ReadError {
+    ReadError::At {
+        line,
+        message: message.into(),
+    }
+}
+
+/// Calls `row` with each input and its line; returns the number of rows.
+/// `row` returning `Err(())` stops the reading with [`ReadError::Stopped`].
+pub fn for_each(
+    path: &Path,
+    mut row: impl FnMut(usize, &Map<String, Value>) -> Result<(), ()>,
+) -> Result<u64, ReadError> {
+    let format = InputFormat::from_path(path)
+        .ok_or_else(|| ReadError::Open(format!("{}: unknown inputs file type", path.display())))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| ReadError::Open(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(ReadError::Open(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    let file = File::open(path).map_err(|e| ReadError::Open(format!("{}: {e}", path.display())))?;
+    let reader = BufReader::with_capacity(256 * 1024, file);
+    let mut count = 0u64;
+    let mut emit = |line: usize, map: &Map<String, Value>| {
+        count += 1;
+        row(line, map).map_err(|()| ReadError::Stopped)
+    };
+    match format {
+        InputFormat::Csv => read_csv(reader, &mut emit)?,
+        InputFormat::Ndjson => {
+            read_lines(reader, &mut emit, |line, text| {
+                match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(map)) => Ok(Some(map)),
+                    Ok(other) => Err(at(
+                        line,
+                        format!("expected a JSON object, found {}", super::type_name(&other)),
+                    )),
+                    Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
+                }
+            })?
+        }
+        InputFormat::Txt => read_lines(reader, &mut emit, |_, text| {
+            if text.starts_with('#') {
+                return Ok(None);
+            }
+            let mut map = Map::new();
+            map.insert("url".into(), Value::String(text.to_string()));
+            Ok(Some(map))
+        })?,
+        InputFormat::Json => read_json_array(reader, &mut emit)?,
+    }
+    Ok(count)
+}
+
+type Emit<'a> = dyn FnMut(usize, &Map<String, Value>) -> Result<(), ReadError> + 'a;
+
+fn read_lines(
+    mut reader: impl BufRead,
+    emit: &mut Emit<'_>,
+    parse: impl Fn(usize, &str) -> Result<Option<Map<String, Value>>, ReadError>,
+) -> Result<(), ReadError> {
+    let mut buf = Vec::new();
+    let mut line = 0usize;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| at(line + 1, format!("read error: {e}")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        line += 1;
+        let bytes = if line == 1 {
+            buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf)
+        } else {
+            &buf
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| at(line, "is not valid UTF-8"))?;
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if let Some(map) = parse(line, text)? {
+            emit(line, &map)?;
+        }
+    }
+}
+
+fn read_csv(reader: impl std::io::Read, emit: &mut Emit<'_>) -> Result<(), ReadError> {
+    let mut csv = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(reader);
+    let headers = csv
+        .headers()
+        .map_err(|e| csv_error(&e, 1))?
+        .iter()
+        .map(|h| h.trim().to_string())
+        .collect::<Vec<_>>();
+    if headers.iter().all(String::is_empty) {
+        return Err(at(
+            1,
+            "the header row is empty: it must name the input fields",
+        ));
+    }
+    if let Some(i) = headers.iter().position(String::is_empty) {
+        return Err(at(
+            1,
+            format!("column {} has no name in the header row", i + 1),
+        ));
+    }
+    let mut record = csv::StringRecord::new();
+    loop {
+        match csv.read_record(&mut record) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line() as usize);
+                let map: Map<String, Value> = headers
+                    .iter()
+                    .zip(record.iter())
+                    .map(|(h, v)| (h.clone(), Value::String(v.to_string())))
+                    .collect();
+                emit(line, &map)?;
+            }
+            Err(e) => return Err(csv_error(&e, 0)),
+        }
+    }
+}
+
+fn csv_error(e: &csv::Error, fallback_line: usize) -> ReadError {
+    let line = e.position().map_or(fallback_line, |p| p.line() as usize);
+    let message = match e.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => format!("row has {len} fields; the header has {expected_len}"),
+        csv::ErrorKind::Utf8 { .. } => "is not valid UTF-8".into(),
+        _ => format!("invalid CSV: {e}"),
+    };
+    at(line, message)
+}
+
+fn read_json_array(mut reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), ReadError> {
+    let mut splitter = ArraySplitter::new();
+    let mut buf = Vec::new();
+    let mut line = 0usize;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| at(line + 1, format!("read error: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        line += 1;
+        let current = line;
+        splitter
+            .feed(&buf, |element| {
+                match serde_json::from_slice::<Value>(element) {
+                    Ok(Value::Object(map)) => emit(current, &map),
+                    Ok(other) => Err(at(
+                        current,
+                        format!("expected a JSON object, found {}", super::type_name(&other)),
+                    )),
+                    Err(e) => Err(at(current, format!("invalid JSON: {e}"))),
+                }
+            })
+            .map_err(|e| match e {
+                Ok(err) => err,
+                Err(split) => at(current, split.to_string()),
+            })?;
+    }
+    splitter
+        .finish()
+        .map_err(|e| at(line.max(1), e.to_string()))
+}
+
+/// Checks one input row for the provider.
+pub fn check_row(row: &Map<String, Value>, provider: Option<ProviderKind>) -> Result<(), String> {
+    if row.is_empty() {
+        return Err("an input must have at least one field".into());
+    }
+    match row.get("url") {
+        Some(Value::String(url)) => {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() > "https://".len()
+                && !url.chars().any(char::is_whitespace);
+            if !ok {
+                return Err(format!(
+                    "field 'url': '{}' is not an http(s) URL",
+                    truncate(url)
+                ));
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "field 'url': must be a string, found {}",
+                super::type_name(other)
+            ))
+        }
+        None if provider == Some(ProviderKind::Firecrawl) => {
+            return Err("field 'url': is required for firecrawl inputs".into())
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}

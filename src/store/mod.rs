@@ -1,0 +1,457 @@
+//! Durable state in sled. The only module that imports sled: typed records,
+//! key encoding, record versions. Nothing written is durable until
+//! [`Store::flush`] returns; callers flush before acting on a new state.
+//!
+//! Trees and keys (`\0` separates parts; indexes are big-endian so keys sort
+//! numerically):
+//!
+//! | tree     | key                     | value            |
+//! |----------|-------------------------|------------------|
+//! | `runs`   | job `\0` run_id         | [`RunRecord`]    |
+//! | `chunks` | job `\0` run_id `\0` idx | [`ChunkRecord`]  |
+//! | `inputs` | job `\0` run_id `\0` idx | NDJSON of the chunk's inputs |
+//! | `jobs`   | job                     | [`JobRecord`]    |
+//! | `seen`   | job `\0` content sha256 | run_id that content started |
+//! | `meta`   | `last_trigger/` key     | UnixMs of the last trigger intent |
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::chunk::{ChunkState, UnixMs};
+use crate::spec::JobSpec;
+
+/// The version written in every record; older versions are migrated on read.
+const VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("state store: corrupt record {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Chunks are being written; a run found like this after a crash is
+    /// discarded and planned again (its content was not marked seen).
+    Planning,
+    InProgress,
+    Complete,
+    Partial,
+    Failed,
+    Cancelled,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Planning => "planning",
+            RunState::InProgress => "in_progress",
+            RunState::Complete => "complete",
+            RunState::Partial => "partial",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunState::Planning | RunState::InProgress)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub v: u32,
+    pub job: String,
+    pub run_id: String,
+    pub spec: JobSpec,
+    pub spec_sha256: String,
+    pub started_at: UnixMs,
+    pub finished_at: Option<UnixMs>,
+    pub state: RunState,
+    pub inputs: u64,
+    pub chunks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub v: u32,
+    pub index: u32,
+    pub inputs: u64,
+    /// The tag sent with the trigger (Scraper Studio `name`), used to find
+    /// the collection when the trigger's answer was lost.
+    pub name: String,
+    pub state: ChunkState,
+    /// Trigger calls sent for this chunk (more than 1 only after a settled doubt).
+    pub triggers: u32,
+    /// Times this chunk was found in doubt.
+    pub in_doubt: u32,
+    pub last_error: Option<String>,
+}
+
+impl ChunkRecord {
+    pub fn planned(index: u32, inputs: u64, name: String) -> ChunkRecord {
+        ChunkRecord {
+            v: VERSION,
+            index,
+            inputs,
+            name,
+            state: ChunkState::Planned,
+            triggers: 0,
+            in_doubt: 0,
+            last_error: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub v: u32,
+    pub name: String,
+    /// sha256 of the job file and its inputs file, as last seen.
+    pub content_sha256: String,
+    /// Problems of the content last seen; empty when it was valid.
+    pub problems: Vec<String>,
+    pub last_run: Option<String>,
+    pub seen_at: UnixMs,
+}
+
+impl JobRecord {
+    pub fn new(
+        name: String,
+        content_sha256: String,
+        problems: Vec<String>,
+        seen_at: UnixMs,
+    ) -> Self {
+        JobRecord {
+            v: VERSION,
+            name,
+            content_sha256,
+            problems,
+            last_run: None,
+            seen_at,
+        }
+    }
+}
+
+/// The daemon's state. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    runs: sled::Tree,
+    chunks: sled::Tree,
+    inputs: sled::Tree,
+    jobs: sled::Tree,
+    seen: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn run_key(job: &str, run_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(job.len() + run_id.len() + 1);
+    k.extend_from_slice(job.as_bytes());
+    k.push(0);
+    k.extend_from_slice(run_id.as_bytes());
+    k
+}
+
+fn chunk_key(job: &str, run_id: &str, index: u32) -> Vec<u8> {
+    let mut k = run_key(job, run_id);
+    k.push(0);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Records are plain data; serialising them cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let corrupt = |message: String| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        message,
+    };
+    let version: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if version.v != VERSION {
+        return Err(corrupt(format!(
+            "record version {} is newer than this harvestd ({VERSION})",
+            version.v
+        )));
+    }
+    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(32 * 1024 * 1024)
+            .open()?;
+        Ok(Store {
+            runs: db.open_tree("runs")?,
+            chunks: db.open_tree("chunks")?,
+            inputs: db.open_tree("inputs")?,
+            jobs: db.open_tree("jobs")?,
+            seen: db.open_tree("seen")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// [`flush`](Self::flush) for code already on the blocking pool.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.runs
+            .insert(run_key(&run.job, &run.run_id), encode(run))?;
+        Ok(())
+    }
+
+    pub fn run(&self, job: &str, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let key = run_key(job, run_id);
+        self.runs.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Every run, in key order (job, then run id).
+    pub fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn runs_of(&self, job: &str) -> Result<Vec<RunRecord>, StoreError> {
+        let mut prefix = job.as_bytes().to_vec();
+        prefix.push(0);
+        self.runs
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn run_exists(&self, job: &str, run_id: &str) -> Result<bool, StoreError> {
+        Ok(self.runs.contains_key(run_key(job, run_id))?)
+    }
+
+    /// Removes a run and its chunks (used for runs caught mid-planning).
+    pub fn delete_run(&self, job: &str, run_id: &str) -> Result<(), StoreError> {
+        let mut prefix = run_key(job, run_id);
+        prefix.push(0);
+        for tree in [&self.chunks, &self.inputs] {
+            let mut batch = sled::Batch::default();
+            for key in tree.scan_prefix(&prefix).keys() {
+                batch.remove(key?);
+            }
+            tree.apply_batch(batch)?;
+        }
+        self.runs.remove(run_key(job, run_id))?;
+        Ok(())
+    }
+
+    pub fn put_chunk(
+        &self,
+        job: &str,
+        run_id: &str,
+        chunk: &ChunkRecord,
+    ) -> Result<(), StoreError> {
+        self.chunks
+            .insert(chunk_key(job, run_id, chunk.index), encode(chunk))?;
+        Ok(())
+    }
+
+    /// Stores a planned chunk with its inputs in one atomic write.
+    pub fn put_planned_chunk(
+        &self,
+        job: &str,
+        run_id: &str,
+        chunk: &ChunkRecord,
+        inputs_ndjson: &[u8],
+    ) -> Result<(), StoreError> {
+        let key = chunk_key(job, run_id, chunk.index);
+        self.inputs.insert(&key, inputs_ndjson)?;
+        self.chunks.insert(key, encode(chunk))?;
+        Ok(())
+    }
+
+    pub fn chunks(&self, job: &str, run_id: &str) -> Result<Vec<ChunkRecord>, StoreError> {
+        let mut prefix = run_key(job, run_id);
+        prefix.push(0);
+        self.chunks
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn chunk_inputs(
+        &self,
+        job: &str,
+        run_id: &str,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .inputs
+            .get(chunk_key(job, run_id, index))?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn job(&self, name: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.jobs
+            .get(name)?
+            .map(|v| decode(name.as_bytes(), &v))
+            .transpose()
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.jobs.insert(job.name.as_bytes(), encode(job))?;
+        Ok(())
+    }
+
+    /// The run that this exact content of the job started, if any.
+    pub fn seen(&self, job: &str, content_sha256: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .seen
+            .get(run_key(job, content_sha256))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn mark_seen(
+        &self,
+        job: &str,
+        content_sha256: &str,
+        run_id: &str,
+    ) -> Result<(), StoreError> {
+        self.seen
+            .insert(run_key(job, content_sha256), run_id.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn last_trigger(&self, key: &str) -> Result<Option<UnixMs>, StoreError> {
+        Ok(self
+            .meta
+            .get(format!("last_trigger/{key}"))?
+            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
+    }
+
+    pub fn set_last_trigger(&self, key: &str, at: UnixMs) -> Result<(), StoreError> {
+        self.meta
+            .insert(format!("last_trigger/{key}"), &at.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{ApiVersion, InputSource, OutputFormat, ProviderKind};
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            name: "j".into(),
+            provider: ProviderKind::ScraperStudio,
+            key: "c_x".into(),
+            inputs: InputSource::Inline(vec![]),
+            chunk_size: 2,
+            formats: vec![OutputFormat::Csv],
+            schedule: None,
+            params: Default::default(),
+            api_version: ApiVersion::V2,
+            escape_formulas: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let run = RunRecord {
+                v: VERSION,
+                job: "j".into(),
+                run_id: "20260101T000000Z".into(),
+                spec: spec(),
+                spec_sha256: "ab".into(),
+                started_at: 1,
+                finished_at: None,
+                state: RunState::InProgress,
+                inputs: 3,
+                chunks: 300,
+            };
+            store.put_run(&run).unwrap();
+            for i in (0..300).rev() {
+                store
+                    .put_planned_chunk(
+                        "j",
+                        &run.run_id,
+                        &ChunkRecord::planned(i, 1, format!("n{i}")),
+                        b"{}\n",
+                    )
+                    .unwrap();
+            }
+            store.mark_seen("j", "ab", &run.run_id).unwrap();
+            store.set_last_trigger("c_x", 42).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let runs = store.runs().unwrap();
+        assert_eq!(runs.len(), 1);
+        let chunks = store.chunks("j", &runs[0].run_id).unwrap();
+        let indexes: Vec<u32> = chunks.iter().map(|c| c.index).collect();
+        assert_eq!(
+            indexes,
+            (0..300).collect::<Vec<_>>(),
+            "chunks come back in index order"
+        );
+        assert_eq!(
+            store.seen("j", "ab").unwrap().as_deref(),
+            Some("20260101T000000Z")
+        );
+        assert_eq!(store.last_trigger("c_x").unwrap(), Some(42));
+        store.delete_run("j", &runs[0].run_id).unwrap();
+        assert!(store.chunks("j", &runs[0].run_id).unwrap().is_empty());
+        assert!(store
+            .chunk_inputs("j", &runs[0].run_id, 0)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_record_from_a_newer_version_is_refused() {
+        let err = decode::<JobRecord>(b"k", br#"{"v":99,"name":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}

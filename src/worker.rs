@@ -1,0 +1,744 @@
+//! Drives runs and their chunks: trigger → poll → download, persisting each
+//! step before acting on it (SPEC §5, §11), within the limits of §7. When
+//! every chunk of a run is terminal, writes the final files and the manifest.
+//!
+//! Shutdown is an argument: every wait selects on the stop token, but a
+//! trigger call already sent is let finish so the shutdown itself leaves no
+//! chunk in doubt.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use crate::chunk::{self, ChunkEvent, ChunkState, TransitionError, UnixMs};
+use crate::config::LimitsConfig;
+use crate::limits::{backoff, jitter, poll_interval, InFlightPermit, KeyLimits, ProviderGate};
+use crate::provider::{CallError, DownloadOutcome, PollOutcome, Provider, TriggerCall};
+use crate::sink::manifest::{timestamp, Manifest, ManifestChunk};
+use crate::sink::part::PartWriter;
+use crate::store::{ChunkRecord, RunRecord, RunState, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid chunk transition: {0}")]
+    Transition(#[from] TransitionError),
+    #[error("chunk inputs missing from the store for {0}")]
+    MissingInputs(String),
+}
+
+/// How a run's work ended for now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every chunk is terminal and the outputs are written.
+    Finished(RunState),
+    /// Waiting on a blocked provider (only with `park_on_block`).
+    Parked(String),
+    /// Stopped by shutdown; the store says where to resume.
+    Stopped,
+}
+
+enum ChunkEnd {
+    Terminal,
+    Parked(String),
+    Stopped,
+}
+
+/// Counters for metrics and the closing report.
+#[derive(Default)]
+pub struct Counters {
+    pub triggers_sent: AtomicU64,
+    pub in_doubt: AtomicU64,
+    pub in_doubt_found: AtomicU64,
+    pub in_doubt_not_created: AtomicU64,
+    pub rows_written: AtomicU64,
+}
+
+/// What every chunk of every run of one provider key shares.
+pub struct Context {
+    pub store: Store,
+    pub provider: Arc<dyn Provider>,
+    pub gate: Arc<ProviderGate>,
+    pub limits: LimitsConfig,
+    pub output_dir: PathBuf,
+    pub stop: CancellationToken,
+    /// With `run --once`, a blocked provider parks its runs instead of
+    /// waiting for the block to lift.
+    pub park_on_block: bool,
+    pub counters: Arc<Counters>,
+}
+
+pub fn now_ms() -> UnixMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+pub fn run_dir(output_dir: &Path, run: &RunRecord) -> PathBuf {
+    output_dir.join(&run.job).join(&run.run_id)
+}
+
+/// Drives one run until it is finished, parked or stopped.
+pub async fn drive_run(
+    ctx: Arc<Context>,
+    key: Arc<KeyLimits>,
+    run: RunRecord,
+) -> Result<RunOutcome, WorkerError> {
+    let dir = run_dir(&ctx.output_dir, &run);
+    {
+        let dir = dir.clone();
+        // Leftovers of a crash mid-write are swept before anything new is written.
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = crate::sink::create_dir_durable(&dir);
+            let _ = crate::sink::sweep_temp(&dir);
+            let _ = crate::sink::sweep_temp(&crate::sink::part::parts_dir(&dir));
+        })
+        .await;
+    }
+    let run = Arc::new(run);
+    let mut tasks = JoinSet::new();
+    for rec in ctx.store.chunks(&run.job, &run.run_id)? {
+        if rec.state.is_terminal() {
+            continue;
+        }
+        let span =
+            tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = rec.index);
+        let driver = ChunkDriver {
+            ctx: ctx.clone(),
+            key: key.clone(),
+            run: run.clone(),
+            dir: dir.clone(),
+            rec,
+            attempt: 0,
+            rechecked: false,
+        };
+        tasks.spawn(driver.drive().instrument(span));
+    }
+    let mut parked = None;
+    let mut stopped = false;
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(ChunkEnd::Terminal)) => {}
+            Ok(Ok(ChunkEnd::Parked(why))) => parked = Some(why),
+            Ok(Ok(ChunkEnd::Stopped)) => stopped = true,
+            Ok(Err(e)) => {
+                // The store failed: stop this run's other chunks too.
+                ctx.stop.cancel();
+                failure.get_or_insert(e);
+            }
+            Err(join) => {
+                error!(job = %run.job, run = %run.run_id, error = %join, "chunk task panicked");
+                stopped = true;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if stopped {
+        return Ok(RunOutcome::Stopped);
+    }
+    if let Some(why) = parked {
+        return Ok(RunOutcome::Parked(why));
+    }
+    finalize(&ctx, &run, &dir).await
+}
+
+/// Writes the final files, the manifest, `_SUCCESS` and `latest`, then
+/// records the run as finished. Repeats after I/O errors until it succeeds
+/// or the daemon stops: the part files are safe meanwhile.
+async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutcome, WorkerError> {
+    let chunks = ctx.store.chunks(&run.job, &run.run_id)?;
+    let downloaded: Vec<u32> = chunks
+        .iter()
+        .filter(|c| matches!(c.state, ChunkState::Downloaded { .. }))
+        .map(|c| c.index)
+        .collect();
+    let state = if downloaded.len() == chunks.len() {
+        RunState::Complete
+    } else if chunks
+        .iter()
+        .any(|c| matches!(c.state, ChunkState::Cancelled { .. }))
+    {
+        RunState::Cancelled
+    } else if downloaded.is_empty() {
+        RunState::Failed
+    } else {
+        RunState::Partial
+    };
+    let finished_at = now_ms();
+    let mut attempt = 0;
+    loop {
+        let (run_c, dir_c, chunks_c, parts) = (
+            run.clone(),
+            dir.to_path_buf(),
+            chunks.clone(),
+            downloaded.clone(),
+        );
+        let written = tokio::task::spawn_blocking(move || {
+            write_outputs(&run_c, &dir_c, &chunks_c, &parts, state, finished_at)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match written {
+            Ok(rows) => {
+                ctx.counters.rows_written.fetch_add(rows, Ordering::Relaxed);
+                break;
+            }
+            Err(e) => {
+                error!(job = %run.job, run = %run.run_id, error = %e, "cannot write the run's final files; will retry");
+                let wait = backoff(
+                    attempt,
+                    ctx.limits.backoff_base,
+                    ctx.limits.backoff_cap,
+                    jitter(),
+                );
+                attempt += 1;
+                tokio::select! {
+                    _ = ctx.stop.cancelled() => return Ok(RunOutcome::Stopped),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    let mut done = run.clone();
+    done.state = state;
+    done.finished_at = Some(finished_at);
+    ctx.store.put_run(&done)?;
+    ctx.store.flush().await?;
+    let level_error = state != RunState::Complete;
+    if level_error {
+        warn!(job = %run.job, run = %run.run_id, state = state.as_str(), "run finished incomplete");
+    } else {
+        info!(job = %run.job, run = %run.run_id, state = state.as_str(), "run complete");
+    }
+    Ok(RunOutcome::Finished(state))
+}
+
+fn write_outputs(
+    run: &RunRecord,
+    dir: &Path,
+    chunks: &[ChunkRecord],
+    parts: &[u32],
+    state: RunState,
+    finished_at: UnixMs,
+) -> std::io::Result<u64> {
+    crate::sink::create_dir_durable(dir)?;
+    // A previous attempt's _SUCCESS must not outlive a rewrite.
+    let success = dir.join("_SUCCESS");
+    let outputs =
+        crate::sink::outputs::write(dir, &run.spec.formats, run.spec.escape_formulas, parts)?;
+    let rows = outputs
+        .first()
+        .map_or(0, |o| if o.file == "errors.ndjson" { 0 } else { o.rows });
+    let error_rows = outputs
+        .iter()
+        .find(|o| o.file == "errors.ndjson")
+        .map_or(0, |o| o.rows);
+    let manifest = Manifest {
+        job: run.job.clone(),
+        run_id: run.run_id.clone(),
+        provider: run.spec.provider.as_str().to_string(),
+        spec_sha256: run.spec_sha256.clone(),
+        started_at: timestamp(run.started_at),
+        finished_at: timestamp(finished_at),
+        state: state.as_str().to_string(),
+        inputs: run.inputs,
+        rows,
+        error_rows,
+        chunks: chunks.iter().map(manifest_chunk).collect(),
+        outputs,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
+    crate::sink::write_file(&dir.join("manifest.json"), &json)?;
+    if state == RunState::Complete {
+        crate::sink::write_file(&success, b"")?;
+        if let Some(job_dir) = dir.parent() {
+            crate::sink::replace_symlink(Path::new(&run.run_id), &job_dir.join("latest"))?;
+        }
+    }
+    Ok(rows)
+}
+
+fn manifest_chunk(c: &ChunkRecord) -> ManifestChunk {
+    let ts = |ms: &UnixMs| Some(timestamp(*ms));
+    let mut m = ManifestChunk {
+        index: c.index,
+        inputs: c.inputs,
+        remote_id: c.state.remote_id().map(str::to_string),
+        state: c.state.name().to_string(),
+        rows: 0,
+        triggered_at: None,
+        ready_at: None,
+        downloaded_at: None,
+        expires_at: None,
+        error: None,
+    };
+    match &c.state {
+        ChunkState::Downloaded {
+            triggered_at,
+            ready_at,
+            expires_at,
+            downloaded_at,
+            rows,
+            ..
+        } => {
+            m.rows = *rows;
+            m.triggered_at = ts(triggered_at);
+            m.ready_at = ts(ready_at);
+            m.expires_at = ts(expires_at);
+            m.downloaded_at = ts(downloaded_at);
+        }
+        ChunkState::Failed {
+            triggered_at,
+            error,
+            ..
+        } => {
+            m.triggered_at = triggered_at.as_ref().and_then(ts);
+            m.error = Some(error.clone());
+        }
+        ChunkState::Expired {
+            triggered_at,
+            expires_at,
+            error,
+            ..
+        } => {
+            m.triggered_at = ts(triggered_at);
+            m.expires_at = expires_at.as_ref().and_then(ts);
+            m.error = Some(error.clone());
+        }
+        _ => m.error = c.last_error.clone(),
+    }
+    m
+}
+
+/// One chunk's loop. Each iteration looks at the persisted state and does
+/// the one thing that state calls for.
+struct ChunkDriver {
+    ctx: Arc<Context>,
+    key: Arc<KeyLimits>,
+    run: Arc<RunRecord>,
+    dir: PathBuf,
+    rec: ChunkRecord,
+    /// Consecutive failed attempts, for backoff.
+    attempt: u32,
+    /// An in-doubt chunk not found at the provider is looked for twice.
+    rechecked: bool,
+}
+
+/// What to do after a call failed.
+enum Next {
+    Continue,
+    End(ChunkEnd),
+}
+
+impl ChunkDriver {
+    async fn drive(mut self) -> Result<ChunkEnd, WorkerError> {
+        // Collections already in flight hold their place whatever the cap.
+        let mut permit: Option<InFlightPermit> = self
+            .rec
+            .state
+            .is_in_flight()
+            .then(|| self.key.in_flight.enter());
+        loop {
+            if self.ctx.stop.is_cancelled() {
+                return Ok(ChunkEnd::Stopped);
+            }
+            if let Some(end) = self.check_block().await {
+                return Ok(end);
+            }
+            let step = match self.rec.state.clone() {
+                ChunkState::Planned => {
+                    if permit.is_none() {
+                        tokio::select! {
+                            _ = self.ctx.stop.cancelled() => return Ok(ChunkEnd::Stopped),
+                            p = self.key.in_flight.acquire() => permit = Some(p),
+                        }
+                    }
+                    tokio::select! {
+                        _ = self.ctx.stop.cancelled() => return Ok(ChunkEnd::Stopped),
+                        _ = self.key.trigger_slot() => {}
+                    }
+                    self.trigger().await?
+                }
+                ChunkState::Triggering { intent_at } => self.settle(intent_at).await?,
+                ChunkState::Triggered {
+                    remote_id,
+                    triggered_at,
+                } => self.poll(&remote_id, triggered_at).await?,
+                ChunkState::Ready {
+                    remote_id,
+                    ready_at,
+                    expires_at,
+                    ..
+                } => self.download(&remote_id, ready_at, expires_at).await?,
+                _ => return Ok(ChunkEnd::Terminal),
+            };
+            if let Next::End(end) = step {
+                return Ok(end);
+            }
+            if self.rec.state.is_terminal() || matches!(self.rec.state, ChunkState::Planned) {
+                // Terminal, or back to planned: the collection is no longer in flight.
+                permit = None;
+            }
+        }
+    }
+
+    /// Persists a transition and flushes it before anything else happens.
+    async fn apply(&mut self, event: ChunkEvent) -> Result<(), WorkerError> {
+        self.rec.state = chunk::next(&self.rec.state, event)?;
+        self.ctx
+            .store
+            .put_chunk(&self.run.job, &self.run.run_id, &self.rec)?;
+        self.ctx.store.flush().await?;
+        Ok(())
+    }
+
+    async fn check_block(&self) -> Option<ChunkEnd> {
+        let block = self.ctx.gate.blocked()?;
+        if self.ctx.park_on_block {
+            return Some(ChunkEnd::Parked(block.reason));
+        }
+        tokio::select! {
+            _ = self.ctx.stop.cancelled() => Some(ChunkEnd::Stopped),
+            _ = self.ctx.gate.wait_unblocked() => None,
+        }
+    }
+
+    /// Waits `d`; false when stopped meanwhile.
+    async fn wait(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.ctx.stop.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// Backs off after a failure; `Next::End(Stopped)` if stopped meanwhile.
+    async fn back_off(&mut self, what: &str, e: &CallError) -> Next {
+        let l = &self.ctx.limits;
+        let wait = backoff(self.attempt, l.backoff_base, l.backoff_cap, jitter());
+        self.attempt = self.attempt.saturating_add(1);
+        warn!(error = %e, attempt = self.attempt, ?wait, "{what} failed; retrying");
+        self.rec.last_error = Some(e.to_string());
+        if self.wait(wait).await {
+            Next::Continue
+        } else {
+            Next::End(ChunkEnd::Stopped)
+        }
+    }
+
+    /// A failed call's common cases: 429 (the gate already waits), a block.
+    async fn on_error(&mut self, what: &str, e: CallError) -> Next {
+        match &e {
+            CallError::RateLimited { .. } => Next::Continue,
+            CallError::Blocked { status, message } => {
+                let reason = format!("{} answered {status}: {message}", self.ctx.provider.kind());
+                if self.ctx.gate.blocked().is_none() {
+                    error!(reason = %reason, "provider blocked: fix the token or account, then send SIGHUP");
+                }
+                self.ctx.gate.block(reason);
+                Next::Continue
+            }
+            _ => self.back_off(what, &e).await,
+        }
+    }
+
+    fn call<'a>(&'a self, inputs: &'a [u8]) -> TriggerCall<'a> {
+        TriggerCall {
+            key: &self.run.spec.key,
+            name: &self.rec.name,
+            inputs_ndjson: inputs,
+            count: self.rec.inputs,
+            params: &self.run.spec.params,
+        }
+    }
+
+    fn inputs(&self) -> Result<Vec<u8>, WorkerError> {
+        self.ctx
+            .store
+            .chunk_inputs(&self.run.job, &self.run.run_id, self.rec.index)?
+            .ok_or_else(|| {
+                WorkerError::MissingInputs(format!(
+                    "{}/{}/{}",
+                    self.run.job, self.run.run_id, self.rec.index
+                ))
+            })
+    }
+
+    async fn trigger(&mut self) -> Result<Next, WorkerError> {
+        let inputs = self.inputs()?;
+        let at = now_ms();
+        self.ctx.store.set_last_trigger(&self.run.spec.key, at)?;
+        self.rec.triggers += 1;
+        self.apply(ChunkEvent::Intent { at }).await?;
+        self.ctx
+            .counters
+            .triggers_sent
+            .fetch_add(1, Ordering::Relaxed);
+        // Not raced against shutdown: once sent, the answer is awaited so the
+        // shutdown itself never leaves the chunk in doubt.
+        let result = self.ctx.provider.trigger(&self.call(&inputs)).await;
+        match result {
+            Ok(remote_id) => {
+                info!(remote_id = %remote_id, inputs = self.rec.inputs, "triggered");
+                self.attempt = 0;
+                self.rec.last_error = None;
+                self.apply(ChunkEvent::Accepted {
+                    remote_id,
+                    at: now_ms(),
+                })
+                .await?;
+                Ok(Next::Continue)
+            }
+            Err(e) if e.may_have_created() => {
+                self.note_in_doubt(&e);
+                self.ctx
+                    .store
+                    .put_chunk(&self.run.job, &self.run.run_id, &self.rec)?;
+                self.ctx.store.flush().await?;
+                Ok(self.back_off("trigger", &e).await)
+            }
+            Err(CallError::Rejected { status, message }) => {
+                error!(status, message = %message, "provider rejected the chunk; it failed for good");
+                self.apply(ChunkEvent::Rejected {
+                    error: format!("trigger rejected ({status}): {message}"),
+                })
+                .await?;
+                Ok(Next::Continue)
+            }
+            Err(e) => {
+                // Refused before anything was created: plan again.
+                self.apply(ChunkEvent::NotCreated).await?;
+                Ok(self.on_error("trigger", e).await)
+            }
+        }
+    }
+
+    fn note_in_doubt(&mut self, e: &CallError) {
+        self.rec.in_doubt += 1;
+        self.rec.last_error = Some(e.to_string());
+        self.ctx.counters.in_doubt.fetch_add(1, Ordering::Relaxed);
+        warn!(error = %e, "trigger outcome unknown: chunk is in doubt; asking the provider before any new trigger");
+    }
+
+    /// An in-doubt chunk: find its collection, or prove there is none.
+    async fn settle(&mut self, intent_at: UnixMs) -> Result<Next, WorkerError> {
+        if self.rec.last_error.is_none() {
+            // Found in doubt at start-up: a crash between intent and answer.
+            self.note_in_doubt(&CallError::Protocol(
+                "the daemon stopped before the trigger's answer was stored".into(),
+            ));
+        }
+        let inputs = self.inputs()?;
+        match self.ctx.provider.find(&self.call(&inputs), intent_at).await {
+            Ok(Some(remote_id)) => {
+                info!(remote_id = %remote_id, "in-doubt chunk settled: the collection exists");
+                self.ctx
+                    .counters
+                    .in_doubt_found
+                    .fetch_add(1, Ordering::Relaxed);
+                self.attempt = 0;
+                self.rec.last_error = None;
+                self.apply(ChunkEvent::Accepted {
+                    remote_id,
+                    at: now_ms(),
+                })
+                .await?;
+                Ok(Next::Continue)
+            }
+            Ok(None) if !self.rechecked => {
+                // Listings can lag a fresh trigger: look once more later.
+                self.rechecked = true;
+                Ok(if self.wait(self.ctx.limits.in_doubt_recheck).await {
+                    Next::Continue
+                } else {
+                    Next::End(ChunkEnd::Stopped)
+                })
+            }
+            Ok(None) => {
+                info!(
+                    "in-doubt chunk settled: the provider has no such collection; triggering again"
+                );
+                self.ctx
+                    .counters
+                    .in_doubt_not_created
+                    .fetch_add(1, Ordering::Relaxed);
+                self.rechecked = false;
+                self.rec.last_error = None;
+                self.apply(ChunkEvent::NotCreated).await?;
+                Ok(Next::Continue)
+            }
+            Err(e) => Ok(self.on_error("looking up an in-doubt trigger", e).await),
+        }
+    }
+
+    async fn poll(&mut self, remote_id: &str, triggered_at: UnixMs) -> Result<Next, WorkerError> {
+        let l = &self.ctx.limits;
+        let waited = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
+        let interval = poll_interval(waited, l.poll_min_interval, l.poll_max_interval, jitter());
+        if !self.wait(interval).await {
+            return Ok(Next::End(ChunkEnd::Stopped));
+        }
+        let outcome = self.ctx.provider.poll(&self.run.spec.key, remote_id).await;
+        match outcome {
+            Ok(PollOutcome::Building) => self.attempt = 0,
+            Ok(PollOutcome::Ready) => {
+                let now = now_ms();
+                let expires_at = now + self.ctx.provider.retention().as_millis() as i64;
+                info!(remote_id, "collection ready");
+                self.attempt = 0;
+                self.apply(ChunkEvent::Ready {
+                    at: now,
+                    expires_at,
+                })
+                .await?;
+            }
+            Ok(PollOutcome::Failed(message)) => {
+                error!(remote_id, message = %message, "collection failed at the provider");
+                self.apply(ChunkEvent::Failed { error: message }).await?;
+            }
+            Ok(PollOutcome::Cancelled) => {
+                warn!(remote_id, "collection was cancelled at the provider");
+                self.apply(ChunkEvent::Cancelled).await?;
+            }
+            Ok(PollOutcome::NotFound(message)) => {
+                let age = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
+                if age >= l.not_found_grace {
+                    // Not an early 404: the provider has lost or dropped it.
+                    let error =
+                        format!("the provider no longer knows collection {remote_id}: {message}");
+                    error!(remote_id, "{error}");
+                    let event = if age >= self.ctx.provider.retention() {
+                        ChunkEvent::Expired { error }
+                    } else {
+                        ChunkEvent::Failed { error }
+                    };
+                    self.apply(event).await?;
+                }
+            }
+            Err(e) => return Ok(self.on_error("status poll", e).await),
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn download(
+        &mut self,
+        remote_id: &str,
+        ready_at: UnixMs,
+        expires_at: UnixMs,
+    ) -> Result<Next, WorkerError> {
+        let now = now_ms();
+        if now >= expires_at {
+            let error = format!(
+                "the dataset expired at {} before it could be saved",
+                timestamp(expires_at)
+            );
+            error!(remote_id, "{error}");
+            self.apply(ChunkEvent::Expired { error }).await?;
+            return Ok(Next::Continue);
+        }
+        let left = Duration::from_millis((expires_at - now) as u64);
+        if left <= self.ctx.limits.expiry_error {
+            error!(
+                remote_id,
+                ?left,
+                "ready dataset still unsaved and about to expire"
+            );
+        } else if left <= self.ctx.limits.expiry_warn {
+            warn!(
+                remote_id,
+                ?left,
+                "ready dataset still unsaved; it expires soon"
+            );
+        }
+        let dir = self.dir.clone();
+        let index = self.rec.index;
+        let mut part =
+            match tokio::task::spawn_blocking(move || PartWriter::create(&dir, index)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    return Ok(self
+                        .back_off("creating the part file", &CallError::Sink(e))
+                        .await)
+                }
+                Err(e) => {
+                    return Ok(self
+                        .back_off(
+                            "creating the part file",
+                            &CallError::Sink(std::io::Error::other(e.to_string())),
+                        )
+                        .await)
+                }
+            };
+        let outcome = self
+            .ctx
+            .provider
+            .download(&self.run.spec.key, remote_id, &mut part)
+            .await;
+        match outcome {
+            Ok(DownloadOutcome::Saved) => {
+                let (rows, error_rows) = (part.rows, part.error_rows);
+                let committed = tokio::task::spawn_blocking(move || part.commit())
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                if let Err(e) = committed {
+                    // The chunk stays ready: it is never done without a durable part.
+                    return Ok(self
+                        .back_off("saving the part file", &CallError::Sink(e))
+                        .await);
+                }
+                info!(remote_id, rows, error_rows, "dataset saved");
+                self.attempt = 0;
+                self.rec.last_error = None;
+                self.apply(ChunkEvent::Saved {
+                    at: now_ms(),
+                    rows,
+                    error_rows,
+                })
+                .await?;
+            }
+            Ok(DownloadOutcome::NotReady) => {
+                // Build lag: ready by status, not served yet.
+                drop(part);
+                let l = &self.ctx.limits;
+                let waited = Duration::from_millis((now - ready_at).max(0) as u64);
+                if !self
+                    .wait(poll_interval(
+                        waited,
+                        l.poll_min_interval,
+                        l.poll_max_interval,
+                        jitter(),
+                    ))
+                    .await
+                {
+                    return Ok(Next::End(ChunkEnd::Stopped));
+                }
+            }
+            Ok(DownloadOutcome::NotFound(message)) => {
+                drop(part);
+                let since_ready = Duration::from_millis((now - ready_at).max(0) as u64);
+                if since_ready >= self.ctx.limits.not_found_grace {
+                    let error =
+                        format!("the provider no longer serves dataset {remote_id}: {message}");
+                    error!(remote_id, "{error}");
+                    self.apply(ChunkEvent::Expired { error }).await?;
+                } else if !self.wait(self.ctx.limits.poll_min_interval).await {
+                    return Ok(Next::End(ChunkEnd::Stopped));
+                }
+            }
+            Err(e) => {
+                drop(part);
+                return Ok(self.on_error("download", e).await);
+            }
+        }
+        Ok(Next::Continue)
+    }
+}
