@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -103,9 +103,6 @@ pub(crate) struct State {
     rate: Mutex<RateState>,
 }
 
-/// A request a slower client might still send after a 429 it had not yet
-/// read; arrivals within this long of the 429 are not counted as early.
-const IN_FLIGHT_SLACK: Duration = Duration::from_millis(250);
 const BAN_AFTER: usize = 25;
 const BAN_WINDOW: Duration = Duration::from_secs(300);
 
@@ -493,7 +490,7 @@ fn rate_limit(state: &State, fault: Option<&Fault>) -> Reply {
     {
         let mut rate = state.rate.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(until) = until {
-            rate.not_before = Some((now + IN_FLIGHT_SLACK, until));
+            rate.not_before = Some((now + state.scenario.retry_after_slack, until));
         }
         rate.recent.push_back(now);
         while rate
@@ -519,38 +516,47 @@ fn rate_limit(state: &State, fault: Option<&Fault>) -> Reply {
     Reply::Response(r)
 }
 
-/// Sends the first half of the body, then stalls for `stall` and goes on, or
-/// (no stall) drops the connection: a cut body.
+/// Cuts the body inside its first frame of two bytes or more: sends the
+/// first half, then either stalls for `stall` and sends the rest, or (no
+/// stall) drops the connection — a body cut short.
 fn cut(response: Response<Body>, stall: Option<Duration>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    let stream = futures::stream::unfold(
-        (body, 0usize, false),
-        move |(mut body, sent, stalled)| async move {
-            let frame = body.frame().await?;
-            match frame {
-                Ok(frame) => {
-                    let len = frame.data_ref().map_or(0, Bytes::len);
-                    if sent > 0 && !stalled {
-                        match stall {
-                            Some(d) => tokio::time::sleep(d).await,
-                            None => {
-                                return Some((
-                                    Err(std::io::Error::new(
-                                        std::io::ErrorKind::ConnectionReset,
-                                        "cut",
-                                    )),
-                                    (body, sent, true),
-                                ))
-                            }
-                        }
-                        return Some((Ok(frame), (body, sent + len, true)));
-                    }
-                    Some((Ok(frame), (body, sent + len, stalled)))
-                }
-                Err(e) => Some((Err(e), (body, sent, stalled))),
-            }
-        },
+    // Frames still to send after the cut, ahead of the rest of the body.
+    let state = (
+        body,
+        VecDeque::<Result<Bytes, std::io::Error>>::new(),
+        false,
     );
+    let stream =
+        futures::stream::unfold(state, move |(mut body, mut queued, mut done)| async move {
+            if let Some(item) = queued.pop_front() {
+                // Pending for a moment makes hyper flush what it has, so the
+                // client holds the headers and half a body when the cut comes.
+                tokio::time::sleep(stall.unwrap_or(Duration::from_millis(50))).await;
+                return Some((item.map(Frame::data), (body, queued, done)));
+            }
+            let frame = match body.frame().await? {
+                Ok(f) => f,
+                Err(e) => return Some((Err(e), (body, queued, done))),
+            };
+            let data = match frame.into_data() {
+                Ok(d) => d,
+                Err(frame) => return Some((Ok(frame), (body, queued, done))),
+            };
+            if done || data.len() < 2 {
+                return Some((Ok(Frame::data(data)), (body, queued, done)));
+            }
+            done = true;
+            let half = data.len() / 2;
+            match stall {
+                Some(_) => queued.push_back(Ok(data.slice(half..))),
+                None => queued.push_back(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "cut",
+                ))),
+            }
+            Some((Ok(Frame::data(data.slice(..half))), (body, queued, done)))
+        });
     Response::from_parts(parts, BoxBody::new(http_body_util::StreamBody::new(stream)))
 }

@@ -20,6 +20,11 @@ pub struct Scenario {
     /// The job listing's shape: a bare `array` or an `object` with `data`
     /// (the real shape is undocumented).
     pub listing_shape: ListingShape,
+    /// A request arriving this soon after a 429 may have been sent before
+    /// the client read it; later ones before the `Retry-After` ends count
+    /// as early. Tests that serialise their calls set it near zero.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_slack: Duration,
     pub defaults: CollectorScenario,
     pub collectors: BTreeMap<String, CollectorScenario>,
     pub faults: Vec<Fault>,
@@ -155,6 +160,7 @@ impl Default for Scenario {
             ],
             unknown_collectors: Unknown::Accept,
             listing_shape: ListingShape::Array,
+            retry_after_slack: Duration::from_millis(250),
             defaults: CollectorScenario::default(),
             collectors: BTreeMap::new(),
             faults: Vec::new(),
