@@ -101,7 +101,13 @@ pub fn execute(cli: Cli) -> u8 {
                 };
                 match daemon::run(config, RunOptions { once, emulator }, &ProcessEnv, signals).await {
                     Ok(summary) => {
-                        if once {
+                        if once && summary.complete + summary.incomplete + summary.stopped == 0 && summary.parked.is_empty() {
+                            eprintln!(
+                                "harvestd: nothing to do: no new job content and no unfinished run ({} invalid job file(s))",
+                                summary.invalid_jobs
+                            );
+                            summary.exit_code()
+                        } else if once {
                             eprintln!(
                                 "harvestd: {} run(s) complete, {} incomplete, {} waiting on a blocked provider, {} invalid job file(s)",
                                 summary.complete,

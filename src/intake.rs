@@ -139,6 +139,10 @@ pub fn scan(
             }
             Ok((spec, count)) => match plan(store, &spec, &hash, now) {
                 Ok(run) => {
+                    if spec.schedule.is_some() {
+                        // Said at every run, so nobody relies on it silently.
+                        tracing::warn!(job = %name, "'every'/'cron' are checked but not scheduled yet: this job runs once per content");
+                    }
                     info!(job = %name, run = %run.run_id, inputs = count, chunks = run.chunks, "run planned");
                     record.last_run = Some(run.run_id.clone());
                     store.put_job(&record)?;

@@ -8,8 +8,11 @@ mod common;
 
 use common::Harness;
 
+/// An inputs file written beside a job file: (name, contents).
+type Beside = Option<(&'static str, &'static str)>;
+
 /// (job file, its text, an inputs file beside it, what the error must say)
-const BAD: &[(&str, &str, Option<(&str, &str)>, &str)] = &[
+const BAD: &[(&str, &str, Beside, &str)] = &[
     (
         "typo.toml",
         "provider = \"scraper_studio\"\ncolector = \"c_abc\"\ninputs = [{url = \"https://a.example\"}]\n",

@@ -192,7 +192,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("db"))
-            .cache_capacity(32 * 1024 * 1024)
+            .cache_capacity(4 * 1024 * 1024)
             .open()?;
         Ok(Store {
             runs: db.open_tree("runs")?,
