@@ -238,6 +238,7 @@ pub fn plan(
         store.delete_run(&spec.name, &run.run_id)?;
         return Err(PlanError::Inputs("no inputs".into()));
     }
+    store.seal_inputs(&spec.name, &run.run_id)?;
     run.inputs = total;
     run.chunks = index;
     run.state = RunState::InProgress;

@@ -415,3 +415,30 @@ async fn a_second_daemon_on_the_same_state_dir_exits_75() {
     daemon.signal(SIGTERM);
     assert_eq!(daemon.wait().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sharing_a_collector_share_its_limits() {
+    let h = Harness::new("[defaults]\nbuild_time = \"300ms\"\n").await;
+    // 10 triggers a second for this key, at most 3 collections in flight.
+    h.write_config("[limits.keys.\"c_shared001\"]\nmax_in_flight = 3\ntriggers_per_minute = 600\n");
+    h.write_inputs("a.csv", 40);
+    h.write_inputs("b.csv", 40);
+    h.write_job("a.toml", &job("c_shared001", "a.csv", 10));
+    h.write_job("b.toml", &job("c_shared001", "b.csv", 10));
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(h.manifest("a")["state"], "complete");
+    assert_eq!(h.manifest("b")["state"], "complete");
+    let stats = h.emulator.stats();
+    assert_eq!(
+        stats.max_in_flight["c_shared001"], 3,
+        "the cap was reached and never passed"
+    );
+    let mut times: Vec<i64> = h.ledger().iter().map(|e| e.time).collect();
+    assert_eq!(times.len(), 8);
+    times.sort();
+    let min_gap = times.windows(2).map(|w| w[1] - w[0]).min().unwrap();
+    // Triggers are 100 ms apart; half that allows for loopback jitter and
+    // still catches any burst.
+    assert!(min_gap >= 50, "triggers {min_gap} ms apart");
+}

@@ -83,6 +83,10 @@ pub struct Stats {
     pub max_429_in_5min: u64,
     /// Whether the client got itself banned (25 × 429 in 5 minutes).
     pub banned: bool,
+    /// Per key: collections triggered and not yet served whole, now.
+    pub in_flight: BTreeMap<String, u64>,
+    /// Per key: the most collections ever in flight at once.
+    pub max_in_flight: BTreeMap<String, u64>,
 }
 
 struct RateState {
@@ -123,6 +127,16 @@ impl State {
             .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
             .collect();
         format!("{prefix}{tail}")
+    }
+
+    /// A collection for `key` starts (+1) or has been served whole (-1).
+    pub(crate) fn in_flight(&self, key: &str, delta: i64) {
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let now = s.in_flight.entry(key.to_string()).or_default();
+        *now = now.saturating_add_signed(delta);
+        let now = *now;
+        let max = s.max_in_flight.entry(key.to_string()).or_default();
+        *max = (*max).max(now);
     }
 
     pub(crate) fn bill(&self, entry: LedgerEntry) {

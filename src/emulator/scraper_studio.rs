@@ -23,6 +23,8 @@ pub(crate) struct Job {
     cancelled_ms: Option<i64>,
     /// `/dca/dataset` calls answered since the job was done.
     dataset_polls_done: u32,
+    /// The dataset has been sent whole once (it left the "in flight" count).
+    served: Arc<std::sync::atomic::AtomicBool>,
     scenario: CollectorScenario,
 }
 
@@ -112,7 +114,7 @@ fn collector_of(state: &State, id: &str) -> Option<String> {
     state.jobs.lock().ok()?.get(id).map(|j| j.collector.clone())
 }
 
-pub(crate) async fn handle(state: &State, req: Request<Incoming>, endpoint: &str) -> Reply {
+pub(crate) async fn handle(state: &Arc<State>, req: Request<Incoming>, endpoint: &str) -> Reply {
     match endpoint {
         "trigger" => trigger(state, req).await,
         "log" => log(state, &req),
@@ -197,8 +199,10 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
         created_ms: now,
         cancelled_ms: None,
         dataset_polls_done: 0,
+        served: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         scenario,
     };
+    state.in_flight(&collector, 1);
     state.bill(LedgerEntry {
         provider: "scraper_studio".into(),
         remote_id: id.clone(),
@@ -306,7 +310,7 @@ fn building(reply: BuildingReply) -> Reply {
     }
 }
 
-fn dataset(state: &State, req: &Request<Incoming>) -> Reply {
+fn dataset(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     let q = query(req);
     let Some(id) = q.get("id") else {
         return text(StatusCode::BAD_REQUEST, "id is required");
@@ -319,7 +323,12 @@ fn dataset(state: &State, req: &Request<Incoming>) -> Reply {
     match job.phase(now) {
         Phase::Expired => return text(StatusCode::NOT_FOUND, "Job not found or expired"),
         Phase::Building | Phase::Running => return building(job.scenario.building_reply),
-        Phase::Failed => return json_reply(StatusCode::OK, &json!([])),
+        Phase::Failed => {
+            if !job.served.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                state.in_flight(&job.collector, -1);
+            }
+            return json_reply(StatusCode::OK, &json!([]));
+        }
         Phase::Done | Phase::Cancelled => {}
     }
     if job.cancelled_ms.is_none() && job.dataset_polls_done < job.scenario.dataset_lag_polls {
@@ -331,7 +340,28 @@ fn dataset(state: &State, req: &Request<Incoming>) -> Reply {
     } else {
         job.inputs.clone()
     };
-    rows_body(rows, job.scenario.clone(), job.id.clone())
+    let served = Served {
+        state: state.clone(),
+        key: job.collector.clone(),
+        flag: job.served.clone(),
+    };
+    rows_body(rows, job.scenario.clone(), job.id.clone(), served)
+}
+
+/// Takes a collection out of the emulator's in-flight count once its
+/// dataset has been streamed to the end (a cut body does not count).
+struct Served {
+    state: Arc<State>,
+    key: String,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Served {
+    fn done(&self) {
+        if !self.flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.state.in_flight(&self.key, -1);
+        }
+    }
 }
 
 /// Streams the dataset as a JSON array, rows made from the inputs as the
@@ -340,6 +370,7 @@ fn rows_body(
     inputs: Arc<Vec<Map<String, Value>>>,
     scenario: CollectorScenario,
     job_id: String,
+    served: Served,
 ) -> Reply {
     const BATCH: usize = 64;
     let total = if scenario.zero_rows { 0 } else { inputs.len() };
@@ -353,6 +384,7 @@ fn rows_body(
             out.push(b'[');
         } else if frame == batches + 1 {
             out.extend_from_slice(b"]");
+            served.done();
         } else {
             let start = (frame - 1) * BATCH;
             for i in start..(start + BATCH).min(total) {
