@@ -442,3 +442,24 @@ async fn jobs_sharing_a_collector_share_its_limits() {
     // still catches any burst.
     assert!(min_gap >= 50, "triggers {min_gap} ms apart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_daemon_picks_up_renamed_files_and_changed_inputs() {
+    let h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+    let mut daemon = h.start_daemon().await;
+    // Written under a temporary name, then renamed in: the documented way.
+    h.write_inputs("drop.csv", 30);
+    h.write_job("drop.toml.tmp", &job("c_dropped01", "drop.csv", 10));
+    std::fs::rename(h.path("jobs/drop.toml.tmp"), h.path("jobs/drop.toml")).unwrap();
+    daemon.wait_for_line("run complete").await;
+    assert_eq!(h.ledger().len(), 3);
+
+    // New inputs under the same job file: new content, a new run.
+    h.write_inputs("drop.csv", 40);
+    daemon.wait_for_line("run complete").await;
+    assert_eq!(h.ledger().len(), 7);
+    let runs = std::fs::read_dir(h.path("out/drop")).unwrap().count();
+    assert_eq!(runs, 3, "two run directories and latest");
+    daemon.signal(SIGTERM);
+    assert_eq!(daemon.wait().await, 0);
+}

@@ -1,0 +1,251 @@
+//! The emulator answers as brightdata.md says the real API does. These
+//! checks use plain HTTP, not harvestd's client, so the two stay independent.
+#![allow(clippy::unwrap_used)]
+
+use harvestd::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
+use serde_json::{json, Value};
+
+async fn emulator(scenario: &str) -> Emulator {
+    let scenario: Scenario = toml::from_str(scenario).unwrap();
+    Emulator::start(([127, 0, 0, 1], 0).into(), scenario)
+        .await
+        .unwrap()
+}
+
+struct Answer {
+    status: u16,
+    text: String,
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: String,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> Answer {
+    let mut r = reqwest::Client::new().request(method, url);
+    if let Some(a) = auth {
+        r = r.header("Authorization", a);
+    }
+    if let Some(b) = body {
+        r = r
+            .header("Content-Type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    Answer {
+        status: resp.status().as_u16(),
+        text: resp.text().await.unwrap(),
+    }
+}
+
+fn bearer() -> String {
+    format!("Bearer {DEMO_BRIGHTDATA_TOKEN}")
+}
+
+#[tokio::test]
+async fn the_three_401_texts() {
+    let e = emulator("").await;
+    let url = format!("{}/dca/log/j_x", e.url());
+    let none = call(reqwest::Method::GET, url.clone(), None, None).await;
+    let basic = call(reqwest::Method::GET, url.clone(), Some("Basic abc"), None).await;
+    let wrong = call(reqwest::Method::GET, url, Some("Bearer nope"), None).await;
+    assert_eq!(
+        (none.status, none.text.as_str()),
+        (401, "Credentials are missing")
+    );
+    assert_eq!(
+        (basic.status, basic.text.as_str()),
+        (401, "Auth method is not supported")
+    );
+    assert_eq!(
+        (wrong.status, wrong.text.as_str()),
+        (401, "Invalid credentials")
+    );
+}
+
+#[tokio::test]
+async fn trigger_checks_collector_and_body() {
+    let e = emulator(
+        "unknown_collectors = \"reject\"\n[collectors.c_known0001]\ninput_fields = [\"url\"]\n\
+         [collectors.c_realtime01]\nrealtime = true\n",
+    )
+    .await;
+    let a = bearer();
+    let post = |collector: &str, body: Value| {
+        call(
+            reqwest::Method::POST,
+            format!("{}/dca/trigger?collector={collector}&name=t1", e.url()),
+            Some(&a),
+            Some(body),
+        )
+    };
+    let unknown = post("c_other00001", json!([{"url": "https://a"}])).await;
+    assert_eq!(
+        (unknown.status, unknown.text.as_str()),
+        (404, "Collector not found")
+    );
+    let realtime = post("c_realtime01", json!([{"url": "https://a"}])).await;
+    assert_eq!(realtime.status, 400);
+    assert!(realtime
+        .text
+        .starts_with("Cannot trigger a batch job with a real-time scraper"));
+    let empty = post("c_known0001", json!([])).await;
+    assert_eq!(
+        (empty.status, empty.text.as_str()),
+        (400, "No data to trigger")
+    );
+    let invalid = post("c_known0001", json!([{"keyword": "x"}])).await;
+    assert_eq!(invalid.status, 422);
+    assert_eq!(
+        serde_json::from_str::<Value>(&invalid.text).unwrap()["code"],
+        "validation_error"
+    );
+    let ok = post(
+        "c_known0001",
+        json!({"input": [{"url": "https://a"}], "deliver": {"type": "webhook"}}),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let body: Value = serde_json::from_str(&ok.text).unwrap();
+    assert!(body["collection_id"].as_str().unwrap().starts_with("j_"));
+    assert!(body["start_eta"].is_string());
+    assert_eq!(e.ledger().len(), 1, "only the accepted trigger is billed");
+}
+
+#[tokio::test]
+async fn job_lifecycle_on_the_emulator_clock() {
+    let e = emulator(
+        "[defaults]\nbuild_time = \"1h\"\nlog_keys = \"lower\"\nbuilding_reply = \"200_object\"\nretention = \"16days\"\n",
+    )
+    .await;
+    let a = bearer();
+    let t = call(
+        reqwest::Method::POST,
+        format!("{}/dca/trigger?collector=c_life000001&name=life", e.url()),
+        Some(&a),
+        Some(json!([{"url": "https://a"}, {"url": "https://b"}])),
+    )
+    .await;
+    let id = serde_json::from_str::<Value>(&t.text).unwrap()["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log = || {
+        call(
+            reqwest::Method::GET,
+            format!("{}/dca/log/{id}", e.url()),
+            Some(&a),
+            None,
+        )
+    };
+    let dataset = || {
+        call(
+            reqwest::Method::GET,
+            format!("{}/dca/dataset?id={id}&format=json", e.url()),
+            Some(&a),
+            None,
+        )
+    };
+
+    let running: Value = serde_json::from_str(&log().await.text).unwrap();
+    assert_eq!(running["status"], "building", "lowercase keys: {running}");
+    let building = dataset().await;
+    assert_eq!(building.status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&building.text).unwrap()["status"],
+        "building"
+    );
+
+    e.advance(std::time::Duration::from_secs(3600));
+    let done: Value = serde_json::from_str(&log().await.text).unwrap();
+    assert_eq!(
+        (done["status"].as_str(), done["lines"].as_u64()),
+        (Some("done"), Some(2))
+    );
+    let rows: Value = serde_json::from_str(&dataset().await.text).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    assert_eq!(rows[0]["input"]["url"], "https://a");
+
+    let listing = call(
+        reqwest::Method::GET,
+        format!(
+            "{}/dca/collector/jobs?collector=c_life000001&from_date=2000-01-01&to_date=2999-01-01",
+            e.url()
+        ),
+        Some(&a),
+        None,
+    )
+    .await;
+    let jobs: Value = serde_json::from_str(&listing.text).unwrap();
+    assert_eq!(jobs[0]["name"], "life");
+    let no_dates = call(
+        reqwest::Method::GET,
+        format!("{}/dca/collector/jobs", e.url()),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!(no_dates.status, 400);
+    let too_many = call(
+        reqwest::Method::GET,
+        format!(
+            "{}/dca/collector/jobs?from_date=2000-01-01&to_date=2999-01-01&limit=501",
+            e.url()
+        ),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!(too_many.status, 400);
+
+    let cancel = call(
+        reqwest::Method::POST,
+        format!("{}/dca/jobs/{id}/cancel", e.url()),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!(cancel.status, 400, "a finished job cannot be cancelled");
+
+    e.advance(std::time::Duration::from_secs(17 * 24 * 3600));
+    assert_eq!(dataset().await.status, 404, "gone after retention");
+    assert_eq!(log().await.status, 404);
+}
+
+#[tokio::test]
+async fn cancel_answers_plain_ok() {
+    let e = emulator("[defaults]\nbuild_time = \"1h\"\n").await;
+    let a = bearer();
+    let t = call(
+        reqwest::Method::POST,
+        format!("{}/dca/trigger?collector=c_cancel0001", e.url()),
+        Some(&a),
+        Some(json!([{"url": "https://a"}])),
+    )
+    .await;
+    let id = serde_json::from_str::<Value>(&t.text).unwrap()["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancel = call(
+        reqwest::Method::POST,
+        format!("{}/dca/jobs/{id}/cancel", e.url()),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!((cancel.status, cancel.text.as_str()), (200, "OK"));
+    let log: Value = serde_json::from_str(
+        &call(
+            reqwest::Method::GET,
+            format!("{}/dca/log/{id}", e.url()),
+            Some(&a),
+            None,
+        )
+        .await
+        .text,
+    )
+    .unwrap();
+    assert_eq!(log["Status"], "canceled");
+}
