@@ -27,6 +27,17 @@ pub fn run_id(now: UnixMs, taken: impl Fn(&str) -> bool) -> String {
         .unwrap_or(base)
 }
 
+/// Orders run ids by time, then by their `-N` suffix as a number.
+pub fn run_id_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(id: &str) -> (&str, u32) {
+        match id.split_once('-') {
+            Some((base, n)) => (base, n.parse().unwrap_or(0)),
+            None => (id, 1),
+        }
+    }
+    parts(a).cmp(&parts(b))
+}
+
 /// The tag a chunk's trigger carries, unique per chunk of every run.
 pub fn chunk_name(job: &str, run_id: &str, index: u32) -> String {
     format!("harvestd:{job}:{run_id}:{index}")
@@ -86,6 +97,24 @@ mod tests {
         assert_eq!(run_id(at, |_| false), "20231114T221320Z");
         let taken = ["20231114T221320Z", "20231114T221320Z-2"];
         assert_eq!(run_id(at, |id| taken.contains(&id)), "20231114T221320Z-3");
+    }
+
+    #[test]
+    fn run_ids_order_by_time_then_suffix() {
+        use std::cmp::Ordering::*;
+        assert_eq!(
+            run_id_order("20231114T221320Z", "20231114T221319Z"),
+            Greater
+        );
+        assert_eq!(
+            run_id_order("20231114T221320Z-2", "20231114T221320Z"),
+            Greater
+        );
+        assert_eq!(
+            run_id_order("20231114T221320Z-10", "20231114T221320Z-9"),
+            Greater
+        );
+        assert_eq!(run_id_order("20231114T221320Z", "20231114T221320Z"), Equal);
     }
 
     #[test]

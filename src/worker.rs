@@ -104,13 +104,10 @@ pub async fn drive_run(
     }
     let run = Arc::new(run);
     let mut tasks = JoinSet::new();
-    for rec in ctx.store.chunks(&run.job, &run.run_id)? {
-        if rec.state.is_terminal() {
-            continue;
-        }
+    let driver = |rec: ChunkRecord, permit: InFlightPermit| {
         let span =
             tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = rec.index);
-        let driver = ChunkDriver {
+        ChunkDriver {
             ctx: ctx.clone(),
             key: key.clone(),
             run: run.clone(),
@@ -118,27 +115,58 @@ pub async fn drive_run(
             rec,
             attempt: 0,
             rechecked: false,
-        };
-        tasks.spawn(driver.drive().instrument(span));
+        }
+        .drive(permit)
+        .instrument(span)
+    };
+    // Chunks already in flight start at once, whatever the cap; planned ones
+    // get a task only once they hold a place under it, so a run of a
+    // million inputs keeps about `max_in_flight` tasks alive, not one per chunk.
+    let mut planned = std::collections::VecDeque::new();
+    for rec in ctx.store.chunks(&run.job, &run.run_id)? {
+        if rec.state.is_terminal() {
+            continue;
+        }
+        if matches!(rec.state, ChunkState::Planned) {
+            planned.push_back(rec);
+        } else {
+            tasks.spawn(driver(rec, key.in_flight.enter()));
+        }
     }
     let mut parked = None;
     let mut stopped = false;
     let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(ChunkEnd::Terminal)) => {}
-            Ok(Ok(ChunkEnd::Parked(why))) => parked = Some(why),
-            Ok(Ok(ChunkEnd::Stopped)) => stopped = true,
-            Ok(Err(e)) => {
-                // The store failed: stop this run's other chunks too.
-                ctx.stop.cancel();
-                failure.get_or_insert(e);
+    loop {
+        let may_start = !planned.is_empty()
+            && parked.is_none()
+            && failure.is_none()
+            && !ctx.stop.is_cancelled();
+        tokio::select! {
+            permit = key.in_flight.acquire(), if may_start => {
+                if let Some(rec) = planned.pop_front() {
+                    tasks.spawn(driver(rec, permit));
+                }
             }
-            Err(join) => {
-                error!(job = %run.job, run = %run.run_id, error = %join, "chunk task panicked");
-                stopped = true;
-            }
+            Some(joined) = tasks.join_next() => match joined {
+                Ok(Ok(ChunkEnd::Terminal)) => {}
+                Ok(Ok(ChunkEnd::Parked(why))) => parked = Some(why),
+                Ok(Ok(ChunkEnd::Stopped)) => stopped = true,
+                Ok(Err(e)) => {
+                    // The store failed: stop this run's other chunks too.
+                    ctx.stop.cancel();
+                    failure.get_or_insert(e);
+                }
+                Err(join) => {
+                    error!(job = %run.job, run = %run.run_id, error = %join, "chunk task panicked");
+                    stopped = true;
+                }
+            },
+            _ = ctx.stop.cancelled(), if may_start => {}
+            else => break,
         }
+    }
+    if !planned.is_empty() && parked.is_none() && failure.is_none() {
+        stopped = true;
     }
     if let Some(e) = failure {
         return Err(e);
@@ -262,7 +290,17 @@ fn write_outputs(
     if state == RunState::Complete {
         crate::sink::write_file(&success, b"")?;
         if let Some(job_dir) = dir.parent() {
-            crate::sink::replace_symlink(Path::new(&run.run_id), &job_dir.join("latest"))?;
+            let latest = job_dir.join("latest");
+            // `latest` is the newest complete run: an older run finishing
+            // after a newer one leaves it where it is.
+            let current = std::fs::read_link(&latest).ok();
+            let newer = current
+                .as_deref()
+                .and_then(|p| p.to_str())
+                .is_none_or(|cur| crate::plan::run_id_order(&run.run_id, cur).is_gt());
+            if newer {
+                crate::sink::replace_symlink(Path::new(&run.run_id), &latest)?;
+            }
         }
     }
     Ok(rows)
@@ -341,13 +379,10 @@ enum Next {
 }
 
 impl ChunkDriver {
-    async fn drive(mut self) -> Result<ChunkEnd, WorkerError> {
-        // Collections already in flight hold their place whatever the cap.
-        let mut permit: Option<InFlightPermit> = self
-            .rec
-            .state
-            .is_in_flight()
-            .then(|| self.key.in_flight.enter());
+    /// `permit`: the chunk's place under `max_in_flight`, held until the
+    /// collection is saved or the chunk ends (or goes back to planned).
+    async fn drive(mut self, permit: InFlightPermit) -> Result<ChunkEnd, WorkerError> {
+        let mut permit = Some(permit);
         loop {
             if self.ctx.stop.is_cancelled() {
                 return Ok(ChunkEnd::Stopped);
@@ -489,14 +524,7 @@ impl ChunkDriver {
         match result {
             Ok(remote_id) => {
                 info!(remote_id = %remote_id, inputs = self.rec.inputs, "triggered");
-                self.attempt = 0;
-                self.rec.last_error = None;
-                self.apply(ChunkEvent::Accepted {
-                    remote_id,
-                    at: now_ms(),
-                })
-                .await?;
-                Ok(Next::Continue)
+                self.accepted(remote_id).await
             }
             Err(e) if e.may_have_created() => {
                 self.note_in_doubt(&e);
@@ -522,6 +550,18 @@ impl ChunkDriver {
         }
     }
 
+    /// The provider holds a collection for this chunk: record its id.
+    async fn accepted(&mut self, remote_id: String) -> Result<Next, WorkerError> {
+        self.attempt = 0;
+        self.rec.last_error = None;
+        self.apply(ChunkEvent::Accepted {
+            remote_id,
+            at: now_ms(),
+        })
+        .await?;
+        Ok(Next::Continue)
+    }
+
     fn note_in_doubt(&mut self, e: &CallError) {
         self.rec.in_doubt += 1;
         self.rec.last_error = Some(e.to_string());
@@ -545,14 +585,7 @@ impl ChunkDriver {
                     .counters
                     .in_doubt_found
                     .fetch_add(1, Ordering::Relaxed);
-                self.attempt = 0;
-                self.rec.last_error = None;
-                self.apply(ChunkEvent::Accepted {
-                    remote_id,
-                    at: now_ms(),
-                })
-                .await?;
-                Ok(Next::Continue)
+                self.accepted(remote_id).await
             }
             Ok(None) if !self.rechecked => {
                 // Listings can lag a fresh trigger: look once more later.

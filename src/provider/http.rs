@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, Response};
 
 use super::CallError;
 use crate::config::Token;
@@ -163,19 +163,28 @@ impl Http {
     }
 }
 
-/// Reads a small body as text; a cut or stalled body is transient.
+/// Reads a small body as text, keeping at most 64 KiB (error bodies and
+/// status answers); a cut or stalled body is transient.
 pub async fn read_small(response: Response) -> Result<String, CallError> {
+    read_text(response, SMALL_BODY).await.map(|(text, _)| text)
+}
+
+/// Reads a body as text, keeping at most `max` bytes; also says whether
+/// anything was dropped. A cut or stalled body is transient.
+pub async fn read_text(response: Response, max: usize) -> Result<(String, bool), CallError> {
     let mut stream = response.bytes_stream();
     let mut buf = Vec::new();
+    let mut dropped = false;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| CallError::Transient {
             detail: format!("reading the answer: {}", error_chain(&e)),
             sent: true,
         })?;
-        let room = SMALL_BODY.saturating_sub(buf.len());
+        let room = max.saturating_sub(buf.len());
+        dropped |= piece.len() > room;
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
     }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
+    Ok((String::from_utf8_lossy(&buf).into_owned(), dropped))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -227,10 +236,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
-}
-
-pub fn is_success(status: StatusCode) -> bool {
-    status.is_success()
 }
 
 #[cfg(test)]

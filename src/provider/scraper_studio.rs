@@ -10,7 +10,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 
-use super::http::{error_chain, one_line, read_small, Http};
+use super::http::{error_chain, one_line, read_small, read_text, Http};
 use super::{CallError, DownloadOutcome, PollOutcome, Provider, RowSink, TriggerCall};
 use crate::chunk::UnixMs;
 use crate::jsonstream::ArraySplitter;
@@ -169,7 +169,11 @@ impl Provider for ScraperStudio {
                 )
                 .await?;
             let status = response.status().as_u16();
-            let text = read_small_listing(response).await?;
+            // Listings can exceed the small-body cap; a cut one proves nothing.
+            let (text, dropped) = read_text(response, 16 * 1024 * 1024).await?;
+            if dropped {
+                return Err(CallError::Protocol("job listing larger than 16 MiB".into()));
+            }
             if !(200..300).contains(&status) {
                 return Err(CallError::Rejected {
                     status,
@@ -399,23 +403,6 @@ fn feed(
             Ok(io) => CallError::Sink(io),
             Err(split) => CallError::Protocol(format!("dataset: {split}")),
         })
-}
-
-/// Listings can exceed the small-body cap; read them whole up to 16 MiB.
-async fn read_small_listing(response: reqwest::Response) -> Result<String, CallError> {
-    let mut stream = response.bytes_stream();
-    let mut buf = Vec::new();
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| CallError::Transient {
-            detail: format!("reading the job listing: {}", error_chain(&e)),
-            sent: true,
-        })?;
-        if buf.len() + piece.len() > 16 * 1024 * 1024 {
-            return Err(CallError::Protocol("job listing larger than 16 MiB".into()));
-        }
-        buf.extend_from_slice(&piece);
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 #[cfg(test)]

@@ -113,11 +113,11 @@ pub fn for_each(
 
 type Emit<'a> = dyn FnMut(usize, &Map<String, Value>) -> Result<(), ReadError> + 'a;
 
-fn read_lines(
+/// Calls `each(line_number, bytes)` for every line, newline included.
+fn for_each_line(
     mut reader: impl BufRead,
-    emit: &mut Emit<'_>,
-    parse: impl Fn(usize, &str) -> Result<Option<Map<String, Value>>, ReadError>,
-) -> Result<(), ReadError> {
+    mut each: impl FnMut(usize, &[u8]) -> Result<(), ReadError>,
+) -> Result<usize, ReadError> {
     let mut buf = Vec::new();
     let mut line = 0usize;
     loop {
@@ -126,23 +126,35 @@ fn read_lines(
             .read_until(b'\n', &mut buf)
             .map_err(|e| at(line + 1, format!("read error: {e}")))?;
         if n == 0 {
-            return Ok(());
+            return Ok(line);
         }
         line += 1;
+        each(line, &buf)?;
+    }
+}
+
+fn read_lines(
+    reader: impl BufRead,
+    emit: &mut Emit<'_>,
+    parse: impl Fn(usize, &str) -> Result<Option<Map<String, Value>>, ReadError>,
+) -> Result<(), ReadError> {
+    for_each_line(reader, |line, buf| {
         let bytes = if line == 1 {
-            buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf)
+            buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf)
         } else {
-            &buf
+            buf
         };
         let text = std::str::from_utf8(bytes).map_err(|_| at(line, "is not valid UTF-8"))?;
         let text = text.trim();
         if text.is_empty() {
-            continue;
+            return Ok(());
         }
-        if let Some(map) = parse(line, text)? {
-            emit(line, &map)?;
+        match parse(line, text)? {
+            Some(map) => emit(line, &map),
+            None => Ok(()),
         }
-    }
+    })
+    .map(|_| ())
 }
 
 fn read_csv(reader: impl std::io::Read, emit: &mut Emit<'_>) -> Result<(), ReadError> {
@@ -197,39 +209,28 @@ fn csv_error(e: &csv::Error, fallback_line: usize) -> ReadError {
     at(line, message)
 }
 
-fn read_json_array(mut reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), ReadError> {
+fn read_json_array(reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), ReadError> {
     let mut splitter = ArraySplitter::new();
-    let mut buf = Vec::new();
-    let mut line = 0usize;
-    loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| at(line + 1, format!("read error: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        line += 1;
-        let current = line;
+    let lines = for_each_line(reader, |line, buf| {
         splitter
-            .feed(&buf, |element| {
+            .feed(buf, |element| {
                 match serde_json::from_slice::<Value>(element) {
-                    Ok(Value::Object(map)) => emit(current, &map),
+                    Ok(Value::Object(map)) => emit(line, &map),
                     Ok(other) => Err(at(
-                        current,
+                        line,
                         format!("expected a JSON object, found {}", super::type_name(&other)),
                     )),
-                    Err(e) => Err(at(current, format!("invalid JSON: {e}"))),
+                    Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
                 }
             })
             .map_err(|e| match e {
                 Ok(err) => err,
-                Err(split) => at(current, split.to_string()),
-            })?;
-    }
+                Err(split) => at(line, split.to_string()),
+            })
+    })?;
     splitter
         .finish()
-        .map_err(|e| at(line.max(1), e.to_string()))
+        .map_err(|e| at(lines.max(1), e.to_string()))
 }
 
 /// Checks one input row for the provider.
