@@ -227,8 +227,19 @@ impl Store {
     }
 
     /// Makes everything written so far durable.
+    ///
+    /// sled 0.34's `flush_async` deadlocks under concurrent callers
+    /// (spacejam/sled#1308, fixed only on its unreleased main branch; seen
+    /// here as a 1M-input run stalling with every `sled-io` thread parked in
+    /// `make_stable`), so the blocking `flush` runs on the blocking pool.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Io {
+                path: "flush".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
         Ok(())
     }
 
@@ -505,6 +516,45 @@ mod tests {
             .chunk_inputs("j", &runs[0].run_id, 0)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn many_concurrent_flushes_all_finish() {
+        // The pattern that deadlocked sled's flush_async: many tasks each
+        // writing and flushing at once. A deadlock blocks the runtime's own
+        // threads (its timers too), so the runtime runs on a thread of its
+        // own and this thread does the waiting.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let count = rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Store::open(dir.path()).unwrap();
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..200u32 {
+                    let store = store.clone();
+                    tasks.spawn(async move {
+                        store
+                            .put_chunk("j", "r", &ChunkRecord::planned(i, 1, format!("n{i}")))
+                            .unwrap();
+                        store.flush().await.unwrap();
+                    });
+                }
+                while let Some(t) = tasks.join_next().await {
+                    t.unwrap();
+                }
+                store.chunks("j", "r").unwrap().len()
+            });
+            let _ = done.send(count);
+        });
+        let count = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every flush finished within 60 s");
+        assert_eq!(count, 200);
     }
 
     #[test]
