@@ -3,7 +3,7 @@
 //! directory, spawns and tracks one task per run, and drains them on
 //! shutdown within `shutdown_grace` (SPEC §2 `run`, §11, §12).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,9 +18,11 @@ use crate::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
 use crate::limits::{KeyedLimits, ProviderGate};
 use crate::provider::http::Http;
 use crate::provider::scraper_studio::ScraperStudio;
+use crate::schedule::{jitter_offset, next_due, on_due, Due, Recurrence};
 use crate::signals::Signal;
+use crate::sink::manifest::timestamp;
 use crate::spec::ProviderKind;
-use crate::store::{RunRecord, RunState, Store, StoreError};
+use crate::store::{RunRecord, RunState, ScheduleRecord, Store, StoreError};
 use crate::watcher::Watcher;
 use crate::worker::{self, Context, Counters, RunOutcome, WorkerError};
 
@@ -110,6 +112,17 @@ fn supported(kind: ProviderKind) -> bool {
 
 type RunResult = (String, String, Result<RunOutcome, WorkerError>);
 
+/// Sleeps until a wall-clock time in ms; forever for `None`.
+async fn sleep_until_ms(at: Option<i64>) {
+    match at {
+        Some(at) => {
+            let wait = (at - worker::now_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 struct Supervisor {
     config: Config,
     store: Store,
@@ -119,6 +132,7 @@ struct Supervisor {
     active: HashSet<(String, String)>,
     summary: Summary,
     stop: CancellationToken,
+    once: bool,
 }
 
 impl Supervisor {
@@ -169,6 +183,111 @@ impl Supervisor {
         self.summary.invalid_jobs = scan.invalid.len();
         for run in scan.new_runs {
             self.spawn(run);
+        }
+        if !self.once {
+            self.sync_schedules(scan.scheduled, scan.listed).await?;
+        }
+        Ok(())
+    }
+
+    /// Stored schedules follow the job files: new or edited ones take effect
+    /// at once, those of deleted files (or removed `every`/`cron`) stop.
+    async fn sync_schedules(
+        &mut self,
+        present: Vec<(String, Recurrence, Duration)>,
+        listed: bool,
+    ) -> Result<(), DaemonError> {
+        let now = worker::now_ms();
+        let existing: HashMap<String, ScheduleRecord> = self
+            .store
+            .schedules()?
+            .into_iter()
+            .map(|r| (r.job.clone(), r))
+            .collect();
+        let mut keep = HashSet::new();
+        for (job, recurrence, jitter) in present {
+            keep.insert(job.clone());
+            let offset = jitter_offset(&job, jitter);
+            let unchanged = existing.get(&job).is_some_and(|r| {
+                r.recurrence == recurrence && r.jitter_ms == offset.as_millis() as u64
+            });
+            if !unchanged {
+                let next = next_due(&recurrence, now, now, offset);
+                info!(job = %job, schedule = %recurrence, next_due = %timestamp(next), "schedule set");
+                self.store.put_schedule(&ScheduleRecord::new(
+                    job,
+                    recurrence,
+                    offset.as_millis() as u64,
+                    next,
+                ))?;
+            }
+        }
+        if listed {
+            for job in existing.keys().filter(|j| !keep.contains(*j)) {
+                info!(job = %job, "schedule stopped: job file deleted or schedule removed (runs in progress finish)");
+                self.store.delete_schedule(job)?;
+            }
+        }
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// The earliest stored due time, if any.
+    fn next_wake(&self) -> Option<i64> {
+        if self.once {
+            return None;
+        }
+        self.store
+            .schedules()
+            .ok()?
+            .iter()
+            .map(|r| r.next_due)
+            .filter(|d| *d < i64::MAX)
+            .min()
+    }
+
+    /// Starts (or skips) every job whose due time has passed.
+    async fn fire_due(&mut self) -> Result<(), DaemonError> {
+        let now = worker::now_ms();
+        for mut record in self.store.schedules()? {
+            let in_progress = self.active.iter().any(|(job, _)| *job == record.job);
+            let jitter = Duration::from_millis(record.jitter_ms);
+            match on_due(
+                &record.recurrence,
+                record.next_due,
+                now,
+                in_progress,
+                jitter,
+            ) {
+                Due::Wait => {}
+                Due::Skip { next } => {
+                    info!(job = %record.job, next_due = %timestamp(next), "due time skipped: the previous run is still in progress");
+                    record.next_due = next;
+                    self.store.put_schedule(&record)?;
+                    self.store.flush().await?;
+                }
+                Due::Start { next } => {
+                    // The new due time becomes durable with the planned run
+                    // (plan_due flushes both), so a crash between them can
+                    // neither repeat nor skip the run.
+                    record.next_due = next;
+                    self.store.put_schedule(&record)?;
+                    let (dir, store, job) = (
+                        self.config.jobs_dir.clone(),
+                        self.store.clone(),
+                        record.job.clone(),
+                    );
+                    let planned = tokio::task::spawn_blocking(move || {
+                        crate::intake::plan_due(&dir, &store, &job, now)
+                    })
+                    .await
+                    .map_err(|e| DaemonError::Io(e.to_string()))??;
+                    self.store.flush().await?;
+                    if let Some(run) = planned {
+                        self.spawn(run);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -243,6 +362,7 @@ pub async fn run(
         active: HashSet::new(),
         summary: Summary::default(),
         stop: stop.clone(),
+        once: options.once,
     };
 
     // Resume before anything new: unfinished runs continue without a new trigger.
@@ -284,6 +404,9 @@ pub async fn run(
             },
             _ = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
                 sup.scan().await?;
+            }
+            _ = sleep_until_ms(sup.next_wake()) => {
+                sup.fire_due().await?;
             }
             Some(joined) = sup.runs.join_next() => match joined {
                 Ok(result) => sup.record(result)?,

@@ -11,7 +11,7 @@ use tracing::{error, info};
 
 use crate::chunk::UnixMs;
 use crate::plan::{chunk_name, run_id, Chunker, Packed};
-use crate::spec::{self, InputSource, JobSpec, ProviderKind};
+use crate::spec::{self, InputSource, JobSpec, ProviderKind, Schedule};
 use crate::store::{ChunkRecord, JobRecord, RunRecord, RunState, Store, StoreError};
 
 /// Names that are never jobs: hidden files and files still being written.
@@ -61,6 +61,10 @@ pub struct Scan {
     pub new_runs: Vec<RunRecord>,
     /// Jobs whose current content is invalid, with their problems.
     pub invalid: Vec<(String, Vec<String>)>,
+    /// Valid jobs present with a schedule: (job, recurrence, jitter).
+    pub scheduled: Vec<(String, Schedule, std::time::Duration)>,
+    /// Whether the directory could be listed (so absent jobs are really gone).
+    pub listed: bool,
 }
 
 /// Which providers this daemon can drive; jobs for others are reported.
@@ -81,6 +85,7 @@ pub fn scan(
             return Ok(out);
         }
     };
+    out.listed = true;
     for path in files {
         let Some(name) = path
             .file_stem()
@@ -97,9 +102,13 @@ pub fn scan(
             Err(message) => hex::encode(Sha256::digest(message.as_bytes())),
         };
         let previous = store.job(&name)?;
+        let scheduled =
+            spec_ok.and_then(|s| s.schedule.clone().map(|r| (name.clone(), r, s.jitter)));
         if let Some(prev) = &previous {
             if prev.content_sha256 == hash {
-                if !prev.problems.is_empty() {
+                if prev.problems.is_empty() {
+                    out.scheduled.extend(scheduled);
+                } else {
                     out.invalid.push((name, prev.problems.clone()));
                 }
                 continue;
@@ -111,6 +120,7 @@ pub fn scan(
             // The same content again (restart, re-drop, touch): nothing starts.
             info!(job = %name, run = %run_id, "job content already ran; nothing to do");
             store.put_job(&record)?;
+            out.scheduled.extend(scheduled);
             continue;
         }
         let loaded = match bytes {
@@ -139,10 +149,7 @@ pub fn scan(
             }
             Ok((spec, count)) => match plan(store, &spec, &hash, now) {
                 Ok(run) => {
-                    if spec.schedule.is_some() {
-                        // Said at every run, so nobody relies on it silently.
-                        tracing::warn!(job = %name, "'every'/'cron' are checked but not scheduled yet: this job runs once per content");
-                    }
+                    out.scheduled.extend(scheduled);
                     info!(job = %name, run = %run.run_id, inputs = count, chunks = run.chunks, "run planned");
                     record.last_run = Some(run.run_id.clone());
                     store.put_job(&record)?;
@@ -161,6 +168,54 @@ pub fn scan(
     }
     store.flush_blocking()?;
     Ok(out)
+}
+
+/// Plans a scheduled run of `job` from its job file as it is now, whether or
+/// not this content ran before. `None` when the file is gone or invalid
+/// (logged).
+pub fn plan_due(
+    dir: &Path,
+    store: &Store,
+    job: &str,
+    now: UnixMs,
+) -> Result<Option<RunRecord>, StoreError> {
+    let path = ["toml", "json"]
+        .iter()
+        .map(|ext| dir.join(format!("{job}.{ext}")))
+        .find(|p| p.is_file());
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let loaded = spec::load(&path);
+    let (spec, _) = match loaded {
+        Ok(l) => l,
+        Err(problems) => {
+            for p in &problems {
+                error!(job, problem = %p, "scheduled run not started: the job file is invalid");
+            }
+            return Ok(None);
+        }
+    };
+    let bytes = spec::document::read_job_file(&path).unwrap_or_default();
+    let hash = content_hash(&path, &bytes, Some(&spec));
+    match plan(store, &spec, &hash, now) {
+        Ok(run) => {
+            let mut record = store
+                .job(job)?
+                .unwrap_or_else(|| JobRecord::new(job.to_string(), hash.clone(), Vec::new(), now));
+            record.last_run = Some(run.run_id.clone());
+            record.content_sha256 = hash;
+            store.put_job(&record)?;
+            store.flush_blocking()?;
+            info!(job, run = %run.run_id, chunks = run.chunks, "scheduled run planned");
+            Ok(Some(run))
+        }
+        Err(PlanError::Store(e)) => Err(e),
+        Err(PlanError::Inputs(message)) => {
+            error!(job, problem = %message, "scheduled run not started");
+            Ok(None)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,7 @@ pub mod jsonstream;
 pub mod limits;
 pub mod plan;
 pub mod provider;
+pub mod schedule;
 pub mod signals;
 pub mod sink;
 pub mod spec;

@@ -57,13 +57,7 @@ impl OutputFormat {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Schedule {
-    #[serde(with = "humantime_serde")]
-    Every(Duration),
-    Cron(String),
-}
+pub use crate::schedule::Recurrence as Schedule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,6 +89,9 @@ pub struct JobSpec {
     pub chunk_size: u32,
     pub formats: Vec<OutputFormat>,
     pub schedule: Option<Schedule>,
+    /// Spreads scheduled starts by a fixed per-job offset below this.
+    #[serde(with = "humantime_serde", default)]
+    pub jitter: Duration,
     pub params: Map<String, Value>,
     pub api_version: ApiVersion,
     pub escape_formulas: bool,
@@ -139,6 +136,7 @@ const FIELDS: &[&str] = &[
     "formats",
     "every",
     "cron",
+    "jitter",
     "params",
     "api_version",
     "csv",
@@ -322,6 +320,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
 
     let formats = checker.formats();
     let schedule = checker.schedule();
+    let jitter = checker.jitter(schedule.is_some());
     let params = checker.params(provider);
     let api_version = match checker.string("api_version", false) {
         None => ApiVersion::V2,
@@ -350,6 +349,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
             chunk_size,
             formats,
             schedule,
+            jitter,
             params,
             api_version,
             escape_formulas,
@@ -587,6 +587,32 @@ impl Checker<'_> {
                 }
             }
             (None, None) => None,
+        }
+    }
+
+    fn jitter(&mut self, scheduled: bool) -> Duration {
+        let Some(text) = self.string("jitter", false) else {
+            return Duration::ZERO;
+        };
+        if !scheduled && self.doc.get("every").is_none() && self.doc.get("cron").is_none() {
+            self.report(
+                "jitter",
+                "only applies to a job with 'every' or 'cron'".into(),
+            );
+        }
+        match humantime::parse_duration(&text) {
+            Ok(d) if d <= Duration::from_secs(24 * 3600) => d,
+            Ok(_) => {
+                self.report("jitter", format!("'{text}' is longer than a day"));
+                Duration::ZERO
+            }
+            Err(e) => {
+                self.report(
+                    "jitter",
+                    format!("'{text}' is not a duration such as \"5m\": {e}"),
+                );
+                Duration::ZERO
+            }
         }
     }
 

@@ -13,6 +13,7 @@
 //! | `jobs`   | job                     | [`JobRecord`]    |
 //! | `seen`   | job `\0` content sha256 | run_id that content started |
 //! | `meta`   | `last_trigger/` key     | UnixMs of the last trigger intent |
+//! | `schedules` | job                  | [`ScheduleRecord`] |
 //!
 //! Chunk inputs live in `<state_dir>/inputs/<job>/<run_id>/chunk-NNNNNN.ndjson`,
 //! each fsynced when written and the directory fsynced by
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::chunk::{ChunkState, UnixMs};
+use crate::schedule::Recurrence;
 use crate::spec::JobSpec;
 
 /// The version written in every record; older versions are migrated on read.
@@ -158,6 +160,29 @@ impl JobRecord {
     }
 }
 
+/// A recurring job's next due time, so restarts neither repeat nor skip runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    pub v: u32,
+    pub job: String,
+    pub recurrence: Recurrence,
+    /// This job's fixed jitter offset (from its `jitter` and name).
+    pub jitter_ms: u64,
+    pub next_due: UnixMs,
+}
+
+impl ScheduleRecord {
+    pub fn new(job: String, recurrence: Recurrence, jitter_ms: u64, next_due: UnixMs) -> Self {
+        ScheduleRecord {
+            v: VERSION,
+            job,
+            recurrence,
+            jitter_ms,
+            next_due,
+        }
+    }
+}
+
 /// The daemon's state. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -168,6 +193,7 @@ pub struct Store {
     jobs: sled::Tree,
     seen: sled::Tree,
     meta: sled::Tree,
+    schedules: sled::Tree,
 }
 
 fn run_key(job: &str, run_id: &str) -> Vec<u8> {
@@ -225,6 +251,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             seen: db.open_tree("seen")?,
             meta: db.open_tree("meta")?,
+            schedules: db.open_tree("schedules")?,
             db,
         })
     }
@@ -431,6 +458,27 @@ impl Store {
         Ok(())
     }
 
+    pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        self.schedules
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn put_schedule(&self, record: &ScheduleRecord) -> Result<(), StoreError> {
+        self.schedules
+            .insert(record.job.as_bytes(), encode(record))?;
+        Ok(())
+    }
+
+    pub fn delete_schedule(&self, job: &str) -> Result<(), StoreError> {
+        self.schedules.remove(job.as_bytes())?;
+        Ok(())
+    }
+
     pub fn last_trigger(&self, key: &str) -> Result<Option<UnixMs>, StoreError> {
         Ok(self
             .meta
@@ -459,6 +507,7 @@ mod tests {
             chunk_size: 2,
             formats: vec![OutputFormat::Csv],
             schedule: None,
+            jitter: Default::default(),
             params: Default::default(),
             api_version: ApiVersion::V2,
             escape_formulas: true,
