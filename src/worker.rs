@@ -211,8 +211,17 @@ async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutco
             chunks.clone(),
             downloaded.clone(),
         );
+        let store = ctx.store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            write_outputs(&run_c, &dir_c, &chunks_c, &parts, state, finished_at)
+            write_outputs(
+                &store,
+                &run_c,
+                &dir_c,
+                &chunks_c,
+                &parts,
+                state,
+                finished_at,
+            )
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
@@ -252,6 +261,7 @@ async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutco
 }
 
 fn write_outputs(
+    store: &Store,
     run: &RunRecord,
     dir: &Path,
     chunks: &[ChunkRecord],
@@ -262,8 +272,33 @@ fn write_outputs(
     crate::sink::create_dir_durable(dir)?;
     // A previous attempt's _SUCCESS must not outlive a rewrite.
     let success = dir.join("_SUCCESS");
-    let outputs =
-        crate::sink::outputs::write(dir, &run.spec.formats, run.spec.escape_formulas, parts)?;
+    // Incremental output: this run's keys against earlier complete runs'.
+    let dedup = match &run.spec.dedup_key {
+        Some(key) => {
+            let hashes = crate::sink::dedup::run_hashes(dir, parts, key)?;
+            let seen = store
+                .dedup_seen(&run.job, &run.run_id, &hashes)
+                .map_err(std::io::Error::other)?;
+            let unseen: Vec<u128> = hashes
+                .iter()
+                .zip(&seen)
+                .filter(|(_, s)| !**s)
+                .map(|(h, _)| *h)
+                .collect();
+            Some((key.as_str(), hashes, unseen))
+        }
+        None => None,
+    };
+    let new_rows = dedup
+        .as_ref()
+        .map(|(key, _, unseen)| crate::sink::dedup::NewRows { key, unseen });
+    let outputs = crate::sink::outputs::write(
+        dir,
+        &run.spec.formats,
+        run.spec.escape_formulas,
+        parts,
+        new_rows.as_ref(),
+    )?;
     let rows = outputs
         .first()
         .map_or(0, |o| if o.file == "errors.ndjson" { 0 } else { o.rows });
@@ -288,6 +323,11 @@ fn write_outputs(
     let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
     crate::sink::write_file(&dir.join("manifest.json"), &json)?;
     if state == RunState::Complete {
+        if let Some((_, hashes, _)) = &dedup {
+            store
+                .dedup_record(&run.job, &run.run_id, hashes)
+                .map_err(std::io::Error::other)?;
+        }
         crate::sink::write_file(&success, b"")?;
         if let Some(job_dir) = dir.parent() {
             let latest = job_dir.join("latest");

@@ -109,3 +109,76 @@ async fn a_due_time_during_a_run_is_skipped_and_an_edit_takes_effect() {
     let store = Store::open(&h.path("state")).unwrap();
     assert!(store.schedules().unwrap().is_empty());
 }
+
+fn write_urls(h: &Harness, ids: impl Iterator<Item = u32>) {
+    let mut s = String::from("url\n");
+    for i in ids {
+        s.push_str(&format!("https://shop.example/p/{i}\n"));
+    }
+    std::fs::write(h.path("jobs/in.csv"), s).unwrap();
+}
+
+fn new_urls(h: &Harness) -> Vec<String> {
+    let latest = h.path("out/inc/latest");
+    let mut urls: Vec<String> = common::lines(&latest.join("new.ndjson"))
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["url"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    urls.sort();
+    let csv = common::lines(&latest.join("new.csv"));
+    assert_eq!(
+        csv.len(),
+        urls.len() + 1,
+        "new.csv has the same rows plus a header"
+    );
+    urls
+}
+
+fn urls(ids: impl Iterator<Item = u32>) -> Vec<String> {
+    let mut v: Vec<String> = ids.map(|i| format!("https://shop.example/p/{i}")).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_output_across_three_overlapping_runs() {
+    let h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+    h.write_job(
+        "inc.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_incr000001\"\ninputs_file = \"in.csv\"\n\
+         chunk_size = 4\nformats = [\"csv\", \"json\"]\ndedup_key = \"url\"\n",
+    );
+    write_urls(&h, 1..=10);
+    assert_eq!(h.run_once().await.0, 0);
+    assert_eq!(
+        new_urls(&h),
+        urls(1..=10),
+        "the first run: everything is new"
+    );
+
+    write_urls(&h, 6..=15);
+    assert_eq!(h.run_once().await.0, 0);
+    assert_eq!(new_urls(&h), urls(11..=15));
+
+    write_urls(&h, (1..=5).chain(16..=20));
+    assert_eq!(h.run_once().await.0, 0);
+    assert_eq!(
+        new_urls(&h),
+        urls(16..=20),
+        "keys of every earlier complete run count"
+    );
+
+    let manifest = common::read_json(&h.path("out/inc/latest/manifest.json"));
+    let outputs = manifest["outputs"].as_array().unwrap();
+    assert!(
+        outputs
+            .iter()
+            .any(|o| o["file"] == "new.ndjson" && o["rows"] == 5),
+        "{outputs:?}"
+    );
+}

@@ -11,6 +11,7 @@ use indexmap::IndexSet;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::dedup::NewRows;
 use super::flatten::flatten;
 use super::part::part_path;
 use super::{is_error_row, AtomicFile};
@@ -25,7 +26,7 @@ pub struct OutputFile {
 }
 
 /// Calls `row(raw, is_error)` for every row of the given parts, in order.
-fn for_each_row(
+pub(crate) fn for_each_row(
     run_dir: &Path,
     parts: &[u32],
     mut row: impl FnMut(&[u8], bool) -> io::Result<()>,
@@ -58,11 +59,14 @@ fn parse(raw: &[u8]) -> io::Result<Value> {
 }
 
 /// Writes the final files into `run_dir`; returns them for the manifest.
+/// With `new_rows`, also `new.ndjson` (and `new.csv` when CSV is wanted):
+/// the data rows whose key earlier complete runs did not have.
 pub fn write(
     run_dir: &Path,
     formats: &[OutputFormat],
     escape_formulas: bool,
     parts: &[u32],
+    new_rows: Option<&NewRows<'_>>,
 ) -> io::Result<Vec<OutputFile>> {
     let want = |f| formats.contains(&f);
     let mut header: IndexSet<String> = IndexSet::new();
@@ -96,6 +100,21 @@ pub fn write(
         })
         .transpose()?;
     let mut errors = AtomicFile::create(&run_dir.join("errors.ndjson"))?;
+    let mut new_ndjson = new_rows
+        .map(|_| AtomicFile::create(&run_dir.join("new.ndjson")))
+        .transpose()?;
+    let mut new_csv = match (new_rows, want(OutputFormat::Csv)) {
+        (Some(_), true) => {
+            let mut w = csv::WriterBuilder::new()
+                .from_writer(AtomicFile::create(&run_dir.join("new.csv"))?);
+            if !header.is_empty() {
+                w.write_record(&header).map_err(io::Error::other)?;
+            }
+            Some(w)
+        }
+        _ => None,
+    };
+    let mut new_count = 0u64;
 
     if let Some(j) = json.as_mut() {
         j.write_all(b"[")?;
@@ -117,14 +136,32 @@ pub fn write(
             n.write_all(raw)?;
             n.write_all(b"\n")?;
         }
-        if let Some(w) = csv.as_mut() {
+        let parsed = if csv.is_some() || new_rows.is_some() {
+            Some(parse(raw)?)
+        } else {
+            None
+        };
+        if let (Some(w), Some(row)) = (csv.as_mut(), parsed.as_ref()) {
             record.iter_mut().for_each(String::clear);
-            flatten(&parse(raw)?, escape_formulas, &mut |column, text| {
+            flatten(row, escape_formulas, &mut |column, text| {
                 if let Some(i) = header.get_index_of(column) {
                     record[i] = text;
                 }
             });
             w.write_record(&record).map_err(io::Error::other)?;
+        }
+        if let (Some(dedup), Some(row)) = (new_rows, parsed.as_ref()) {
+            if dedup.is_new(row) {
+                new_count += 1;
+                if let Some(n) = new_ndjson.as_mut() {
+                    n.write_all(raw)?;
+                    n.write_all(b"\n")?;
+                }
+                if let Some(w) = new_csv.as_mut() {
+                    // `record` holds this row's cells from the CSV pass above.
+                    w.write_record(&record).map_err(io::Error::other)?;
+                }
+            }
         }
         rows += 1;
         Ok(())
@@ -155,6 +192,15 @@ pub fn write(
         done(OutputFormat::Ndjson.file_name(), rows, n)?;
     }
     done("errors.ndjson", error_rows, errors)?;
+    if let Some(w) = new_csv {
+        let file = w
+            .into_inner()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        done("new.csv", new_count, file)?;
+    }
+    if let Some(n) = new_ndjson {
+        done("new.ndjson", new_count, n)?;
+    }
     Ok(out)
 }
 
@@ -180,7 +226,7 @@ mod tests {
         p1.commit().unwrap();
 
         let all = [OutputFormat::Csv, OutputFormat::Json, OutputFormat::Ndjson];
-        let files = write(run, &all, true, &[0, 1]).unwrap();
+        let files = write(run, &all, true, &[0, 1], None).unwrap();
         let names: Vec<_> = files.iter().map(|f| (f.file.as_str(), f.rows)).collect();
         assert_eq!(
             names,
@@ -201,7 +247,7 @@ mod tests {
 
         // Zero rows: valid empty files.
         let empty = tempfile::tempdir().unwrap();
-        write(empty.path(), &all, true, &[]).unwrap();
+        write(empty.path(), &all, true, &[], None).unwrap();
         assert_eq!(
             std::fs::read_to_string(empty.path().join("data.json")).unwrap(),
             "[]\n"

@@ -95,6 +95,9 @@ pub struct JobSpec {
     pub params: Map<String, Value>,
     pub api_version: ApiVersion,
     pub escape_formulas: bool,
+    /// Dotted path of the key that makes a row "new" (`new.ndjson`, `new.csv`).
+    #[serde(default)]
+    pub dedup_key: Option<String>,
 }
 
 fn no_inputs() -> InputSource {
@@ -140,6 +143,7 @@ const FIELDS: &[&str] = &[
     "params",
     "api_version",
     "csv",
+    "dedup_key",
 ];
 
 /// Query parameters harvestd sets itself on Scraper Studio triggers.
@@ -339,6 +343,15 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
         }
     };
     let escape_formulas = checker.csv_options();
+    let dedup_key = checker.string("dedup_key", false);
+    if let Some(key) = &dedup_key {
+        if key.is_empty() || key.split('.').any(str::is_empty) {
+            checker.report(
+                "dedup_key",
+                format!("'{key}' is not a dotted path such as \"url\" or \"input.url\""),
+            );
+        }
+    }
 
     match (problems.is_empty(), provider, inputs) {
         (true, Some(provider), Some(inputs)) => Ok(JobSpec {
@@ -353,6 +366,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
             params,
             api_version,
             escape_formulas,
+            dedup_key,
         }),
         _ => Err(problems),
     }

@@ -15,6 +15,9 @@
 //! | `meta`   | `last_trigger/` key     | UnixMs of the last trigger intent |
 //! | `schedules` | job                  | [`ScheduleRecord`] |
 //!
+//! `dedup_key` history lives in `<state_dir>/dedup/<job>/<run_id>.keys`: the
+//! sorted 16-byte key hashes of each complete run, read as a stream.
+//!
 //! Chunk inputs live in `<state_dir>/inputs/<job>/<run_id>/chunk-NNNNNN.ndjson`,
 //! each fsynced when written and the directory fsynced by
 //! [`Store::seal_inputs`] before the run leaves `planning`. They are kept out
@@ -190,6 +193,7 @@ pub struct Store {
     runs: sled::Tree,
     chunks: sled::Tree,
     inputs_dir: PathBuf,
+    dedup_dir: PathBuf,
     jobs: sled::Tree,
     seen: sled::Tree,
     meta: sled::Tree,
@@ -248,6 +252,7 @@ impl Store {
             runs: db.open_tree("runs")?,
             chunks: db.open_tree("chunks")?,
             inputs_dir: dir.join("inputs"),
+            dedup_dir: dir.join("dedup"),
             jobs: db.open_tree("jobs")?,
             seen: db.open_tree("seen")?,
             meta: db.open_tree("meta")?,
@@ -458,6 +463,70 @@ impl Store {
         Ok(())
     }
 
+    /// Marks which of `hashes` (sorted) earlier complete runs of `job` had,
+    /// leaving out `run_id`'s own keys (a run finished again after a crash
+    /// must see the same history). Memory: the run's hashes, not history's.
+    pub fn dedup_seen(
+        &self,
+        job: &str,
+        run_id: &str,
+        hashes: &[u128],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut seen = vec![false; hashes.len()];
+        let dir = self.dedup_dir.join(job);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(seen);
+        };
+        for entry in entries {
+            let path = entry.map_err(io_error(&dir))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("keys")
+                || path.file_stem().and_then(|s| s.to_str()) == Some(run_id)
+            {
+                continue;
+            }
+            let mut reader =
+                std::io::BufReader::new(fs::File::open(&path).map_err(io_error(&path))?);
+            let mut buf = [0u8; 16];
+            let mut i = 0;
+            // Both sides sorted: one merge pass.
+            while i < hashes.len() {
+                match std::io::Read::read_exact(&mut reader, &mut buf) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(io_error(&path)(e)),
+                }
+                let h = u128::from_be_bytes(buf);
+                while i < hashes.len() && hashes[i] < h {
+                    i += 1;
+                }
+                if i < hashes.len() && hashes[i] == h {
+                    seen[i] = true;
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Remembers a complete run's key hashes (sorted), durably.
+    pub fn dedup_record(&self, job: &str, run_id: &str, hashes: &[u128]) -> Result<(), StoreError> {
+        let dir = self.dedup_dir.join(job);
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let path = dir.join(format!("{run_id}.keys"));
+        let tmp = dir.join(format!(".{run_id}.keys.tmp"));
+        let mut out = std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_error(&tmp))?);
+        for h in hashes {
+            out.write_all(&h.to_be_bytes()).map_err(io_error(&tmp))?;
+        }
+        let file = out
+            .into_inner()
+            .map_err(|e| io_error(&tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_error(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_error(&path))?;
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&dir))
+    }
+
     pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
         self.schedules
             .iter()
@@ -511,6 +580,7 @@ mod tests {
             params: Default::default(),
             api_version: ApiVersion::V2,
             escape_formulas: true,
+            dedup_key: None,
         }
     }
 
@@ -607,6 +677,24 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("every flush finished within 60 s");
         assert_eq!(count, 200);
+    }
+
+    #[test]
+    fn dedup_history_is_per_run_and_skips_the_run_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.dedup_record("j", "r1", &[1, 5, 9]).unwrap();
+        store.dedup_record("j", "r2", &[2, 9, 12]).unwrap();
+        assert_eq!(
+            store.dedup_seen("j", "r3", &[1, 2, 3, 9, 13]).unwrap(),
+            [true, true, false, true, false]
+        );
+        // r2 finished again after a crash: its own keys do not count.
+        assert_eq!(
+            store.dedup_seen("j", "r2", &[2, 5, 12]).unwrap(),
+            [false, true, false]
+        );
+        assert_eq!(store.dedup_seen("other", "r1", &[1]).unwrap(), [false]);
     }
 
     #[test]
