@@ -40,6 +40,20 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Show jobs, their latest runs and next due times (from the running daemon).
+    Status {
+        job: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Start a new run of an unchanged job (on the running daemon).
+    Rerun {
+        job: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Serve the built-in emulator of the provider APIs.
     Emulator {
         #[arg(long, default_value = "127.0.0.1:8990")]
@@ -53,6 +67,7 @@ pub enum Command {
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_INVALID: u8 = 65;
+pub const EXIT_UNREACHABLE: u8 = 69;
 pub const EXIT_CONFIG: u8 = 78;
 
 /// Runs a parsed command; returns the exit code.
@@ -61,6 +76,16 @@ pub fn execute(cli: Cli) -> u8 {
         Command::Validate { files } => {
             init_logging(None);
             validate(&files)
+        }
+        Command::Status { job, json, config } => {
+            init_logging(None);
+            admin_call(config, |admin| async move {
+                status(&admin, job.as_deref(), json).await
+            })
+        }
+        Command::Rerun { job, config } => {
+            init_logging(None);
+            admin_call(config, |admin| async move { rerun(&admin, &job).await })
         }
         Command::Emulator { listen, scenario } => {
             init_logging(None);
@@ -214,4 +239,194 @@ async fn serve_emulator(listen: SocketAddr, scenario: Scenario) -> u8 {
     }
     emulator.stop().await;
     EXIT_OK
+}
+
+/// Where the running daemon's admin API is, and its token.
+struct Admin {
+    base: String,
+    token: Option<String>,
+    client: reqwest::Client,
+}
+
+/// Finds the daemon through `<state_dir>/admin.addr` (or the emulator
+/// state under it) and runs `call`.
+fn admin_call<F, Fut>(config: Option<PathBuf>, call: F) -> u8
+where
+    F: FnOnce(Admin) -> Fut,
+    Fut: std::future::Future<Output = u8>,
+{
+    let config = match Config::load(config.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("harvestd: configuration: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let dirs = [config.state_dir.clone(), config.state_dir.join("emulator")];
+    let found = dirs.iter().find_map(|d| {
+        let addr = std::fs::read_to_string(d.join("admin.addr")).ok()?;
+        let token = std::fs::read_to_string(d.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string());
+        Some((addr.trim().to_string(), token))
+    });
+    let Some((addr, token)) = found else {
+        eprintln!(
+            "harvestd: no running daemon found ({} has no admin.addr; is admin_listen off?)",
+            config.state_dir.display()
+        );
+        return EXIT_UNREACHABLE;
+    };
+    let Some(rt) = runtime() else {
+        return EXIT_FAILURE;
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    rt.block_on(call(Admin {
+        base: format!("http://{addr}"),
+        token,
+        client,
+    }))
+}
+
+async fn get_json(admin: &Admin, path: &str) -> Result<(u16, serde_json::Value), u8> {
+    let response = admin
+        .client
+        .get(format!("{}{path}", admin.base))
+        .send()
+        .await
+        .map_err(|e| {
+            eprintln!("harvestd: daemon not reachable at {}: {e}", admin.base);
+            EXIT_UNREACHABLE
+        })?;
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
+    let path = job.map_or("/v1/jobs".to_string(), |j| format!("/v1/jobs/{j}"));
+    let (code, body) = match get_json(admin, &path).await {
+        Ok(r) => r,
+        Err(exit) => return exit,
+    };
+    if code == 404 {
+        eprintln!(
+            "harvestd: {}",
+            body["error"].as_str().unwrap_or("not found")
+        );
+        return EXIT_FAILURE;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&body).unwrap_or_default()
+        );
+        return EXIT_OK;
+    }
+    let jobs = match job {
+        Some(_) => vec![body.clone()],
+        None => body["jobs"].as_array().cloned().unwrap_or_default(),
+    };
+    print!("{}", status_table(&jobs));
+    for p in body["providers"].as_array().into_iter().flatten() {
+        if let Some(reason) = p["blocked"].as_str() {
+            println!(
+                "provider {} BLOCKED: {reason}",
+                p["provider"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    EXIT_OK
+}
+
+/// The `status` table: one line per job.
+pub fn status_table(jobs: &[serde_json::Value]) -> String {
+    let mut rows = vec![[
+        "JOB".to_string(),
+        "PROVIDER".into(),
+        "STATE".into(),
+        "CHUNKS".into(),
+        "ROWS".into(),
+        "NEXT RUN".into(),
+        "LAST ERROR".into(),
+    ]];
+    for j in jobs {
+        let run = &j["latest_run"];
+        let done = run["chunks"]["downloaded"].as_u64().unwrap_or(0);
+        let total = run["chunks_total"].as_u64().unwrap_or(0);
+        let error = j["problems"]
+            .as_array()
+            .and_then(|p| p.first())
+            .or(run.get("last_error"))
+            .and_then(|e| e.as_str())
+            .unwrap_or("")
+            .chars()
+            .take(60)
+            .collect::<String>();
+        rows.push([
+            j["job"].as_str().unwrap_or("?").to_string(),
+            j["provider"].as_str().unwrap_or("-").to_string(),
+            j["state"].as_str().unwrap_or("?").to_string(),
+            if run.is_null() {
+                "-".into()
+            } else {
+                format!("{done}/{total}")
+            },
+            run["rows"].as_u64().map_or("-".into(), |r| r.to_string()),
+            j["next_due"].as_str().unwrap_or("-").to_string(),
+            error,
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+async fn rerun(admin: &Admin, job: &str) -> u8 {
+    let mut request = admin
+        .client
+        .post(format!("{}/v1/jobs/{job}/rerun", admin.base));
+    if let Some(token) = &admin.token {
+        request = request.bearer_auth(token);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("harvestd: daemon not reachable at {}: {e}", admin.base);
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let code = response.status().as_u16();
+    let body: serde_json::Value =
+        serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or_default();
+    if code == 200 {
+        println!(
+            "{job}: run {} started",
+            body["run_id"].as_str().unwrap_or("?")
+        );
+        EXIT_OK
+    } else {
+        eprintln!(
+            "harvestd: rerun {job}: {}",
+            body["error"].as_str().unwrap_or("failed")
+        );
+        EXIT_FAILURE
+    }
 }

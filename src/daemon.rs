@@ -127,7 +127,7 @@ struct Supervisor {
     config: Config,
     store: Store,
     studio: Arc<Context>,
-    keys: KeyedLimits,
+    keys: Arc<KeyedLimits>,
     runs: JoinSet<RunResult>,
     active: HashSet<(String, String)>,
     summary: Summary,
@@ -229,6 +229,39 @@ impl Supervisor {
             }
         }
         self.store.flush().await?;
+        Ok(())
+    }
+
+    async fn command(&mut self, command: crate::admin::Command) -> Result<(), DaemonError> {
+        match command {
+            crate::admin::Command::Rerun { job, reply } => {
+                // Runs of one job never overlap, whoever starts them.
+                if self.active.iter().any(|(j, _)| *j == job) {
+                    let _ = reply.send(Err(format!("a run of '{job}' is still in progress")));
+                    return Ok(());
+                }
+                let (dir, store, name) = (
+                    self.config.jobs_dir.clone(),
+                    self.store.clone(),
+                    job.clone(),
+                );
+                let planned = tokio::task::spawn_blocking(move || {
+                    crate::intake::plan_due(&dir, &store, &name, worker::now_ms())
+                })
+                .await
+                .map_err(|e| DaemonError::Io(e.to_string()))??;
+                match planned {
+                    Some(run) => {
+                        info!(job = %job, run = %run.run_id, "rerun requested");
+                        let _ = reply.send(Ok(run.run_id.clone()));
+                        self.spawn(run);
+                    }
+                    None => {
+                        let _ = reply.send(Err(format!("no valid job file for '{job}'")));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -354,7 +387,7 @@ pub async fn run(
         counters: Arc::new(Counters::default()),
     });
     let mut sup = Supervisor {
-        keys: KeyedLimits::new(config.limits.clone()),
+        keys: Arc::new(KeyedLimits::new(config.limits.clone())),
         config,
         store,
         studio,
@@ -363,6 +396,33 @@ pub async fn run(
         summary: Summary::default(),
         stop: stop.clone(),
         once: options.once,
+    };
+
+    let (commands_tx, mut commands) = tokio::sync::mpsc::channel(16);
+    let admin = if sup.config.admin_listen == "off" {
+        None
+    } else {
+        let listen: std::net::SocketAddr = sup.config.admin_listen.parse().map_err(|_| {
+            DaemonError::Io(format!(
+                "admin_listen '{}' is not an address",
+                sup.config.admin_listen
+            ))
+        })?;
+        let token = crate::admin::admin_token(&state_dir)
+            .map_err(|e| DaemonError::Io(format!("admin token: {e}")))?;
+        let keys = sup.keys.clone();
+        let state = Arc::new(crate::admin::AdminState {
+            store: sup.store.clone(),
+            contexts: vec![sup.studio.clone()],
+            ready: std::sync::atomic::AtomicBool::new(false),
+            token,
+            commands: commands_tx,
+            in_flight: Box::new(move || keys.in_flight()),
+        });
+        let task = crate::admin::serve(listen, state_dir.clone(), state.clone(), stop.clone())
+            .await
+            .map_err(|e| DaemonError::Io(format!("admin API on {listen}: {e}")))?;
+        Some((state, task))
     };
 
     // Resume before anything new: unfinished runs continue without a new trigger.
@@ -381,6 +441,11 @@ pub async fn run(
         }
     }
     sup.store.flush().await?;
+    if let Some((state, _)) = &admin {
+        state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     info!(resumed, "state loaded; ready");
 
     sup.scan().await?;
@@ -408,6 +473,7 @@ pub async fn run(
             _ = sleep_until_ms(sup.next_wake()) => {
                 sup.fire_due().await?;
             }
+            Some(command) = commands.recv() => sup.command(command).await?,
             Some(joined) = sup.runs.join_next() => match joined {
                 Ok(result) => sup.record(result)?,
                 Err(e) => error!(error = %e, "run task panicked"),
@@ -435,6 +501,10 @@ pub async fn run(
         sup.summary.stopped += sup.runs.len();
     }
     sup.store.flush().await?;
+    if let Some((_, task)) = admin {
+        let _ = task.await;
+        let _ = std::fs::remove_file(state_dir.join("admin.addr"));
+    }
     if let Some(emu) = emulator {
         emu.stop().await;
     }

@@ -32,7 +32,9 @@
 //! | [`provider`] | one trait per remote API; [`provider::http`] is the shared driver |
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting |
 //! | [`sink`] | atomic files, part files, CSV flattening, final files, manifest |
-//! | [`daemon`] | the supervisor: lock, resume, scan, spawn, drain |
+//! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain |
+//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun |
+//! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
 //! | [`emulator`] | the built-in fake provider APIs, independent of the clients |
 //!
@@ -50,6 +52,7 @@
 //! - Blocking file work runs on the blocking pool; no lock is held across
 //!   an `.await`.
 
+pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod config;

@@ -58,6 +58,9 @@ pub struct Counters {
     pub in_doubt_found: AtomicU64,
     pub in_doubt_not_created: AtomicU64,
     pub rows_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Unix ms of the last successful status poll.
+    pub last_poll_ok: std::sync::atomic::AtomicI64,
 }
 
 /// What every chunk of every run of one provider key shares.
@@ -226,8 +229,11 @@ async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutco
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match written {
-            Ok(rows) => {
+            Ok((rows, bytes)) => {
                 ctx.counters.rows_written.fetch_add(rows, Ordering::Relaxed);
+                ctx.counters
+                    .bytes_written
+                    .fetch_add(bytes, Ordering::Relaxed);
                 break;
             }
             Err(e) => {
@@ -268,7 +274,7 @@ fn write_outputs(
     parts: &[u32],
     state: RunState,
     finished_at: UnixMs,
-) -> std::io::Result<u64> {
+) -> std::io::Result<(u64, u64)> {
     crate::sink::create_dir_durable(dir)?;
     // A previous attempt's _SUCCESS must not outlive a rewrite.
     let success = dir.join("_SUCCESS");
@@ -320,6 +326,7 @@ fn write_outputs(
         chunks: chunks.iter().map(manifest_chunk).collect(),
         outputs,
     };
+    let bytes = manifest.outputs.iter().map(|o| o.bytes).sum();
     let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
     crate::sink::write_file(&dir.join("manifest.json"), &json)?;
     if state == RunState::Complete {
@@ -343,7 +350,7 @@ fn write_outputs(
             }
         }
     }
-    Ok(rows)
+    Ok((rows, bytes))
 }
 
 fn manifest_chunk(c: &ChunkRecord) -> ManifestChunk {
@@ -661,6 +668,12 @@ impl ChunkDriver {
             return Ok(Next::End(ChunkEnd::Stopped));
         }
         let outcome = self.ctx.provider.poll(&self.run.spec.key, remote_id).await;
+        if outcome.is_ok() {
+            self.ctx
+                .counters
+                .last_poll_ok
+                .store(now_ms(), Ordering::Relaxed);
+        }
         match outcome {
             Ok(PollOutcome::Building) => self.attempt = 0,
             Ok(PollOutcome::Ready) => {

@@ -117,4 +117,9 @@ pub trait Provider: Send + Sync {
     ) -> Result<DownloadOutcome, CallError>;
 
     async fn cancel(&self, key: &str, remote_id: &str) -> Result<(), CallError>;
+
+    /// Calls made so far by (endpoint, status class), for metrics.
+    fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
+        Vec::new()
+    }
 }

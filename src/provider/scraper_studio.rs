@@ -368,6 +368,10 @@ impl Provider for ScraperStudio {
         Ok(DownloadOutcome::Saved)
     }
 
+    fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
+        self.http.stats.snapshot()
+    }
+
     async fn cancel(&self, _key: &str, remote_id: &str) -> Result<(), CallError> {
         let response = self
             .http

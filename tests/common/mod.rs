@@ -17,6 +17,8 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub emulator: Emulator,
     pub token: String,
+    /// Extra environment for every harvestd command.
+    pub env: Vec<(String, String)>,
 }
 
 /// Limits short enough that tests never wait long, still the same code paths.
@@ -53,6 +55,7 @@ impl Harness {
             dir,
             emulator,
             token: DEMO_BRIGHTDATA_TOKEN.to_string(),
+            env: Vec::new(),
         };
         h.write_config("");
         h
@@ -99,6 +102,9 @@ impl Harness {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 

@@ -1,0 +1,412 @@
+//! The loopback admin API (SPEC §8): health, readiness, jobs, metrics, and
+//! mutating calls guarded by the admin token. Reads come straight from the
+//! store; actions go to the supervisor as [`Command`]s, which stays the one
+//! owner of run state.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::chunk::ChunkState;
+use crate::sink::manifest::timestamp;
+use crate::store::{RunRecord, Store};
+use crate::worker::{now_ms, Context};
+
+/// What the admin API asks the supervisor to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Start a new run of the job's current file; answers the run id.
+    Rerun {
+        job: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// What the admin API reads besides the store.
+pub struct AdminState {
+    pub store: Store,
+    pub contexts: Vec<Arc<Context>>,
+    pub ready: AtomicBool,
+    pub token: String,
+    pub commands: mpsc::Sender<Command>,
+    pub in_flight: Box<dyn Fn() -> Vec<(String, u32)> + Send + Sync>,
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
+    reply(status, "application/json", value.to_string())
+}
+
+/// Creates the admin token file (mode 0600) if missing and returns the token.
+pub fn admin_token(state_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("admin.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let tmp = state_dir.join(".admin.token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+/// Binds `listen`, writes `<state_dir>/admin.addr`, and serves until `stop`.
+pub async fn serve(
+    listen: SocketAddr,
+    state_dir: PathBuf,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    crate::sink::write_file(
+        &state_dir.join("admin.addr"),
+        format!("{addr}\n").as_bytes(),
+    )?;
+    tracing::info!(%addr, "admin API listening");
+    Ok(tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                },
+            };
+            let state = state.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    }))
+}
+
+async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, ["readyz"]) => {
+            if state.ready.load(Ordering::Relaxed) {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "resuming\n")
+            }
+        }
+        (&Method::GET, ["metrics"]) => match metrics(state) {
+            Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e),
+        },
+        (&Method::GET, ["v1", "jobs"]) => match jobs_view(state, None) {
+            Ok(v) => json_reply(StatusCode::OK, &v),
+            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
+        },
+        (&Method::GET, ["v1", "jobs", job]) => match jobs_view(state, Some(job)) {
+            Ok(v) => match v["jobs"].as_array().and_then(|a| a.first()) {
+                Some(j) => json_reply(StatusCode::OK, j),
+                None => json_reply(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": format!("no job '{job}'")}),
+                ),
+            },
+            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
+        },
+        (&Method::POST, ["v1", "jobs", job, action]) => {
+            let authorised = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()));
+            if !authorised {
+                return json_reply(
+                    StatusCode::UNAUTHORIZED,
+                    &json!({"error": "needs Authorization: Bearer <the token in admin.token>"}),
+                );
+            }
+            match *action {
+                "rerun" => {
+                    let (tx, rx) = oneshot::channel();
+                    let sent = state
+                        .commands
+                        .send(Command::Rerun {
+                            job: job.to_string(),
+                            reply: tx,
+                        })
+                        .await;
+                    match (sent, rx.await) {
+                        (Ok(()), Ok(Ok(run_id))) => {
+                            json_reply(StatusCode::OK, &json!({"job": job, "run_id": run_id}))
+                        }
+                        (Ok(()), Ok(Err(e))) => {
+                            json_reply(StatusCode::CONFLICT, &json!({"error": e}))
+                        }
+                        _ => json_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({"error": "the daemon is stopping"}),
+                        ),
+                    }
+                }
+                other => json_reply(
+                    StatusCode::NOT_IMPLEMENTED,
+                    &json!({"error": format!("'{other}' is not available in this version")}),
+                ),
+            }
+        }
+        _ => json_reply(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Serialize, Default)]
+struct RunView {
+    run_id: String,
+    state: String,
+    chunks_total: u32,
+    chunks: std::collections::BTreeMap<String, u32>,
+    inputs: u64,
+    rows: u64,
+    started_at: String,
+    finished_at: Option<String>,
+    last_error: Option<String>,
+}
+
+fn run_view(store: &Store, run: &RunRecord) -> Result<RunView, String> {
+    let chunks = store
+        .chunks(&run.job, &run.run_id)
+        .map_err(|e| e.to_string())?;
+    let mut view = RunView {
+        run_id: run.run_id.clone(),
+        state: run.state.as_str().to_string(),
+        chunks_total: run.chunks,
+        inputs: run.inputs,
+        started_at: timestamp(run.started_at),
+        finished_at: run.finished_at.map(timestamp),
+        ..RunView::default()
+    };
+    for c in &chunks {
+        *view.chunks.entry(c.state.name().to_string()).or_default() += 1;
+        if let ChunkState::Downloaded { rows, .. } = c.state {
+            view.rows += rows;
+        }
+        let error = match &c.state {
+            ChunkState::Failed { error, .. } | ChunkState::Expired { error, .. } => {
+                Some(error.clone())
+            }
+            _ => c.last_error.clone(),
+        };
+        if error.is_some() {
+            view.last_error = error;
+        }
+    }
+    Ok(view)
+}
+
+/// Every job (or one): state, latest run, schedule, problems; and provider blocks.
+fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, String> {
+    let store = &state.store;
+    let schedules = store.schedules().map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = store
+        .jobs()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|j| j.name)
+        .collect();
+    for r in store.runs().map_err(|e| e.to_string())? {
+        if !names.contains(&r.job) {
+            names.push(r.job);
+        }
+    }
+    names.sort();
+    let mut jobs = Vec::new();
+    for name in names.into_iter().filter(|n| only.is_none_or(|o| o == n)) {
+        let record = store.job(&name).map_err(|e| e.to_string())?;
+        let runs = store.runs_of(&name).map_err(|e| e.to_string())?;
+        let latest = runs
+            .iter()
+            .max_by(|a, b| crate::plan::run_id_order(&a.run_id, &b.run_id));
+        let schedule = schedules.iter().find(|s| s.job == name);
+        let problems = record
+            .as_ref()
+            .map(|r| r.problems.clone())
+            .unwrap_or_default();
+        let latest_view = latest.map(|r| run_view(store, r)).transpose()?;
+        let state_word = if !problems.is_empty() {
+            "invalid".to_string()
+        } else {
+            latest_view
+                .as_ref()
+                .map_or("idle".to_string(), |r| r.state.clone())
+        };
+        let mut job = json!({
+            "job": name,
+            "provider": latest.map(|r| r.spec.provider.as_str()),
+            "state": state_word,
+            "problems": problems,
+            "latest_run": latest_view,
+            "runs": runs.iter().map(|r| json!({"run_id": r.run_id, "state": r.state.as_str()})).collect::<Vec<_>>(),
+            "schedule": schedule.map(|s| s.recurrence.to_string()),
+            "next_due": schedule.map(|s| timestamp(s.next_due)),
+        });
+        if only.is_none() {
+            job.as_object_mut().map(|o| o.remove("runs"));
+        }
+        jobs.push(job);
+    }
+    let providers: Vec<Value> = state
+        .contexts
+        .iter()
+        .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason)}))
+        .collect();
+    Ok(json!({"jobs": jobs, "providers": providers}))
+}
+
+/// Prometheus text format. Labels are bounded: provider, endpoint, status
+/// class, key, state — never a remote id.
+fn metrics(state: &AdminState) -> Result<String, String> {
+    let store = &state.store;
+    let mut out = String::new();
+    let mut runs_by_state = std::collections::BTreeMap::<&str, u64>::new();
+    let mut chunks_by_state = std::collections::BTreeMap::<&str, u64>::new();
+    let mut earliest_expiry: Option<i64> = None;
+    for run in store.runs().map_err(|e| e.to_string())? {
+        *runs_by_state.entry(run.state.as_str()).or_default() += 1;
+        if run.state.is_terminal() {
+            continue;
+        }
+        for c in store
+            .chunks(&run.job, &run.run_id)
+            .map_err(|e| e.to_string())?
+        {
+            *chunks_by_state.entry(c.state.name()).or_default() += 1;
+            if let ChunkState::Ready { expires_at, .. } = c.state {
+                earliest_expiry = Some(earliest_expiry.map_or(expires_at, |e| e.min(expires_at)));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP harvestd_runs Runs by state.\n# TYPE harvestd_runs gauge"
+    );
+    for (s, n) in &runs_by_state {
+        let _ = writeln!(out, "harvestd_runs{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP harvestd_chunks Chunks of unfinished runs by state.\n# TYPE harvestd_chunks gauge"
+    );
+    for (s, n) in &chunks_by_state {
+        let _ = writeln!(out, "harvestd_chunks{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP harvestd_requests_total Provider calls by endpoint and status class.\n# TYPE harvestd_requests_total counter");
+    for c in &state.contexts {
+        let provider = c.provider.kind().as_str();
+        for (endpoint, class, n) in c.provider.call_stats() {
+            let _ = writeln!(out, "harvestd_requests_total{{provider=\"{provider}\",endpoint=\"{endpoint}\",class=\"{class}\"}} {n}");
+        }
+    }
+    let _ = writeln!(out, "# HELP harvestd_rate_limited_total Answers 429 by provider.\n# TYPE harvestd_rate_limited_total counter");
+    for c in &state.contexts {
+        let _ = writeln!(
+            out,
+            "harvestd_rate_limited_total{{provider=\"{}\"}} {}",
+            c.provider.kind().as_str(),
+            c.gate.total_429()
+        );
+    }
+    let _ = writeln!(out, "# HELP harvestd_provider_blocked Whether a provider is blocked (401/402/403, no token).\n# TYPE harvestd_provider_blocked gauge");
+    for c in &state.contexts {
+        let _ = writeln!(
+            out,
+            "harvestd_provider_blocked{{provider=\"{}\"}} {}",
+            c.provider.kind().as_str(),
+            u8::from(c.gate.blocked().is_some())
+        );
+    }
+    let _ = writeln!(out, "# HELP harvestd_in_flight Collections triggered and not yet downloaded, per key.\n# TYPE harvestd_in_flight gauge");
+    for (key, n) in (state.in_flight)() {
+        let _ = writeln!(out, "harvestd_in_flight{{key=\"{key}\"}} {n}");
+    }
+    let mut counters = [0u64; 6];
+    let mut last_poll = 0i64;
+    for c in &state.contexts {
+        let k = &c.counters;
+        for (slot, v) in counters.iter_mut().zip([
+            &k.triggers_sent,
+            &k.in_doubt,
+            &k.in_doubt_found,
+            &k.in_doubt_not_created,
+            &k.rows_written,
+            &k.bytes_written,
+        ]) {
+            *slot += v.load(Ordering::Relaxed);
+        }
+        last_poll = last_poll.max(k.last_poll_ok.load(Ordering::Relaxed));
+    }
+    let [triggers, in_doubt, found, not_created, rows, bytes] = counters;
+    let _ = writeln!(out, "# HELP harvestd_triggers_total Trigger calls sent.\n# TYPE harvestd_triggers_total counter\nharvestd_triggers_total {triggers}");
+    let _ = writeln!(out, "# HELP harvestd_in_doubt_total Triggers whose outcome was unknown, and how they were settled.\n# TYPE harvestd_in_doubt_total counter");
+    let _ = writeln!(out, "harvestd_in_doubt_total{{settled=\"any\"}} {in_doubt}\nharvestd_in_doubt_total{{settled=\"found\"}} {found}\nharvestd_in_doubt_total{{settled=\"not_created\"}} {not_created}");
+    let _ = writeln!(out, "# HELP harvestd_rows_written_total Data rows written to final files.\n# TYPE harvestd_rows_written_total counter\nharvestd_rows_written_total {rows}");
+    let _ = writeln!(out, "# HELP harvestd_bytes_written_total Bytes of final files written.\n# TYPE harvestd_bytes_written_total counter\nharvestd_bytes_written_total {bytes}");
+    let _ = writeln!(out, "# HELP harvestd_earliest_expiry_seconds Seconds until the first unsaved ready dataset expires (absent when none).\n# TYPE harvestd_earliest_expiry_seconds gauge");
+    if let Some(at) = earliest_expiry {
+        let _ = writeln!(
+            out,
+            "harvestd_earliest_expiry_seconds {}",
+            (at - now_ms()) / 1000
+        );
+    }
+    let _ = writeln!(out, "# HELP harvestd_last_successful_poll_timestamp_seconds Unix time of the last successful status poll.\n# TYPE harvestd_last_successful_poll_timestamp_seconds gauge\nharvestd_last_successful_poll_timestamp_seconds {}", last_poll / 1000);
+    Ok(out)
+}
