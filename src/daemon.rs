@@ -265,6 +265,21 @@ impl Supervisor {
         Ok(())
     }
 
+    /// One line for systemd's STATUS= and the logs.
+    fn status_line(&self) -> String {
+        let in_flight: u32 = self.keys.in_flight().iter().map(|(_, n)| n).sum();
+        let mut line = format!(
+            "{} run(s) in progress, {in_flight} collection(s) in flight, {} complete, {} incomplete",
+            self.active.len(),
+            self.summary.complete,
+            self.summary.incomplete
+        );
+        if let Some(block) = self.studio.gate.blocked() {
+            line.push_str(&format!("; scraper_studio blocked: {}", block.reason));
+        }
+        line
+    }
+
     /// The earliest stored due time, if any.
     fn next_wake(&self) -> Option<i64> {
         if self.once {
@@ -446,7 +461,10 @@ pub async fn run(
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    crate::systemd::ready(&format!("resumed {resumed} run(s)"));
     info!(resumed, "state loaded; ready");
+    let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
+    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
 
     sup.scan().await?;
     let mut watcher =
@@ -474,6 +492,12 @@ pub async fn run(
                 sup.fire_due().await?;
             }
             Some(command) = commands.recv() => sup.command(command).await?,
+            // The watchdog is fed from the event loop itself: a stuck loop
+            // stops feeding it and systemd restarts the daemon.
+            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
+                crate::systemd::watchdog();
+            }
+            _ = status_tick.tick() => crate::systemd::status(&sup.status_line()),
             Some(joined) = sup.runs.join_next() => match joined {
                 Ok(result) => sup.record(result)?,
                 Err(e) => error!(error = %e, "run task panicked"),
@@ -481,6 +505,7 @@ pub async fn run(
         }
     }
 
+    crate::systemd::stopping();
     sup.stop.cancel();
     let grace = sup.config.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {

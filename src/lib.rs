@@ -36,6 +36,7 @@
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
+//! | [`systemd`] | the notify protocol: READY, STATUS, WATCHDOG, STOPPING |
 //! | [`emulator`] | the built-in fake provider APIs, independent of the clients |
 //!
 //! ## Invariants
@@ -68,5 +69,6 @@ pub mod signals;
 pub mod sink;
 pub mod spec;
 pub mod store;
+pub mod systemd;
 pub mod watcher;
 pub mod worker;

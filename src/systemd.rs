@@ -1,0 +1,44 @@
+//! The systemd notify protocol (SPEC §12): READY=1 once state is resumed,
+//! STATUS= a one-line summary, WATCHDOG=1 at half of `WatchdogSec=`, and
+//! STOPPING=1. Without `NOTIFY_SOCKET` every call does nothing.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// How often to ping the watchdog: half of `WATCHDOG_USEC`, if set for us.
+///
+/// Read here rather than with `sd_notify::watchdog_enabled`, which also
+/// demands `WATCHDOG_PID`; sd_watchdog_enabled(3) applies the watchdog to the
+/// caller when `WATCHDOG_PID` is unset and only refuses a different PID.
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}

@@ -1,0 +1,131 @@
+//! systemd integration for real: the notify protocol over a unix datagram
+//! socket the test binds, and the unit file checked by systemd-analyze.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Harness;
+
+const SIGTERM: i32 = 15;
+
+/// Reads notify messages until one contains `needle`; returns (message, when).
+fn wait_for(sock: &UnixDatagram, needle: &str, seen: &mut Vec<(String, Instant)>) -> Instant {
+    let deadline = Instant::now() + common::WAIT;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let at = Instant::now();
+            seen.push((msg.clone(), at));
+            if msg.lines().any(|l| l == needle) {
+                return at;
+            }
+        }
+    }
+    panic!(
+        "no {needle} in {:?}",
+        seen.iter().map(|(m, _)| m).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_protocol_ready_watchdog_stopping() {
+    let mut h = Harness::new("[defaults]\nbuild_time = \"1h\"\n").await;
+    let sock_path = h.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    h.env
+        .push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
+    h.env.push(("WATCHDOG_USEC".into(), "1000000".into()));
+    // A run in progress, so READY has something to resume.
+    h.write_inputs("in.csv", 4);
+    h.write_job(
+        "w.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_notify0001\"\ninputs_file = \"in.csv\"\nchunk_size = 2\n",
+    );
+    let d = h.start_daemon().await;
+    h.emulator.wait_for_ledger(2, common::WAIT).await.unwrap();
+    d.signal(SIGTERM);
+    let _ = d.wait().await;
+    // The first daemon's own messages are not what this test is about.
+    let mut buf = [0u8; 4096];
+    while sock.recv(&mut buf).is_ok() {}
+
+    let d = h.start_daemon().await;
+    let mut seen = Vec::new();
+    let ready = tokio::task::block_in_place(|| wait_for(&sock, "READY=1", &mut seen));
+    assert!(
+        seen.last().unwrap().0.contains("STATUS=resumed 1 run(s)"),
+        "READY comes after the resume: {seen:?}"
+    );
+    // Watchdog at half of WATCHDOG_USEC (1 s): pings about every 500 ms.
+    let mut pings = vec![ready];
+    for _ in 0..3 {
+        pings.push(tokio::task::block_in_place(|| {
+            wait_for(&sock, "WATCHDOG=1", &mut seen)
+        }));
+    }
+    for gap in pings.windows(2).skip(1).map(|w| w[1] - w[0]) {
+        assert!(
+            gap > Duration::from_millis(250) && gap < Duration::from_millis(1000),
+            "gap {gap:?}"
+        );
+    }
+    d.signal(SIGTERM);
+    tokio::task::block_in_place(|| wait_for(&sock, "STOPPING=1", &mut seen));
+    assert_eq!(d.wait().await, 0);
+    assert_eq!(h.ledger().len(), 2, "the restart triggered nothing");
+}
+
+fn analyze(args: &[&str]) -> (bool, String) {
+    let out = Command::new("systemd-analyze").args(args).output().unwrap_or_else(|e| {
+        panic!("systemd-analyze is needed for this test ({e}); .ci/run installs it: apt-get install systemd")
+    });
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_unit_verifies_and_is_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/harvestd.service"
+    ))
+    .unwrap();
+    // verify checks that ExecStart exists: point it at the built binary.
+    let unit = unit.replace("/usr/local/bin/harvestd", env!("CARGO_BIN_EXE_harvestd"));
+    let path = dir.path().join("harvestd.service");
+    std::fs::write(&path, unit).unwrap();
+    let path = path.to_str().unwrap();
+
+    let (ok, out) = analyze(&["verify", path]);
+    assert!(
+        ok && out.trim().is_empty(),
+        "systemd-analyze verify:\n{out}"
+    );
+
+    let (_, out) = analyze(&["security", "--offline=yes", path]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let level: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(level <= 2.0, "exposure {level} > 2.0:\n{out}");
+}
