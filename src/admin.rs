@@ -41,7 +41,8 @@ pub struct AdminState {
     pub store: Store,
     pub contexts: Vec<Arc<Context>>,
     pub ready: AtomicBool,
-    pub token: String,
+    /// Re-read from `admin.token` on SIGHUP.
+    pub token: std::sync::RwLock<String>,
     pub commands: mpsc::Sender<Command>,
     pub in_flight: Box<dyn Fn() -> Vec<(String, u32)> + Send + Sync>,
 }
@@ -164,7 +165,10 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()));
+                .is_some_and(|t| {
+                    let token = state.token.read().unwrap_or_else(|e| e.into_inner());
+                    constant_time_eq(t.trim().as_bytes(), token.as_bytes())
+                });
             if !authorised {
                 return json_reply(
                     StatusCode::UNAUTHORIZED,

@@ -105,6 +105,9 @@ pub fn execute(cli: Cli) -> u8 {
             once,
             emulator,
         } => {
+            let path = config.clone();
+            let reload: daemon::Reload =
+                Box::new(move || Config::load(path.as_deref(), &ProcessEnv));
             let config = match Config::load(config.as_deref(), &ProcessEnv) {
                 Ok(c) => c,
                 Err(e) => {
@@ -124,7 +127,7 @@ pub fn execute(cli: Cli) -> u8 {
                         return EXIT_FAILURE;
                     }
                 };
-                match daemon::run(config, RunOptions { once, emulator }, &ProcessEnv, signals).await {
+                match daemon::run(config, RunOptions { once, emulator }, &ProcessEnv, signals, reload).await {
                     Ok(summary) => {
                         if once && summary.complete + summary.incomplete + summary.stopped == 0 && summary.parked.is_empty() {
                             eprintln!(

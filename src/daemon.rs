@@ -265,6 +265,55 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Applies a reloaded configuration: limits and tokens now; directories
+    /// and the admin address need a restart (said in the log).
+    fn apply_config(
+        &mut self,
+        mut new: Config,
+        env: &dyn Env,
+        emulator: bool,
+    ) -> Result<(), DaemonError> {
+        let old = &self.config;
+        if new.jobs_dir != old.jobs_dir
+            || new.state_dir != old.state_dir
+            || new.output_dir != old.output_dir
+            || new.admin_listen != old.admin_listen
+        {
+            warn!("SIGHUP: directories and admin_listen change only with a restart; keeping the current ones");
+        }
+        if new.limits.requests_per_second != old.limits.requests_per_second {
+            warn!("SIGHUP: requests_per_second changes only with a restart");
+        }
+        self.keys.reconfigure(new.limits.clone());
+        self.studio.gate.reconfigure(&new.limits);
+        *self
+            .studio
+            .limits
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(new.limits.clone());
+        if !emulator {
+            let token = find_token(
+                env,
+                BRIGHTDATA_TOKEN_VARS,
+                new.providers.brightdata.token_file.as_deref(),
+                "brightdata-token",
+            )?;
+            let missing = token.is_none();
+            self.studio.provider.set_token(token);
+            if missing {
+                self.studio.gate.block("no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file".into());
+            }
+        }
+        new.jobs_dir = old.jobs_dir.clone();
+        new.state_dir = old.state_dir.clone();
+        new.output_dir = old.output_dir.clone();
+        new.admin_listen = old.admin_listen.clone();
+        new.providers.brightdata.base_url = old.providers.brightdata.base_url.clone();
+        new.providers.firecrawl.base_url = old.providers.firecrawl.base_url.clone();
+        self.config = new;
+        Ok(())
+    }
+
     /// One line for systemd's STATUS= and the logs.
     fn status_line(&self) -> String {
         let in_flight: u32 = self.keys.in_flight().iter().map(|(_, n)| n).sum();
@@ -341,12 +390,16 @@ impl Supervisor {
     }
 }
 
+/// Reads the configuration again (SIGHUP).
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
 /// Runs the daemon until shutdown (or, with `once`, until the runs end).
 pub async fn run(
     mut config: Config,
     options: RunOptions,
     env: &dyn Env,
     mut signals: tokio::sync::mpsc::UnboundedReceiver<Signal>,
+    reload: Reload,
 ) -> Result<Summary, DaemonError> {
     // Emulator state never mixes with real provider state.
     let state_dir = if options.emulator {
@@ -395,7 +448,7 @@ pub async fn run(
         store: store.clone(),
         provider: Arc::new(ScraperStudio::new(http)),
         gate,
-        limits: config.limits.clone(),
+        limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
         output_dir: config.output_dir.clone(),
         stop: stop.clone(),
         park_on_block: options.once,
@@ -430,7 +483,7 @@ pub async fn run(
             store: sup.store.clone(),
             contexts: vec![sup.studio.clone()],
             ready: std::sync::atomic::AtomicBool::new(false),
-            token,
+            token: std::sync::RwLock::new(token),
             commands: commands_tx,
             in_flight: Box::new(move || keys.in_flight()),
         });
@@ -480,7 +533,19 @@ pub async fn run(
                     break;
                 }
                 Some(Signal::Reload) => {
-                    info!("SIGHUP: retrying blocked providers and rescanning jobs");
+                    match reload() {
+                        Err(e) => error!(error = %e, "SIGHUP: configuration not reloaded; the one in force stays"),
+                        Ok(new) => {
+                            sup.apply_config(new, env, emulator.is_some())?;
+                            if let Some((state, _)) = &admin {
+                                match crate::admin::admin_token(&state_dir) {
+                                    Ok(t) => *state.token.write().unwrap_or_else(|e| e.into_inner()) = t,
+                                    Err(e) => error!(error = %e, "SIGHUP: cannot read the admin token; the old one stays"),
+                                }
+                            }
+                            info!("SIGHUP: configuration reloaded");
+                        }
+                    }
                     sup.studio.gate.unblock();
                     sup.scan().await?;
                 }

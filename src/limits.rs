@@ -112,7 +112,7 @@ pub struct KeyLimits {
     /// whatever the window's start. This is kept on tokio's clock rather than
     /// governor's so it can be seeded from the store after a restart and
     /// tested with a paused clock.
-    period: Duration,
+    period: Mutex<Duration>,
     next_slot: Mutex<Instant>,
 }
 
@@ -122,7 +122,7 @@ impl KeyLimits {
         let slot = {
             let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
             let slot = (*next).max(Instant::now());
-            *next = slot + self.period;
+            *next = slot + *self.period.lock().unwrap_or_else(|e| e.into_inner());
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -159,11 +159,23 @@ impl KeyedLimits {
         };
         let limits = Arc::new(KeyLimits {
             in_flight: InFlight::new(config.max_in_flight(key)),
-            period,
+            period: Mutex::new(period),
             next_slot: Mutex::new(not_before),
         });
         keys.insert(key.to_string(), limits.clone());
         limits
+    }
+
+    /// New caps and trigger rates for every key (SIGHUP); collections in
+    /// flight keep their places, new triggers follow the new limits.
+    pub fn reconfigure(&self, config: LimitsConfig) {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, limits) in keys.iter() {
+            limits.in_flight.set_cap(config.max_in_flight(key));
+            *limits.period.lock().unwrap_or_else(|e| e.into_inner()) =
+                Duration::from_secs(60) / config.triggers_per_minute(key).max(1);
+        }
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
     /// In-flight counts per key, for metrics and status.
@@ -197,7 +209,7 @@ pub struct ProviderGate {
     rate: DefaultDirectRateLimiter,
     state: Mutex<GateState>,
     blocked: watch::Sender<Option<Block>>,
-    config: LimitsConfig,
+    config: Mutex<LimitsConfig>,
 }
 
 impl ProviderGate {
@@ -213,8 +225,21 @@ impl ProviderGate {
                 total_429: 0,
             }),
             blocked: watch::channel(None).0,
-            config: config.clone(),
+            config: Mutex::new(config.clone()),
         })
+    }
+
+    fn config(&self) -> LimitsConfig {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New brake and block settings (SIGHUP). The request rate is fixed at
+    /// start: changing `requests_per_second` needs a restart.
+    pub fn reconfigure(&self, config: &LimitsConfig) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = config.clone();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -241,10 +266,11 @@ impl ProviderGate {
     /// Returns the pause now in force.
     pub fn rate_limited(&self, wait: Option<Duration>) -> Duration {
         let now = Instant::now();
+        let config = self.config();
         let mut s = self.state();
         s.total_429 += 1;
         s.recent_429.push_back(now);
-        let window = self.config.brake_window;
+        let window = config.brake_window;
         while s
             .recent_429
             .front()
@@ -252,13 +278,12 @@ impl ProviderGate {
         {
             s.recent_429.pop_front();
         }
-        let mut pause = wait.unwrap_or(self.config.rate_limit_pause);
-        if s.recent_429.len() as u32 >= self.config.brake_after_429 {
-            let brake = self
-                .config
+        let mut pause = wait.unwrap_or(config.rate_limit_pause);
+        if s.recent_429.len() as u32 >= config.brake_after_429 {
+            let brake = config
                 .brake_pause
                 .saturating_mul(2u32.saturating_pow(s.brake_level.min(16)))
-                .min(self.config.brake_pause_max);
+                .min(config.brake_pause_max);
             s.brake_level += 1;
             s.recent_429.clear();
             tracing::warn!(pause = ?brake, "provider brake: repeated 429 answers, pausing every call");
@@ -299,7 +324,7 @@ impl ProviderGate {
     /// (then one call may probe whether the block still holds).
     pub async fn wait_unblocked(&self) {
         let mut rx = self.blocked.subscribe();
-        let probe = tokio::time::sleep(self.config.blocked_retry);
+        let probe = tokio::time::sleep(self.config().blocked_retry);
         tokio::pin!(probe);
         loop {
             if rx.borrow_and_update().is_none() {

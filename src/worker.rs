@@ -68,13 +68,24 @@ pub struct Context {
     pub store: Store,
     pub provider: Arc<dyn Provider>,
     pub gate: Arc<ProviderGate>,
-    pub limits: LimitsConfig,
+    /// Swapped whole on SIGHUP; readers take a snapshot.
+    pub limits: std::sync::RwLock<Arc<LimitsConfig>>,
     pub output_dir: PathBuf,
     pub stop: CancellationToken,
     /// With `run --once`, a blocked provider parks its runs instead of
     /// waiting for the block to lift.
     pub park_on_block: bool,
     pub counters: Arc<Counters>,
+}
+
+impl Context {
+    /// The limits in force now.
+    pub fn limits(&self) -> Arc<LimitsConfig> {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 pub fn now_ms() -> UnixMs {
@@ -240,8 +251,8 @@ async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutco
                 error!(job = %run.job, run = %run.run_id, error = %e, "cannot write the run's final files; will retry");
                 let wait = backoff(
                     attempt,
-                    ctx.limits.backoff_base,
-                    ctx.limits.backoff_cap,
+                    ctx.limits().backoff_base,
+                    ctx.limits().backoff_cap,
                     jitter(),
                 );
                 attempt += 1;
@@ -505,7 +516,7 @@ impl ChunkDriver {
 
     /// Backs off after a failure; `Next::End(Stopped)` if stopped meanwhile.
     async fn back_off(&mut self, what: &str, e: &CallError) -> Next {
-        let l = &self.ctx.limits;
+        let l = &self.ctx.limits();
         let wait = backoff(self.attempt, l.backoff_base, l.backoff_cap, jitter());
         self.attempt = self.attempt.saturating_add(1);
         warn!(error = %e, attempt = self.attempt, ?wait, "{what} failed; retrying");
@@ -637,7 +648,7 @@ impl ChunkDriver {
             Ok(None) if !self.rechecked => {
                 // Listings can lag a fresh trigger: look once more later.
                 self.rechecked = true;
-                Ok(if self.wait(self.ctx.limits.in_doubt_recheck).await {
+                Ok(if self.wait(self.ctx.limits().in_doubt_recheck).await {
                     Next::Continue
                 } else {
                     Next::End(ChunkEnd::Stopped)
@@ -661,7 +672,7 @@ impl ChunkDriver {
     }
 
     async fn poll(&mut self, remote_id: &str, triggered_at: UnixMs) -> Result<Next, WorkerError> {
-        let l = &self.ctx.limits;
+        let l = &self.ctx.limits();
         let waited = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
         let interval = poll_interval(waited, l.poll_min_interval, l.poll_max_interval, jitter());
         if !self.wait(interval).await {
@@ -732,13 +743,13 @@ impl ChunkDriver {
             return Ok(Next::Continue);
         }
         let left = Duration::from_millis((expires_at - now) as u64);
-        if left <= self.ctx.limits.expiry_error {
+        if left <= self.ctx.limits().expiry_error {
             error!(
                 remote_id,
                 ?left,
                 "ready dataset still unsaved and about to expire"
             );
-        } else if left <= self.ctx.limits.expiry_warn {
+        } else if left <= self.ctx.limits().expiry_warn {
             warn!(
                 remote_id,
                 ?left,
@@ -794,7 +805,7 @@ impl ChunkDriver {
             Ok(DownloadOutcome::NotReady) => {
                 // Build lag: ready by status, not served yet.
                 drop(part);
-                let l = &self.ctx.limits;
+                let l = &self.ctx.limits();
                 let waited = Duration::from_millis((now - ready_at).max(0) as u64);
                 if !self
                     .wait(poll_interval(
@@ -811,12 +822,12 @@ impl ChunkDriver {
             Ok(DownloadOutcome::NotFound(message)) => {
                 drop(part);
                 let since_ready = Duration::from_millis((now - ready_at).max(0) as u64);
-                if since_ready >= self.ctx.limits.not_found_grace {
+                if since_ready >= self.ctx.limits().not_found_grace {
                     let error =
                         format!("the provider no longer serves dataset {remote_id}: {message}");
                     error!(remote_id, "{error}");
                     self.apply(ChunkEvent::Expired { error }).await?;
-                } else if !self.wait(self.ctx.limits.poll_min_interval).await {
+                } else if !self.wait(self.ctx.limits().poll_min_interval).await {
                     return Ok(Next::End(ChunkEnd::Stopped));
                 }
             }

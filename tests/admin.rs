@@ -134,3 +134,72 @@ async fn status_metrics_and_rerun_on_a_running_daemon() {
         "a stopped daemon leaves no stale address"
     );
 }
+
+/// Every file below `dir`, recursively.
+fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_symlink() {
+            continue;
+        }
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_appears_nowhere() {
+    const TOKEN: &str = "tok-SECRET-7f3a9c21e8b4";
+    let mut h = Harness::new(&format!(
+        "tokens = [\"{TOKEN}\"]\n[defaults]\nbuild_time = \"50ms\"\n"
+    ))
+    .await;
+    h.token = TOKEN.into();
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    // Every level, every crate: nothing may print it, not even at trace.
+    h.env.push(("RUST_LOG".into(), "trace".into()));
+    h.write_inputs("in.csv", 6);
+    h.write_job(
+        "secret.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_secret0001\"\ninputs_file = \"in.csv\"\nchunk_size = 3\n",
+    );
+    let mut d = h.start_daemon().await;
+    d.wait_for_line("run complete").await;
+    let (code, status, status_err) = h.run(&["status", "--json"]).await;
+    assert_eq!(code, 0, "{status_err}");
+    d.signal(SIGTERM);
+    let (code, logs) = d.wait_all().await;
+    assert_eq!(code, 0);
+    assert!(
+        logs.len() > 50,
+        "trace logging was on: {} lines",
+        logs.len()
+    );
+
+    for line in logs.iter().chain([&status, &status_err]) {
+        assert!(!line.contains(TOKEN), "token in output: {line}");
+    }
+    let mut checked = 0;
+    for file in files(&h.path("state"))
+        .into_iter()
+        .chain(files(&h.path("out")))
+    {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+            "token in {}",
+            file.display()
+        );
+        checked += 1;
+    }
+    assert!(
+        checked > 10,
+        "state and outputs were searched ({checked} files)"
+    );
+}

@@ -101,6 +101,8 @@ pub(crate) struct State {
     pub(crate) jobs: Mutex<HashMap<String, scraper_studio::Job>>,
     ledger: Mutex<Vec<LedgerEntry>>,
     ledger_len: watch::Sender<usize>,
+    /// Bumped at every request's arrival, for tests that wait on stats.
+    arrivals: watch::Sender<u64>,
     rng: Mutex<StdRng>,
     fault_counts: Mutex<Vec<u64>>,
     stats: Mutex<Stats>,
@@ -146,8 +148,11 @@ impl State {
     }
 
     fn count(&self, endpoint: &str) {
-        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        *s.requests.entry(endpoint.to_string()).or_default() += 1;
+        {
+            let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            *s.requests.entry(endpoint.to_string()).or_default() += 1;
+        }
+        self.arrivals.send_modify(|n| *n += 1);
     }
 
     /// The first fault that applies to this request, if any.
@@ -195,6 +200,7 @@ impl Emulator {
             jobs: Mutex::new(HashMap::new()),
             ledger: Mutex::new(Vec::new()),
             ledger_len: watch::channel(0).0,
+            arrivals: watch::channel(0).0,
             stats: Mutex::new(Stats::default()),
             rate: Mutex::new(RateState {
                 not_before: None,
@@ -236,6 +242,30 @@ impl Emulator {
                 "ledger has {} entries, wanted {n}",
                 *self.state.ledger_len.borrow()
             )),
+        }
+    }
+
+    /// Waits until `done(stats)` holds, checking at every request's arrival.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Stats) -> bool,
+    ) -> Result<(), String> {
+        let mut rx = self.state.arrivals.subscribe();
+        let reached = tokio::time::timeout(timeout, async {
+            loop {
+                if done(&self.stats()) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        match reached {
+            Ok(true) => Ok(()),
+            _ => Err(format!("condition not reached; stats: {:?}", self.stats())),
         }
     }
 

@@ -118,6 +118,11 @@ pub trait Provider: Send + Sync {
 
     async fn cancel(&self, key: &str, remote_id: &str) -> Result<(), CallError>;
 
+    /// A new token (SIGHUP); `None` leaves the provider without one.
+    fn set_token(&self, token: Option<crate::config::Token>) {
+        let _ = token;
+    }
+
     /// Calls made so far by (endpoint, status class), for metrics.
     fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
         Vec::new()

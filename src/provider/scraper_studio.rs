@@ -368,6 +368,10 @@ impl Provider for ScraperStudio {
         Ok(DownloadOutcome::Saved)
     }
 
+    fn set_token(&self, token: Option<crate::config::Token>) {
+        self.http.set_token(token);
+    }
+
     fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
         self.http.stats.snapshot()
     }

@@ -217,6 +217,18 @@ impl Daemon {
         assert_eq!(rc, 0, "kill({pid}, {signal})");
     }
 
+    /// Waits for exit; returns the exit code and every log line it printed.
+    pub async fn wait_all(mut self) -> (i32, Vec<String>) {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("daemon exited in time")
+            .unwrap();
+        while let Ok(Some(line)) = tokio::time::timeout(WAIT, self.lines.recv()).await {
+            self.seen.push(line);
+        }
+        (status.code().unwrap_or(-1), self.seen)
+    }
+
     pub async fn wait(mut self) -> i32 {
         let status = tokio::time::timeout(WAIT, self.child.wait())
             .await

@@ -1,0 +1,127 @@
+//! Real signals to the daemon: SIGTERM drains without leaving doubt, a
+//! second signal exits at once, SIGHUP reloads tokens and limits and keeps
+//! the old configuration when the new one is invalid.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Harness;
+use harvestd::chunk::ChunkState;
+use harvestd::store::Store;
+
+const SIGTERM: i32 = 15;
+const SIGHUP: i32 = 1;
+
+fn job(collector: &str) -> String {
+    format!("provider = \"scraper_studio\"\ncollector = \"{collector}\"\ninputs_file = \"in.csv\"\nchunk_size = 5\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_trigger_on_the_wire_and_leaves_no_doubt() {
+    // Each trigger answer takes a second to come.
+    let h = Harness::new(
+        "[defaults]\nbuild_time = \"1h\"\n[[faults]]\nendpoint = \"trigger\"\nkind = \"slow\"\ndelay = \"1s\"\nprobability = 1.0\n",
+    )
+    .await;
+    h.write_inputs("in.csv", 10);
+    h.write_job("t.toml", &job("c_sigterm001"));
+    let d = h.start_daemon().await;
+    h.emulator
+        .wait_until(common::WAIT, |s| {
+            s.requests.get("trigger").copied().unwrap_or(0) >= 1
+        })
+        .await
+        .unwrap();
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+    let store = Store::open(&h.path("state")).unwrap();
+    let run = &store.runs().unwrap()[0];
+    let chunks = store.chunks(&run.job, &run.run_id).unwrap();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| !matches!(c.state, ChunkState::Triggering { .. })),
+        "no chunk in doubt: {:?}",
+        chunks.iter().map(|c| c.state.name()).collect::<Vec<_>>()
+    );
+    assert!(
+        chunks
+            .iter()
+            .any(|c| matches!(c.state, ChunkState::Triggered { .. })),
+        "the answer was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let h = Harness::new(
+        "[defaults]\nbuild_time = \"1h\"\n[[faults]]\nendpoint = \"trigger\"\nkind = \"slow\"\ndelay = \"30s\"\nprobability = 1.0\n",
+    )
+    .await;
+    h.write_inputs("in.csv", 5);
+    h.write_job("t.toml", &job("c_second0001"));
+    let mut d = h.start_daemon().await;
+    h.emulator
+        .wait_until(common::WAIT, |s| {
+            s.requests.get("trigger").copied().unwrap_or(0) >= 1
+        })
+        .await
+        .unwrap();
+    d.signal(SIGTERM);
+    d.wait_for_line("shutdown requested").await;
+    let start = Instant::now();
+    d.signal(SIGTERM);
+    let code = d.wait().await;
+    assert_ne!(code, 0, "the second signal does not wait for the drain");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "exited in {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_and_refuses_a_bad_config() {
+    let mut h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+    // The token comes from a file, which SIGHUP reads again.
+    h.token = String::new();
+    let token_file = h.path("bd-token");
+    std::fs::write(&token_file, "not-the-token\n").unwrap();
+    let with_token = format!(
+        "[providers.brightdata]\ntoken_file = \"{}\"\n",
+        token_file.display()
+    );
+    h.write_config(&with_token);
+    h.write_inputs("in.csv", 10);
+    h.write_job("t.toml", &job("c_sighup0001"));
+
+    let mut d = h.start_daemon().await;
+    d.wait_for_line("provider blocked").await;
+    assert!(h.ledger().is_empty());
+
+    // A broken config on reload: refused, the daemon carries on.
+    std::fs::write(h.path("harvestd.toml"), "jobs_dir = [\n").unwrap();
+    d.signal(SIGHUP);
+    d.wait_for_line("configuration not reloaded").await;
+
+    // The right token and a valid config: the blocked run finishes.
+    h.write_config(&with_token);
+    std::fs::write(
+        &token_file,
+        format!("{}\n", harvestd::emulator::DEMO_BRIGHTDATA_TOKEN),
+    )
+    .unwrap();
+    d.signal(SIGHUP);
+    d.wait_for_line("configuration reloaded").await;
+    d.wait_for_line("run complete").await;
+    assert_eq!(h.ledger().len(), 2);
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+    let run = h.run_dir("t");
+    assert!(
+        run.join("_SUCCESS").exists(),
+        "nothing failed while blocked"
+    );
+}
