@@ -34,6 +34,17 @@ pub enum Command {
         job: String,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Re-submit the failed chunks of the latest (or named) run.
+    Retry {
+        job: String,
+        run: Option<String>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Cancel the job's runs in progress.
+    Cancel {
+        job: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// What the admin API reads besides the store.
@@ -175,32 +186,35 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                     &json!({"error": "needs Authorization: Bearer <the token in admin.token>"}),
                 );
             }
-            match *action {
-                "rerun" => {
-                    let (tx, rx) = oneshot::channel();
-                    let sent = state
-                        .commands
-                        .send(Command::Rerun {
-                            job: job.to_string(),
-                            reply: tx,
-                        })
-                        .await;
-                    match (sent, rx.await) {
-                        (Ok(()), Ok(Ok(run_id))) => {
-                            json_reply(StatusCode::OK, &json!({"job": job, "run_id": run_id}))
-                        }
-                        (Ok(()), Ok(Err(e))) => {
-                            json_reply(StatusCode::CONFLICT, &json!({"error": e}))
-                        }
-                        _ => json_reply(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &json!({"error": "the daemon is stopping"}),
-                        ),
-                    }
+            let run = req
+                .uri()
+                .query()
+                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "run"))
+                .map(|(_, v)| v.into_owned());
+            let (tx, rx) = oneshot::channel();
+            let job = job.to_string();
+            let command = match *action {
+                "rerun" => Command::Rerun { job, reply: tx },
+                "retry" => Command::Retry {
+                    job,
+                    run,
+                    reply: tx,
+                },
+                "cancel" => Command::Cancel { job, reply: tx },
+                other => {
+                    return json_reply(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": format!("no action '{other}'")}),
+                    );
                 }
-                other => json_reply(
-                    StatusCode::NOT_IMPLEMENTED,
-                    &json!({"error": format!("'{other}' is not available in this version")}),
+            };
+            let sent = state.commands.send(command).await;
+            match (sent, rx.await) {
+                (Ok(()), Ok(Ok(done))) => json_reply(StatusCode::OK, &json!({"result": done})),
+                (Ok(()), Ok(Err(e))) => json_reply(StatusCode::CONFLICT, &json!({"error": e})),
+                _ => json_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": "the daemon is stopping"}),
                 ),
             }
         }

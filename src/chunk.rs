@@ -97,6 +97,8 @@ pub enum ChunkEvent {
         error: String,
     },
     Cancelled,
+    /// The user asked to try a failed or expired chunk again.
+    Retry,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,6 +248,7 @@ pub fn next(state: &ChunkState, event: ChunkEvent) -> Result<ChunkState, Transit
             error,
         },
         (S::Planned, E::Cancelled) => S::Cancelled { remote_id: None },
+        (S::Failed { .. } | S::Expired { .. }, E::Retry) => S::Planned,
         (S::Triggered { remote_id, .. } | S::Ready { remote_id, .. }, E::Cancelled) => {
             S::Cancelled {
                 remote_id: Some(remote_id.clone()),
@@ -359,6 +362,16 @@ mod tests {
                 Some("expired"),
             ),
             (ready(), ChunkEvent::Intent { at: 1 }, None),
+            (
+                ChunkState::Failed {
+                    remote_id: None,
+                    triggered_at: None,
+                    error: "x".into(),
+                },
+                ChunkEvent::Retry,
+                Some("planned"),
+            ),
+            (triggered(), ChunkEvent::Retry, None),
         ];
         for (from, event, want) in table {
             let got = next(&from, event.clone());

@@ -54,6 +54,20 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Re-submit the failed and expired chunks of the latest (or named) run.
+    Retry {
+        job: String,
+        #[arg(long = "run")]
+        run_id: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Cancel the job's runs in progress (data already saved stays).
+    Cancel {
+        job: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Serve the built-in emulator of the provider APIs.
     Emulator {
         #[arg(long, default_value = "127.0.0.1:8990")]
@@ -85,7 +99,25 @@ pub fn execute(cli: Cli) -> u8 {
         }
         Command::Rerun { job, config } => {
             init_logging(None);
-            admin_call(config, |admin| async move { rerun(&admin, &job).await })
+            admin_call(config, |admin| async move {
+                action(&admin, &job, "rerun", None).await
+            })
+        }
+        Command::Retry {
+            job,
+            run_id,
+            config,
+        } => {
+            init_logging(None);
+            admin_call(config, |admin| async move {
+                action(&admin, &job, "retry", run_id.as_deref()).await
+            })
+        }
+        Command::Cancel { job, config } => {
+            init_logging(None);
+            admin_call(config, |admin| async move {
+                action(&admin, &job, "cancel", None).await
+            })
         }
         Command::Emulator { listen, scenario } => {
             init_logging(None);
@@ -402,10 +434,14 @@ pub fn status_table(jobs: &[serde_json::Value]) -> String {
     out
 }
 
-async fn rerun(admin: &Admin, job: &str) -> u8 {
+/// `rerun`, `retry` or `cancel` through the admin API, with its token.
+async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8 {
     let mut request = admin
         .client
-        .post(format!("{}/v1/jobs/{job}/rerun", admin.base));
+        .post(format!("{}/v1/jobs/{job}/{action}", admin.base));
+    if let Some(run) = run {
+        request = request.query(&[("run", run)]);
+    }
     if let Some(token) = &admin.token {
         request = request.bearer_auth(token);
     }
@@ -420,14 +456,16 @@ async fn rerun(admin: &Admin, job: &str) -> u8 {
     let body: serde_json::Value =
         serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or_default();
     if code == 200 {
-        println!(
-            "{job}: run {} started",
-            body["run_id"].as_str().unwrap_or("?")
-        );
+        let verb = match action {
+            "rerun" => "started run",
+            "retry" => "retrying run",
+            _ => "cancelling run(s)",
+        };
+        println!("{job}: {verb} {}", body["result"].as_str().unwrap_or("?"));
         EXIT_OK
     } else {
         eprintln!(
-            "harvestd: rerun {job}: {}",
+            "harvestd: {action} {job}: {}",
             body["error"].as_str().unwrap_or("failed")
         );
         EXIT_FAILURE

@@ -129,7 +129,10 @@ struct Supervisor {
     studio: Arc<Context>,
     keys: Arc<KeyedLimits>,
     runs: JoinSet<RunResult>,
-    active: HashSet<(String, String)>,
+    /// Runs being driven, with their stop tokens.
+    active: HashMap<(String, String), CancellationToken>,
+    /// Runs stopped for a cancel: cancelled when their task returns.
+    cancelling: HashSet<(String, String)>,
     summary: Summary,
     stop: CancellationToken,
     once: bool,
@@ -138,9 +141,11 @@ struct Supervisor {
 impl Supervisor {
     fn spawn(&mut self, run: RunRecord) {
         let id = (run.job.clone(), run.run_id.clone());
-        if !self.active.insert(id.clone()) {
+        if self.active.contains_key(&id) {
             return;
         }
+        let stop = self.stop.child_token();
+        self.active.insert(id.clone(), stop.clone());
         let now = worker::now_ms();
         let ago = self
             .store
@@ -151,14 +156,23 @@ impl Supervisor {
         let key = self.keys.key(&run.spec.key, ago);
         let ctx = self.studio.clone();
         self.runs.spawn(async move {
-            let result = worker::drive_run(ctx, key, run).await;
+            let result = worker::drive_run(ctx, key, run, stop).await;
             (id.0, id.1, result)
         });
     }
 
     fn record(&mut self, (job, run_id, result): RunResult) -> Result<(), DaemonError> {
-        self.active.remove(&(job.clone(), run_id.clone()));
-        match result? {
+        let id = (job.clone(), run_id.clone());
+        self.active.remove(&id);
+        let outcome = result?;
+        if self.cancelling.remove(&id) && !self.stop.is_cancelled() {
+            // Stopped for a cancel: now cancel it (drive_run sees the flag).
+            if let Some(run) = self.store.run(&job, &run_id)? {
+                self.spawn(run);
+                return Ok(());
+            }
+        }
+        match outcome {
             RunOutcome::Finished(RunState::Complete) => self.summary.complete += 1,
             RunOutcome::Finished(state) => {
                 warn!(job = %job, run = %run_id, state = state.as_str(), "run did not complete");
@@ -236,7 +250,7 @@ impl Supervisor {
         match command {
             crate::admin::Command::Rerun { job, reply } => {
                 // Runs of one job never overlap, whoever starts them.
-                if self.active.iter().any(|(j, _)| *j == job) {
+                if self.active.keys().any(|(j, _)| *j == job) {
                     let _ = reply.send(Err(format!("a run of '{job}' is still in progress")));
                     return Ok(());
                 }
@@ -261,8 +275,79 @@ impl Supervisor {
                     }
                 }
             }
+            crate::admin::Command::Retry { job, run, reply } => {
+                let _ = reply.send(self.retry(&job, run.as_deref()).await);
+            }
+            crate::admin::Command::Cancel { job, reply } => {
+                let _ = reply.send(self.cancel(&job).await);
+            }
         }
         Ok(())
+    }
+
+    /// Re-plans the failed and expired chunks of the job's latest (or the
+    /// named) run and drives it again.
+    async fn retry(&mut self, job: &str, run_id: Option<&str>) -> Result<String, String> {
+        let runs = self.store.runs_of(job).map_err(|e| e.to_string())?;
+        let run = match run_id {
+            Some(id) => runs.into_iter().find(|r| r.run_id == id),
+            None => runs
+                .into_iter()
+                .max_by(|a, b| crate::plan::run_id_order(&a.run_id, &b.run_id)),
+        };
+        let Some(mut run) = run else {
+            return Err(format!("no such run of '{job}'"));
+        };
+        if !run.state.is_terminal()
+            || self
+                .active
+                .contains_key(&(run.job.clone(), run.run_id.clone()))
+        {
+            return Err(format!(
+                "run {} of '{job}' is still in progress",
+                run.run_id
+            ));
+        }
+        let count = worker::retry_run(&self.store, &mut run)
+            .await
+            .map_err(|e| e.to_string())?;
+        if count == 0 {
+            return Err(format!(
+                "run {} of '{job}' has no failed or expired chunk",
+                run.run_id
+            ));
+        }
+        info!(job = %job, run = %run.run_id, chunks = count, "retry requested");
+        let id = run.run_id.clone();
+        self.spawn(run);
+        Ok(format!("{id}: {count} chunk(s)"))
+    }
+
+    /// Cancels every unfinished run of the job.
+    async fn cancel(&mut self, job: &str) -> Result<String, String> {
+        let runs = self.store.runs_of(job).map_err(|e| e.to_string())?;
+        let mut cancelled = Vec::new();
+        for mut run in runs.into_iter().filter(|r| !r.state.is_terminal()) {
+            // Durable first: a crash from here on resumes as a cancel.
+            run.cancel_requested = true;
+            self.store.put_run(&run).map_err(|e| e.to_string())?;
+            self.store.flush().await.map_err(|e| e.to_string())?;
+            let id = (run.job.clone(), run.run_id.clone());
+            match self.active.get(&id) {
+                Some(token) => {
+                    token.cancel();
+                    self.cancelling.insert(id);
+                }
+                None => self.spawn(run.clone()),
+            }
+            info!(job = %job, run = %run.run_id, "cancel requested");
+            cancelled.push(run.run_id);
+        }
+        if cancelled.is_empty() {
+            Err(format!("'{job}' has no run in progress"))
+        } else {
+            Ok(cancelled.join(", "))
+        }
     }
 
     /// Applies a reloaded configuration: limits and tokens now; directories
@@ -347,7 +432,7 @@ impl Supervisor {
     async fn fire_due(&mut self) -> Result<(), DaemonError> {
         let now = worker::now_ms();
         for mut record in self.store.schedules()? {
-            let in_progress = self.active.iter().any(|(job, _)| *job == record.job);
+            let in_progress = self.active.keys().any(|(job, _)| *job == record.job);
             let jitter = Duration::from_millis(record.jitter_ms);
             match on_due(
                 &record.recurrence,
@@ -460,7 +545,8 @@ pub async fn run(
         store,
         studio,
         runs: JoinSet::new(),
-        active: HashSet::new(),
+        active: HashMap::new(),
+        cancelling: HashSet::new(),
         summary: Summary::default(),
         stop: stop.clone(),
         once: options.once,

@@ -247,6 +247,7 @@ pub fn plan(
         state: RunState::Planning,
         inputs: 0,
         chunks: 0,
+        cancel_requested: false,
     };
     store.put_run(&run)?;
     let mut chunker = Chunker::new(spec.chunk_size);

@@ -99,12 +99,18 @@ pub fn run_dir(output_dir: &Path, run: &RunRecord) -> PathBuf {
     output_dir.join(&run.job).join(&run.run_id)
 }
 
-/// Drives one run until it is finished, parked or stopped.
+/// Drives one run until it is finished, parked or stopped (`stop`: this
+/// run's token, a child of the daemon's). A run whose cancel was asked is
+/// cancelled instead.
 pub async fn drive_run(
     ctx: Arc<Context>,
     key: Arc<KeyLimits>,
     run: RunRecord,
+    stop: CancellationToken,
 ) -> Result<RunOutcome, WorkerError> {
+    if run.cancel_requested {
+        return cancel_run(&ctx, &run, &stop).await;
+    }
     let dir = run_dir(&ctx.output_dir, &run);
     {
         let dir = dir.clone();
@@ -123,6 +129,7 @@ pub async fn drive_run(
             tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = rec.index);
         ChunkDriver {
             ctx: ctx.clone(),
+            stop: stop.clone(),
             key: key.clone(),
             run: run.clone(),
             dir: dir.clone(),
@@ -151,10 +158,8 @@ pub async fn drive_run(
     let mut stopped = false;
     let mut failure = None;
     loop {
-        let may_start = !planned.is_empty()
-            && parked.is_none()
-            && failure.is_none()
-            && !ctx.stop.is_cancelled();
+        let may_start =
+            !planned.is_empty() && parked.is_none() && failure.is_none() && !stop.is_cancelled();
         tokio::select! {
             permit = key.in_flight.acquire(), if may_start => {
                 if let Some(rec) = planned.pop_front() {
@@ -167,7 +172,7 @@ pub async fn drive_run(
                 Ok(Ok(ChunkEnd::Stopped)) => stopped = true,
                 Ok(Err(e)) => {
                     // The store failed: stop this run's other chunks too.
-                    ctx.stop.cancel();
+                    stop.cancel();
                     failure.get_or_insert(e);
                 }
                 Err(join) => {
@@ -175,7 +180,7 @@ pub async fn drive_run(
                     stopped = true;
                 }
             },
-            _ = ctx.stop.cancelled(), if may_start => {}
+            _ = stop.cancelled(), if may_start => {}
             else => break,
         }
     }
@@ -191,13 +196,18 @@ pub async fn drive_run(
     if let Some(why) = parked {
         return Ok(RunOutcome::Parked(why));
     }
-    finalize(&ctx, &run, &dir).await
+    finalize(&ctx, &run, &dir, &stop).await
 }
 
 /// Writes the final files, the manifest, `_SUCCESS` and `latest`, then
 /// records the run as finished. Repeats after I/O errors until it succeeds
 /// or the daemon stops: the part files are safe meanwhile.
-async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutcome, WorkerError> {
+async fn finalize(
+    ctx: &Context,
+    run: &RunRecord,
+    dir: &Path,
+    stop: &CancellationToken,
+) -> Result<RunOutcome, WorkerError> {
     let chunks = ctx.store.chunks(&run.job, &run.run_id)?;
     let downloaded: Vec<u32> = chunks
         .iter()
@@ -257,7 +267,7 @@ async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutco
                 );
                 attempt += 1;
                 tokio::select! {
-                    _ = ctx.stop.cancelled() => return Ok(RunOutcome::Stopped),
+                    _ = stop.cancelled() => return Ok(RunOutcome::Stopped),
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
@@ -275,6 +285,92 @@ async fn finalize(ctx: &Context, run: &RunRecord, dir: &Path) -> Result<RunOutco
         info!(job = %run.job, run = %run.run_id, state = state.as_str(), "run complete");
     }
     Ok(RunOutcome::Finished(state))
+}
+
+/// Makes a finished run's failed and expired chunks planned again and the
+/// run in progress; returns how many chunks will be retried.
+pub async fn retry_run(store: &Store, run: &mut RunRecord) -> Result<u32, WorkerError> {
+    let mut count = 0;
+    for mut rec in store.chunks(&run.job, &run.run_id)? {
+        if matches!(
+            rec.state,
+            ChunkState::Failed { .. } | ChunkState::Expired { .. }
+        ) {
+            rec.state = chunk::next(&rec.state, ChunkEvent::Retry)?;
+            rec.last_error = None;
+            store.put_chunk(&run.job, &run.run_id, &rec)?;
+            count += 1;
+        }
+    }
+    if count > 0 {
+        run.state = RunState::InProgress;
+        run.finished_at = None;
+        store.put_run(run)?;
+    }
+    store.flush().await?;
+    Ok(count)
+}
+
+/// Cancels every unfinished chunk of a run: collections at the provider are
+/// cancelled (an in-doubt trigger is settled first), the chunks marked
+/// cancelled; what was downloaded stays and the run is finished as
+/// `cancelled`.
+pub async fn cancel_run(
+    ctx: &Context,
+    run: &RunRecord,
+    stop: &CancellationToken,
+) -> Result<RunOutcome, WorkerError> {
+    let store = &ctx.store;
+    let key = &run.spec.key;
+    for mut rec in store.chunks(&run.job, &run.run_id)? {
+        if let ChunkState::Triggering { intent_at } = rec.state {
+            let inputs = store
+                .chunk_inputs(&run.job, &run.run_id, rec.index)?
+                .unwrap_or_default();
+            let call = TriggerCall {
+                key,
+                name: &rec.name,
+                inputs_ndjson: &inputs,
+                count: rec.inputs,
+                params: &run.spec.params,
+            };
+            let event = match ctx.provider.find(&call, intent_at).await {
+                Ok(Some(remote_id)) => ChunkEvent::Accepted {
+                    remote_id,
+                    at: now_ms(),
+                },
+                Ok(None) => ChunkEvent::NotCreated,
+                Err(e) => {
+                    warn!(job = %run.job, run = %run.run_id, chunk = rec.index, error = %e,
+                        "cancel: cannot settle an in-doubt trigger now; will try again");
+                    return Ok(RunOutcome::Stopped);
+                }
+            };
+            rec.state = chunk::next(&rec.state, event)?;
+        }
+        if let ChunkState::Triggered { remote_id, .. } | ChunkState::Ready { remote_id, .. } =
+            &rec.state
+        {
+            match ctx.provider.cancel(key, remote_id).await {
+                Ok(()) => {
+                    info!(job = %run.job, run = %run.run_id, remote_id = %remote_id, "collection cancelled")
+                }
+                // Finished already, or gone: nothing runs there any more.
+                Err(CallError::Rejected { .. }) => {}
+                Err(e) => {
+                    warn!(job = %run.job, run = %run.run_id, remote_id = %remote_id, error = %e,
+                    "cancel: the provider did not confirm; the collection may still run")
+                }
+            }
+        }
+        if !rec.state.is_terminal() {
+            rec.state = chunk::next(&rec.state, ChunkEvent::Cancelled)?;
+            store.put_chunk(&run.job, &run.run_id, &rec)?;
+        }
+    }
+    store.flush().await?;
+    let dir = run_dir(&ctx.output_dir, run);
+    finalize(ctx, run, &dir, stop).await
 }
 
 fn write_outputs(
@@ -420,6 +516,7 @@ fn manifest_chunk(c: &ChunkRecord) -> ManifestChunk {
 /// the one thing that state calls for.
 struct ChunkDriver {
     ctx: Arc<Context>,
+    stop: CancellationToken,
     key: Arc<KeyLimits>,
     run: Arc<RunRecord>,
     dir: PathBuf,
@@ -442,7 +539,7 @@ impl ChunkDriver {
     async fn drive(mut self, permit: InFlightPermit) -> Result<ChunkEnd, WorkerError> {
         let mut permit = Some(permit);
         loop {
-            if self.ctx.stop.is_cancelled() {
+            if self.stop.is_cancelled() {
                 return Ok(ChunkEnd::Stopped);
             }
             if let Some(end) = self.check_block().await {
@@ -452,12 +549,12 @@ impl ChunkDriver {
                 ChunkState::Planned => {
                     if permit.is_none() {
                         tokio::select! {
-                            _ = self.ctx.stop.cancelled() => return Ok(ChunkEnd::Stopped),
+                            _ = self.stop.cancelled() => return Ok(ChunkEnd::Stopped),
                             p = self.key.in_flight.acquire() => permit = Some(p),
                         }
                     }
                     tokio::select! {
-                        _ = self.ctx.stop.cancelled() => return Ok(ChunkEnd::Stopped),
+                        _ = self.stop.cancelled() => return Ok(ChunkEnd::Stopped),
                         _ = self.key.trigger_slot() => {}
                     }
                     self.trigger().await?
@@ -501,7 +598,7 @@ impl ChunkDriver {
             return Some(ChunkEnd::Parked(block.reason));
         }
         tokio::select! {
-            _ = self.ctx.stop.cancelled() => Some(ChunkEnd::Stopped),
+            _ = self.stop.cancelled() => Some(ChunkEnd::Stopped),
             _ = self.ctx.gate.wait_unblocked() => None,
         }
     }
@@ -509,7 +606,7 @@ impl ChunkDriver {
     /// Waits `d`; false when stopped meanwhile.
     async fn wait(&self, d: Duration) -> bool {
         tokio::select! {
-            _ = self.ctx.stop.cancelled() => false,
+            _ = self.stop.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
     }

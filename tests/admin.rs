@@ -119,7 +119,7 @@ async fn status_metrics_and_rerun_on_a_running_daemon() {
     assert_eq!(h.ledger().len(), 3);
     let (code, out, stderr) = h.run(&["rerun", "nightly"]).await;
     assert_eq!(code, 0, "{stderr}");
-    assert!(out.contains("started"), "{out}");
+    assert!(out.contains("started run"), "{out}");
     d.wait_for_line("run complete").await;
     assert_eq!(
         h.ledger().len(),
@@ -202,4 +202,73 @@ async fn the_token_appears_nowhere() {
         checked > 10,
         "state and outputs were searched ({checked} files)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_finishes_a_partial_run_and_cancel_stops_one() {
+    // The first trigger is refused (422): that chunk fails, the run is partial.
+    let mut h = Harness::new(
+        "[defaults]\nbuild_time = \"50ms\"\n[collectors.c_slow00001]\nbuild_time = \"1h\"\n\
+         [[faults]]\nendpoint = \"trigger\"\nkey = \"c_retry00001\"\nkind = \"status\"\nstatus = 422\nbody = \"text\"\nfirst = 1\n",
+    )
+    .await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    h.write_inputs("in.csv", 9);
+    h.write_job(
+        "flaky.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_retry00001\"\ninputs_file = \"in.csv\"\nchunk_size = 3\n",
+    );
+    let mut d = h.start_daemon().await;
+    d.wait_for_line("run did not complete").await;
+    let run = h.run_dir("flaky");
+    assert_eq!(
+        common::read_json(&run.join("manifest.json"))["state"],
+        "partial"
+    );
+
+    let (code, out, stderr) = h.run(&["retry", "flaky"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("1 chunk(s)"), "{out}");
+    d.wait_for_line("run complete").await;
+    let manifest = common::read_json(&run.join("manifest.json"));
+    assert_eq!(
+        manifest["state"], "complete",
+        "same run directory, now complete"
+    );
+    assert_eq!(manifest["rows"], 9);
+    assert!(run.join("_SUCCESS").exists());
+    assert_eq!(
+        h.ledger().len(),
+        3,
+        "only the failed chunk was triggered again"
+    );
+    let (code, _, _) = h.run(&["retry", "flaky"]).await;
+    assert_eq!(code, 1, "nothing left to retry");
+
+    // Cancel: two collections building for an hour.
+    h.write_job(
+        "slow.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_slow00001\"\ninputs_file = \"in.csv\"\nchunk_size = 5\n",
+    );
+    h.emulator.wait_for_ledger(5, common::WAIT).await.unwrap();
+    let (code, out, stderr) = h.run(&["cancel", "slow"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("cancelling"), "{out}");
+    d.wait_for_line("state\":\"cancelled").await;
+    let manifest = h.manifest("slow");
+    assert_eq!(manifest["state"], "cancelled");
+    assert!(manifest["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["state"] == "cancelled"));
+    assert_eq!(
+        h.emulator.stats().requests["cancel"],
+        2,
+        "both collections cancelled at the provider"
+    );
+    assert_eq!(h.ledger().len(), 5);
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
 }

@@ -100,6 +100,10 @@ pub struct RunRecord {
     pub state: RunState,
     pub inputs: u64,
     pub chunks: u32,
+    /// `cancel` was asked: the run's collections are being cancelled. Kept
+    /// so a cancel interrupted by a crash goes on as a cancel.
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -600,6 +604,7 @@ mod tests {
                 state: RunState::InProgress,
                 inputs: 3,
                 chunks: 300,
+                cancel_requested: false,
             };
             store.put_run(&run).unwrap();
             for i in (0..300).rev() {
