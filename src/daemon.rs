@@ -524,6 +524,7 @@ pub async fn run(
         gate.block("no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file".into());
     }
     let http = Http::new(
+        "scraper_studio",
         config.brightdata_url(),
         brightdata_token,
         gate.clone(),

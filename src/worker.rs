@@ -629,14 +629,8 @@ impl ChunkDriver {
     async fn on_error(&mut self, what: &str, e: CallError) -> Next {
         match &e {
             CallError::RateLimited { .. } => Next::Continue,
-            CallError::Blocked { status, message } => {
-                let reason = format!("{} answered {status}: {message}", self.ctx.provider.kind());
-                if self.ctx.gate.blocked().is_none() {
-                    error!(reason = %reason, "provider blocked: fix the token or account, then send SIGHUP");
-                }
-                self.ctx.gate.block(reason);
-                Next::Continue
-            }
+            // The driver has blocked the provider already; the loop waits.
+            CallError::Blocked { .. } => Next::Continue,
             _ => self.back_off(what, &e).await,
         }
     }

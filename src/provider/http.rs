@@ -35,9 +35,13 @@ impl CallStats {
 }
 
 pub struct Http {
+    /// The provider's name, for messages.
+    name: &'static str,
     client: reqwest::Client,
     base: String,
-    token: RwLock<Option<Token>>,
+    /// The token and its generation, bumped at every change: an auth
+    /// refusal of an older token says nothing about the current one.
+    token: RwLock<(u64, Option<Token>)>,
     pub gate: Arc<ProviderGate>,
     pub timeout: Duration,
     pub stats: CallStats,
@@ -48,6 +52,7 @@ const SMALL_BODY: usize = 64 * 1024;
 
 impl Http {
     pub fn new(
+        name: &'static str,
         base: &str,
         token: Option<Token>,
         gate: Arc<ProviderGate>,
@@ -61,9 +66,10 @@ impl Http {
             .build()
             .unwrap_or_default();
         Http {
+            name,
             client,
             base: base.trim_end_matches('/').to_string(),
-            token: RwLock::new(token),
+            token: RwLock::new((0, token)),
             gate,
             timeout,
             stats: CallStats::default(),
@@ -71,11 +77,16 @@ impl Http {
     }
 
     pub fn set_token(&self, token: Option<Token>) {
-        *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        let mut t = self.token.write().unwrap_or_else(|e| e.into_inner());
+        *t = (t.0 + 1, token);
     }
 
-    pub fn has_token(&self) -> bool {
-        self.token.read().map(|t| t.is_some()).unwrap_or(false)
+    /// Blocks the provider, saying so once.
+    fn block(&self, reason: String) {
+        if self.gate.blocked().is_none() {
+            tracing::error!(reason = %reason, "provider blocked: fix the token or account, then send SIGHUP");
+        }
+        self.gate.block(reason);
     }
 
     /// Sends one request. `Ok` for 2xx and for 4xx other than 401/402/403/429,
@@ -89,12 +100,15 @@ impl Http {
         query: &[(&str, String)],
         body: Option<(&'static str, Bytes)>,
     ) -> Result<Response, CallError> {
-        let token = self.token.read().ok().and_then(|t| t.clone());
+        let (generation, token) = self
+            .token
+            .read()
+            .map(|t| (t.0, t.1.clone()))
+            .unwrap_or((0, None));
         let Some(token) = token else {
-            return Err(CallError::Blocked {
-                status: 0,
-                message: "no API token configured".into(),
-            });
+            let message = "no API token configured".to_string();
+            self.block(format!("{}: {message}", self.name));
+            return Err(CallError::Blocked { status: 0, message });
         };
         self.gate.admit().await;
         let mut request = self
@@ -142,10 +156,26 @@ impl Http {
                 Err(CallError::RateLimited { wait })
             }
             401..=403 => {
-                let text = read_small(response).await.unwrap_or_default();
+                let message = one_line(&read_small(response).await.unwrap_or_default());
+                // Blocked under the token lock: a token set meanwhile either
+                // came first (then this refusal was for the old one and
+                // blocks nothing) or comes after (and its unblock wins).
+                let current = self.token.read().unwrap_or_else(|e| e.into_inner());
+                if current.0 != generation {
+                    return Err(CallError::Transient {
+                        detail: format!("{endpoint}: {status} for the previous token; retrying with the new one"),
+                        sent: false,
+                    });
+                }
+                self.block(format!(
+                    "{} answered {}: {message}",
+                    self.name,
+                    status.as_u16()
+                ));
+                drop(current);
                 Err(CallError::Blocked {
                     status: status.as_u16(),
-                    message: one_line(&text),
+                    message,
                 })
             }
             500..=599 => {
