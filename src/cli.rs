@@ -1,7 +1,6 @@
 //! The command line (SPEC §2): parsing with clap, then one library call per
 //! subcommand, each returning the process exit code.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -202,28 +201,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// Text on a TTY, JSON lines otherwise, unless the config says which.
-/// `RUST_LOG` sets the levels (default `info`).
 pub fn init_logging(format: Option<LogFormat>) {
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Text
-    } else {
-        LogFormat::Json
-    });
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-    };
+    crate::logging::init(format);
 }
 
 fn validate(files: &[PathBuf]) -> u8 {

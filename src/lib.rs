@@ -20,6 +20,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it |
+//! | [`logging`] | text on a TTY, flat JSON lines (span fields included) otherwise |
 //! | [`config`] | daemon configuration: file → environment → flags; tokens that never print |
 //! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers |
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
@@ -62,6 +63,7 @@ pub mod emulator;
 pub mod intake;
 pub mod jsonstream;
 pub mod limits;
+pub mod logging;
 pub mod plan;
 pub mod provider;
 pub mod schedule;

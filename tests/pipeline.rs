@@ -42,6 +42,20 @@ async fn twenty_five_hundred_inputs_in_five_chunks() {
     let (code, _, stderr) = h.run_once().await;
     assert_eq!(code, 0, "{stderr}");
 
+    // Logs: JSON lines with the chunk's context as top-level fields.
+    let mut triggered = 0;
+    for line in stderr.lines().filter(|l| !l.starts_with("harvestd: ")) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["message"] == "triggered" {
+            assert_eq!(v["job"], "speakers", "{line}");
+            assert!(v["run"].is_string() && v["chunk"].is_u64(), "{line}");
+            assert!(v["remote_id"].as_str().unwrap().starts_with("j_"), "{line}");
+            triggered += 1;
+        }
+    }
+    assert_eq!(triggered, 5);
+
     let ledger = h.ledger();
     assert_eq!(ledger.len(), 5, "exactly one trigger per chunk");
     assert!(ledger
