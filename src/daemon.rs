@@ -136,6 +136,8 @@ struct Supervisor {
     summary: Summary,
     stop: CancellationToken,
     once: bool,
+    /// Live bars (`run --once` on a terminal).
+    bars: Option<crate::progress::Bars>,
 }
 
 impl Supervisor {
@@ -170,6 +172,11 @@ impl Supervisor {
             if let Some(run) = self.store.run(&job, &run_id)? {
                 self.spawn(run);
                 return Ok(());
+            }
+        }
+        if let (Some(bars), RunOutcome::Finished(state)) = (self.bars.as_mut(), &outcome) {
+            if let Ok(Some(run)) = self.store.run(&job, &run_id) {
+                bars.finish(&self.store, &run, state.as_str());
             }
         }
         match outcome {
@@ -399,6 +406,34 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Redraws the bars, or logs one `progress` line per run in progress.
+    fn report_progress(&mut self) {
+        let runs: Vec<RunRecord> = self
+            .active
+            .keys()
+            .filter_map(|(job, run)| self.store.run(job, run).ok().flatten())
+            .collect();
+        match self.bars.as_mut() {
+            Some(bars) => bars.update(&self.store, &runs),
+            None => {
+                for run in &runs {
+                    let c = crate::progress::counts(&self.store, run);
+                    info!(
+                        job = %run.job,
+                        run = %run.run_id,
+                        chunks_saved = c.saved,
+                        chunks_total = c.total,
+                        triggered = c.triggered,
+                        ready = c.ready,
+                        failed = c.failed,
+                        rows = c.rows,
+                        "progress"
+                    );
+                }
+            }
+        }
+    }
+
     /// One line for systemd's STATUS= and the logs.
     fn status_line(&self) -> String {
         let in_flight: u32 = self.keys.in_flight().iter().map(|(_, n)| n).sum();
@@ -551,6 +586,8 @@ pub async fn run(
         summary: Summary::default(),
         stop: stop.clone(),
         once: options.once,
+        bars: (options.once && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .then(crate::progress::Bars::new),
     };
 
     let (commands_tx, mut commands) = tokio::sync::mpsc::channel(16);
@@ -605,6 +642,14 @@ pub async fn run(
     info!(resumed, "state loaded; ready");
     let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
     let mut status_tick = tokio::time::interval(Duration::from_secs(10));
+    // Bars move smoothly; progress lines come every 10 s with --once, every
+    // 30 s for the daemon.
+    let mut progress_tick = tokio::time::interval(match (&sup.bars, options.once) {
+        (Some(_), _) => Duration::from_millis(250),
+        (None, true) => Duration::from_secs(10),
+        (None, false) => Duration::from_secs(30),
+    });
+    progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     sup.scan().await?;
     let mut watcher =
@@ -650,6 +695,7 @@ pub async fn run(
                 crate::systemd::watchdog();
             }
             _ = status_tick.tick() => crate::systemd::status(&sup.status_line()),
+            _ = progress_tick.tick() => sup.report_progress(),
             Some(joined) = sup.runs.join_next() => match joined {
                 Ok(result) => sup.record(result)?,
                 Err(e) => error!(error = %e, "run task panicked"),
@@ -678,6 +724,7 @@ pub async fn run(
         sup.summary.stopped += sup.runs.len();
     }
     sup.store.flush().await?;
+    drop(sup.bars.take());
     if let Some((_, task)) = admin {
         let _ = task.await;
         let _ = std::fs::remove_file(state_dir.join("admin.addr"));

@@ -34,7 +34,8 @@
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting |
 //! | [`sink`] | atomic files, part files, CSV flattening, final files, manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain |
-//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun |
+//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel |
+//! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
 //! | [`systemd`] | the notify protocol: READY, STATUS, WATCHDOG, STOPPING |
@@ -65,6 +66,7 @@ pub mod jsonstream;
 pub mod limits;
 pub mod logging;
 pub mod plan;
+pub mod progress;
 pub mod provider;
 pub mod schedule;
 pub mod signals;

@@ -25,7 +25,7 @@ pub fn init(format: Option<LogFormat>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter(Vec::new()));
     let _ = match format {
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())
@@ -101,5 +101,26 @@ impl Visit for Fields<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0
             .insert(field.name().into(), Value::String(format!("{value:?}")));
+    }
+}
+
+/// Collects one event's text and prints it whole, through the progress
+/// bars when they are drawn (so a log line never tears a bar).
+struct LogWriter(Vec<u8>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        crate::progress::write_log(&self.0);
     }
 }

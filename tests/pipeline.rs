@@ -55,6 +55,13 @@ async fn twenty_five_hundred_inputs_in_five_chunks() {
         }
     }
     assert_eq!(triggered, 5);
+    // Not a terminal: progress comes as log lines with the same numbers.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("\"message\":\"progress\"") && l.contains("\"chunks_total\":5")),
+        "a progress line"
+    );
 
     let ledger = h.ledger();
     assert_eq!(ledger.len(), 5, "exactly one trigger per chunk");
