@@ -421,6 +421,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn reconfigure_changes_live_caps_and_spacing() {
+        let limits = KeyedLimits::new(LimitsConfig {
+            max_in_flight: 1,
+            triggers_per_minute: 1,
+            ..LimitsConfig::default()
+        });
+        let key = limits.key("c_x", None);
+        let _held = key.in_flight.acquire().await;
+        key.trigger_slot().await;
+        // SIGHUP: 2 in flight, 60 triggers a minute.
+        limits.reconfigure(LimitsConfig {
+            max_in_flight: 2,
+            triggers_per_minute: 60,
+            ..LimitsConfig::default()
+        });
+        let second = tokio::time::timeout(Duration::from_millis(10), key.in_flight.acquire()).await;
+        assert!(
+            second.is_ok(),
+            "the raised cap admits a second collection at once"
+        );
+        // The slot already reserved under the old rate stands (60 s), the
+        // ones after it follow the new spacing (1 s).
+        let start = Instant::now();
+        key.trigger_slot().await;
+        key.trigger_slot().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(61));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn triggers_are_spaced_even_across_a_restart() {
         let limits = KeyedLimits::new(LimitsConfig {
             triggers_per_minute: 30,
