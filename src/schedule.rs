@@ -307,40 +307,57 @@ mod tests {
 
     #[test]
     fn cron_next_times() {
-        let t = datetime!(2026-01-31 23:59:30 UTC);
-        assert_eq!(next("* * * * *", t), datetime!(2026-02-01 00:00 UTC));
-        assert_eq!(
-            next("*/15 * * * *", datetime!(2026-03-01 10:07 UTC)),
-            datetime!(2026-03-01 10:15 UTC)
-        );
-        assert_eq!(
-            next("*/15 * * * *", datetime!(2026-03-01 10:45 UTC)),
-            datetime!(2026-03-01 11:00 UTC)
-        );
-        assert_eq!(
-            next("0 2 * * *", datetime!(2026-03-01 02:00 UTC)),
-            datetime!(2026-03-02 02:00 UTC)
-        );
-        assert_eq!(
-            next("5,35 9-10 * * *", datetime!(2026-03-01 09:40 UTC)),
-            datetime!(2026-03-01 10:05 UTC)
-        );
-        assert_eq!(
-            next("0 0 * * mon-fri", datetime!(2026-11-21 12:00 UTC)),
-            datetime!(2026-11-23 00:00 UTC)
-        );
-        assert_eq!(
-            next("0 0 * * 7", datetime!(2026-11-23 12:00 UTC)),
-            datetime!(2026-11-29 00:00 UTC)
-        );
-        assert_eq!(
-            next("0 12 1 jan,jul *", datetime!(2026-02-10 00:00 UTC)),
-            datetime!(2026-07-01 12:00 UTC)
-        );
-        assert_eq!(
-            next("10/20 * * * *", datetime!(2026-03-01 10:31 UTC)),
-            datetime!(2026-03-01 10:50 UTC)
-        );
+        // (expression, after, next)
+        let table = [
+            (
+                "* * * * *",
+                datetime!(2026-01-31 23:59:30 UTC),
+                datetime!(2026-02-01 00:00 UTC),
+            ),
+            (
+                "*/15 * * * *",
+                datetime!(2026-03-01 10:07 UTC),
+                datetime!(2026-03-01 10:15 UTC),
+            ),
+            (
+                "*/15 * * * *",
+                datetime!(2026-03-01 10:45 UTC),
+                datetime!(2026-03-01 11:00 UTC),
+            ),
+            (
+                "0 2 * * *",
+                datetime!(2026-03-01 02:00 UTC),
+                datetime!(2026-03-02 02:00 UTC),
+            ),
+            (
+                "5,35 9-10 * * *",
+                datetime!(2026-03-01 09:40 UTC),
+                datetime!(2026-03-01 10:05 UTC),
+            ),
+            (
+                "0 0 * * mon-fri",
+                datetime!(2026-11-21 12:00 UTC),
+                datetime!(2026-11-23 00:00 UTC),
+            ),
+            (
+                "0 0 * * 7",
+                datetime!(2026-11-23 12:00 UTC),
+                datetime!(2026-11-29 00:00 UTC),
+            ),
+            (
+                "0 12 1 jan,jul *",
+                datetime!(2026-02-10 00:00 UTC),
+                datetime!(2026-07-01 12:00 UTC),
+            ),
+            (
+                "10/20 * * * *",
+                datetime!(2026-03-01 10:31 UTC),
+                datetime!(2026-03-01 10:50 UTC),
+            ),
+        ];
+        for (expr, after, want) in table {
+            assert_eq!(next(expr, after), want, "{expr} after {after}");
+        }
     }
 
     #[test]

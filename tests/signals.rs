@@ -18,15 +18,15 @@ fn job(collector: &str) -> String {
     format!("provider = \"scraper_studio\"\ncollector = \"{collector}\"\ninputs_file = \"in.csv\"\nchunk_size = 5\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_waits_for_a_trigger_on_the_wire_and_leaves_no_doubt() {
-    // Each trigger answer takes a second to come.
-    let h = Harness::new(
-        "[defaults]\nbuild_time = \"1h\"\n[[faults]]\nendpoint = \"trigger\"\nkind = \"slow\"\ndelay = \"1s\"\nprobability = 1.0\n",
-    )
+/// A daemon whose first trigger is on the wire: every trigger answer takes
+/// `delay` to come.
+async fn with_a_slow_trigger_in_flight(delay: &str, inputs: usize) -> (Harness, common::Daemon) {
+    let h = Harness::new(&format!(
+        "[defaults]\nbuild_time = \"1h\"\n[[faults]]\nendpoint = \"trigger\"\nkind = \"slow\"\ndelay = \"{delay}\"\nprobability = 1.0\n"
+    ))
     .await;
-    h.write_inputs("in.csv", 10);
-    h.write_job("t.toml", &job("c_sigterm001"));
+    h.write_inputs("in.csv", inputs);
+    h.write_job("t.toml", &job("c_slowtrig01"));
     let d = h.start_daemon().await;
     h.emulator
         .wait_until(common::WAIT, |s| {
@@ -34,6 +34,12 @@ async fn sigterm_waits_for_a_trigger_on_the_wire_and_leaves_no_doubt() {
         })
         .await
         .unwrap();
+    (h, d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_trigger_on_the_wire_and_leaves_no_doubt() {
+    let (h, d) = with_a_slow_trigger_in_flight("1s", 10).await;
     d.signal(SIGTERM);
     assert_eq!(d.wait().await, 0);
     let store = Store::open(&h.path("state")).unwrap();
@@ -56,19 +62,7 @@ async fn sigterm_waits_for_a_trigger_on_the_wire_and_leaves_no_doubt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let h = Harness::new(
-        "[defaults]\nbuild_time = \"1h\"\n[[faults]]\nendpoint = \"trigger\"\nkind = \"slow\"\ndelay = \"30s\"\nprobability = 1.0\n",
-    )
-    .await;
-    h.write_inputs("in.csv", 5);
-    h.write_job("t.toml", &job("c_second0001"));
-    let mut d = h.start_daemon().await;
-    h.emulator
-        .wait_until(common::WAIT, |s| {
-            s.requests.get("trigger").copied().unwrap_or(0) >= 1
-        })
-        .await
-        .unwrap();
+    let (_h, mut d) = with_a_slow_trigger_in_flight("30s", 5).await;
     d.signal(SIGTERM);
     d.wait_for_line("shutdown requested").await;
     let start = Instant::now();
