@@ -26,7 +26,7 @@
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
 //! | [`plan`] | run ids, chunk names, chunking (pure) |
 //! | [`chunk`] | the chunk state machine: states carry their data; `next` is pure |
-//! | [`store`] | the only module that touches sled: typed, versioned records |
+//! | [`store`] | durable state: typed, versioned records in sled (its only user), chunk inputs and dedup keys in files beside it |
 //! | [`intake`] | which files are jobs, content identity, planning a run into the store |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight and trigger pacing, per-provider rate, 429 brake, blocks, backoff |
@@ -44,8 +44,10 @@
 //! ## Invariants
 //!
 //! - Dependencies point one way: daemon → worker → provider / store / sink /
-//!   limits → chunk, spec. `chunk`, `spec`, and `plan` do no IO besides
-//!   reading the job and inputs files. `provider` never imports `store`.
+//!   limits → chunk, spec; admin reads the store and sends commands to the
+//!   daemon, which alone starts, retries and cancels runs. `chunk`,
+//!   `schedule`, `plan` and `spec` do no IO besides reading the job and
+//!   inputs files. `provider` never imports `store`.
 //! - The emulator shares no request or response code with the clients.
 //! - Before a trigger the intent is flushed; the remote id is flushed right
 //!   after. A chunk found in `triggering` is in doubt and is settled at the
