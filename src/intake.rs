@@ -34,7 +34,7 @@ pub fn job_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// sha256 of the job file, then of its inputs file if it names a readable one.
-pub fn content_hash(path: &Path, job_bytes: &[u8], spec: Option<&JobSpec>) -> String {
+pub fn content_hash(job_bytes: &[u8], spec: Option<&JobSpec>) -> String {
     let mut h = Sha256::new();
     h.update(Sha256::digest(job_bytes));
     if let Some(InputSource::File(inputs)) = spec.map(|s| &s.inputs) {
@@ -50,7 +50,6 @@ pub fn content_hash(path: &Path, job_bytes: &[u8], spec: Option<&JobSpec>) -> St
         }
         h.update(inner.finalize());
     }
-    let _ = path;
     hex::encode(h.finalize())
 }
 
@@ -98,7 +97,7 @@ pub fn scan(
         let parsed = bytes.as_ref().ok().map(|b| spec::parse(&path, b));
         let spec_ok = parsed.as_ref().and_then(|p| p.as_ref().ok());
         let hash = match &bytes {
-            Ok(b) => content_hash(&path, b, spec_ok),
+            Ok(b) => content_hash(b, spec_ok),
             Err(message) => hex::encode(Sha256::digest(message.as_bytes())),
         };
         let previous = store.job(&name)?;
@@ -197,7 +196,7 @@ pub fn plan_due(
         }
     };
     let bytes = spec::document::read_job_file(&path).unwrap_or_default();
-    let hash = content_hash(&path, &bytes, Some(&spec));
+    let hash = content_hash(&bytes, Some(&spec));
     match plan(store, &spec, &hash, now) {
         Ok(run) => {
             let mut record = store

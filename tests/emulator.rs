@@ -39,6 +39,17 @@ async fn call(
     }
 }
 
+/// An authorised GET of `path` on the emulator.
+async fn get(e: &Emulator, path: &str) -> Answer {
+    call(
+        reqwest::Method::GET,
+        format!("{}{path}", e.url()),
+        Some(&bearer()),
+        None,
+    )
+    .await
+}
+
 fn bearer() -> String {
     format!("Bearer {DEMO_BRIGHTDATA_TOKEN}")
 }
@@ -167,34 +178,18 @@ async fn job_lifecycle_on_the_emulator_clock() {
     assert_eq!(rows.as_array().unwrap().len(), 2);
     assert_eq!(rows[0]["input"]["url"], "https://a");
 
-    let listing = call(
-        reqwest::Method::GET,
-        format!(
-            "{}/dca/collector/jobs?collector=c_life000001&from_date=2000-01-01&to_date=2999-01-01",
-            e.url()
-        ),
-        Some(&a),
-        None,
+    let listing = get(
+        &e,
+        "/dca/collector/jobs?collector=c_life000001&from_date=2000-01-01&to_date=2999-01-01",
     )
     .await;
     let jobs: Value = serde_json::from_str(&listing.text).unwrap();
     assert_eq!(jobs[0]["name"], "life");
-    let no_dates = call(
-        reqwest::Method::GET,
-        format!("{}/dca/collector/jobs", e.url()),
-        Some(&a),
-        None,
-    )
-    .await;
+    let no_dates = get(&e, "/dca/collector/jobs").await;
     assert_eq!(no_dates.status, 400);
-    let too_many = call(
-        reqwest::Method::GET,
-        format!(
-            "{}/dca/collector/jobs?from_date=2000-01-01&to_date=2999-01-01&limit=501",
-            e.url()
-        ),
-        Some(&a),
-        None,
+    let too_many = get(
+        &e,
+        "/dca/collector/jobs?from_date=2000-01-01&to_date=2999-01-01&limit=501",
     )
     .await;
     assert_eq!(too_many.status, 400);
@@ -236,16 +231,6 @@ async fn cancel_answers_plain_ok() {
     )
     .await;
     assert_eq!((cancel.status, cancel.text.as_str()), (200, "OK"));
-    let log: Value = serde_json::from_str(
-        &call(
-            reqwest::Method::GET,
-            format!("{}/dca/log/{id}", e.url()),
-            Some(&a),
-            None,
-        )
-        .await
-        .text,
-    )
-    .unwrap();
+    let log: Value = serde_json::from_str(&get(&e, &format!("/dca/log/{id}")).await.text).unwrap();
     assert_eq!(log["Status"], "canceled");
 }
