@@ -321,12 +321,19 @@ fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, String> {
         }
         jobs.push(job);
     }
-    let providers: Vec<Value> = state
-        .contexts
-        .iter()
+    let providers: Vec<Value> = distinct(&state.contexts)
         .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason)}))
         .collect();
     Ok(json!({"jobs": jobs, "providers": providers}))
+}
+
+/// One context per provider kind (Firecrawl v1 and v2 share a gate and a
+/// label): a series is never written twice.
+fn distinct(contexts: &[Arc<Context>]) -> impl Iterator<Item = &Arc<Context>> {
+    contexts.iter().enumerate().filter_map(|(i, c)| {
+        let kind = c.provider.kind();
+        (!contexts[..i].iter().any(|o| o.provider.kind() == kind)).then_some(c)
+    })
 }
 
 /// Prometheus text format. Labels are bounded: provider, endpoint, status
@@ -374,7 +381,7 @@ fn metrics(state: &AdminState) -> Result<String, String> {
         }
     }
     let _ = writeln!(out, "# HELP harvestd_rate_limited_total Answers 429 by provider.\n# TYPE harvestd_rate_limited_total counter");
-    for c in &state.contexts {
+    for c in distinct(&state.contexts) {
         let _ = writeln!(
             out,
             "harvestd_rate_limited_total{{provider=\"{}\"}} {}",
@@ -383,7 +390,7 @@ fn metrics(state: &AdminState) -> Result<String, String> {
         );
     }
     let _ = writeln!(out, "# HELP harvestd_provider_blocked Whether a provider is blocked (401/402/403, no token).\n# TYPE harvestd_provider_blocked gauge");
-    for c in &state.contexts {
+    for c in distinct(&state.contexts) {
         let _ = writeln!(
             out,
             "harvestd_provider_blocked{{provider=\"{}\"}} {}",
@@ -397,7 +404,13 @@ fn metrics(state: &AdminState) -> Result<String, String> {
     }
     let mut counters = [0u64; 6];
     let mut last_poll = 0i64;
+    // Contexts may share their counters: each set is added once.
+    let mut seen: Vec<&Arc<crate::worker::Counters>> = Vec::new();
     for c in &state.contexts {
+        if seen.iter().any(|k| Arc::ptr_eq(k, &c.counters)) {
+            continue;
+        }
+        seen.push(&c.counters);
         let k = &c.counters;
         for (slot, v) in counters.iter_mut().zip([
             &k.triggers_sent,

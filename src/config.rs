@@ -119,6 +119,10 @@ pub struct LimitsConfig {
     pub firecrawl_expiry_warn: Duration,
     #[serde(with = "humantime_serde")]
     pub firecrawl_expiry_error: Duration,
+    /// Web Scraper API snapshots with more records than this are fetched
+    /// in parts of this many (`batch_size`, at least 1000), each saved
+    /// durably, so a crash or a cut resumes at the next part.
+    pub snapshot_batch_size: u64,
     /// Per-key overrides, e.g. `[limits.keys."c_…"] max_in_flight = 4`.
     pub keys: BTreeMap<String, KeyLimits>,
 }
@@ -172,6 +176,7 @@ impl Default for LimitsConfig {
             expiry_error: Duration::from_secs(DAY),
             firecrawl_expiry_warn: Duration::from_secs(6 * HOUR),
             firecrawl_expiry_error: Duration::from_secs(HOUR),
+            snapshot_batch_size: 100_000,
             keys: BTreeMap::new(),
         }
     }
@@ -298,6 +303,12 @@ impl Config {
                     "limits.keys.\"{key}\": limits must be at least 1"
                 )));
             }
+        }
+        if l.snapshot_batch_size < 1000 {
+            // The API refuses a batch_size below 1000 (brightdata.md §3.4).
+            return Err(ConfigError::Invalid(
+                "limits.snapshot_batch_size must be at least 1000".into(),
+            ));
         }
         if l.poll_min_interval > l.poll_max_interval {
             return Err(ConfigError::Invalid(

@@ -13,15 +13,20 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{find_token, Config, ConfigError, Env, BRIGHTDATA_TOKEN_VARS};
-use crate::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
+use crate::config::{
+    find_token, Config, ConfigError, Env, Token, BRIGHTDATA_TOKEN_VARS, FIRECRAWL_TOKEN_VARS,
+};
+use crate::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN, DEMO_FIRECRAWL_TOKEN};
 use crate::limits::{KeyedLimits, ProviderGate};
+use crate::provider::firecrawl::Firecrawl;
 use crate::provider::http::Http;
 use crate::provider::scraper_studio::ScraperStudio;
+use crate::provider::web_scraper::WebScraper;
+use crate::provider::Provider;
 use crate::schedule::{jitter_offset, next_due, on_due, Due, Recurrence};
 use crate::signals::Signal;
 use crate::sink::manifest::timestamp;
-use crate::spec::ProviderKind;
+use crate::spec::{ApiVersion, JobSpec, ProviderKind};
 use crate::store::{RunRecord, RunState, ScheduleRecord, Store, StoreError};
 use crate::watcher::Watcher;
 use crate::worker::{self, Context, Counters, RunOutcome, WorkerError};
@@ -106,8 +111,117 @@ pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
     }
 }
 
-fn supported(kind: ProviderKind) -> bool {
-    kind == ProviderKind::ScraperStudio
+const NO_BRIGHTDATA_TOKEN: &str =
+    "no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file";
+const NO_FIRECRAWL_TOKEN: &str =
+    "no Firecrawl API key: set FIRECRAWL_API_KEY or providers.firecrawl.token_file";
+
+/// One worker context per API. Bright Data's two APIs share a gate (one
+/// provider for the request rate, 429s and blocks), as do Firecrawl v1 and
+/// v2; every context shares the store, the limits and the counters.
+struct Contexts {
+    studio: Arc<Context>,
+    web_scraper: Arc<Context>,
+    firecrawl_v1: Arc<Context>,
+    firecrawl_v2: Arc<Context>,
+}
+
+impl Contexts {
+    fn build(
+        config: &Config,
+        store: &Store,
+        stop: &CancellationToken,
+        park_on_block: bool,
+        brightdata_token: Option<Token>,
+        firecrawl_token: Option<Token>,
+    ) -> Contexts {
+        let brightdata = ProviderGate::new(&config.limits);
+        if brightdata_token.is_none() {
+            brightdata.block(NO_BRIGHTDATA_TOKEN.into());
+        }
+        let firecrawl = ProviderGate::new(&config.limits);
+        if firecrawl_token.is_none() {
+            firecrawl.block(NO_FIRECRAWL_TOKEN.into());
+        }
+        let counters = Arc::new(Counters::default());
+        let limits = Arc::new(config.limits.clone());
+        let timeout = config.limits.request_timeout;
+        let http = |name, base: &str, token: &Option<Token>, gate: &Arc<ProviderGate>| {
+            Http::new(name, base, token.clone(), gate.clone(), timeout)
+        };
+        let context = |provider: Arc<dyn Provider>, gate: &Arc<ProviderGate>| {
+            Arc::new(Context {
+                store: store.clone(),
+                provider,
+                gate: gate.clone(),
+                limits: std::sync::RwLock::new(limits.clone()),
+                output_dir: config.output_dir.clone(),
+                stop: stop.clone(),
+                park_on_block,
+                counters: counters.clone(),
+            })
+        };
+        let bd = config.brightdata_url();
+        let fc = config.firecrawl_url();
+        Contexts {
+            studio: context(
+                Arc::new(ScraperStudio::new(http(
+                    "scraper_studio",
+                    bd,
+                    &brightdata_token,
+                    &brightdata,
+                ))),
+                &brightdata,
+            ),
+            web_scraper: context(
+                Arc::new(WebScraper::new(
+                    http("web_scraper", bd, &brightdata_token, &brightdata),
+                    config.limits.snapshot_batch_size,
+                )),
+                &brightdata,
+            ),
+            firecrawl_v1: context(
+                Arc::new(Firecrawl::new(
+                    http("firecrawl", fc, &firecrawl_token, &firecrawl),
+                    ApiVersion::V1,
+                )),
+                &firecrawl,
+            ),
+            firecrawl_v2: context(
+                Arc::new(Firecrawl::new(
+                    http("firecrawl", fc, &firecrawl_token, &firecrawl),
+                    ApiVersion::V2,
+                )),
+                &firecrawl,
+            ),
+        }
+    }
+
+    fn for_spec(&self, spec: &JobSpec) -> &Arc<Context> {
+        match (spec.provider, spec.api_version) {
+            (ProviderKind::ScraperStudio, _) => &self.studio,
+            (ProviderKind::WebScraper, _) => &self.web_scraper,
+            (ProviderKind::Firecrawl, ApiVersion::V1) => &self.firecrawl_v1,
+            (ProviderKind::Firecrawl, ApiVersion::V2) => &self.firecrawl_v2,
+        }
+    }
+
+    fn all(&self) -> [&Arc<Context>; 4] {
+        [
+            &self.studio,
+            &self.web_scraper,
+            &self.firecrawl_v1,
+            &self.firecrawl_v2,
+        ]
+    }
+
+    /// The two gates: Bright Data's and Firecrawl's.
+    fn gates(&self) -> [(&'static str, &Arc<ProviderGate>); 2] {
+        [
+            ("brightdata", &self.studio.gate),
+            ("firecrawl", &self.firecrawl_v2.gate),
+        ]
+    }
 }
 
 type RunResult = (String, String, Result<RunOutcome, WorkerError>);
@@ -126,7 +240,7 @@ async fn sleep_until_ms(at: Option<i64>) {
 struct Supervisor {
     config: Config,
     store: Store,
-    studio: Arc<Context>,
+    contexts: Contexts,
     keys: Arc<KeyedLimits>,
     runs: JoinSet<RunResult>,
     /// Runs being driven, with their stop tokens.
@@ -156,7 +270,7 @@ impl Supervisor {
             .flatten()
             .map(|t| Duration::from_millis((now - t).max(0) as u64));
         let key = self.keys.key(&run.spec.key, ago);
-        let ctx = self.studio.clone();
+        let ctx = self.contexts.for_spec(&run.spec).clone();
         self.runs.spawn(async move {
             let result = worker::drive_run(ctx, key, run, stop).await;
             (id.0, id.1, result)
@@ -197,7 +311,7 @@ impl Supervisor {
     async fn scan(&mut self) -> Result<(), DaemonError> {
         let (dir, store) = (self.config.jobs_dir.clone(), self.store.clone());
         let scan = tokio::task::spawn_blocking(move || {
-            crate::intake::scan(&dir, &store, worker::now_ms(), supported)
+            crate::intake::scan(&dir, &store, worker::now_ms())
         })
         .await
         .map_err(|e| DaemonError::Io(e.to_string()))??;
@@ -376,24 +490,46 @@ impl Supervisor {
         if new.limits.requests_per_second != old.limits.requests_per_second {
             warn!("SIGHUP: requests_per_second changes only with a restart");
         }
+        if new.limits.snapshot_batch_size != old.limits.snapshot_batch_size {
+            warn!("SIGHUP: snapshot_batch_size changes only with a restart");
+        }
         self.keys.reconfigure(new.limits.clone());
-        self.studio.gate.reconfigure(&new.limits);
-        *self
-            .studio
-            .limits
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(new.limits.clone());
+        for (_, gate) in self.contexts.gates() {
+            gate.reconfigure(&new.limits);
+        }
+        let limits = Arc::new(new.limits.clone());
+        for c in self.contexts.all() {
+            *c.limits.write().unwrap_or_else(|e| e.into_inner()) = limits.clone();
+        }
         if !emulator {
-            let token = find_token(
+            let brightdata = find_token(
                 env,
                 BRIGHTDATA_TOKEN_VARS,
                 new.providers.brightdata.token_file.as_deref(),
                 "brightdata-token",
             )?;
-            let missing = token.is_none();
-            self.studio.provider.set_token(token);
-            if missing {
-                self.studio.gate.block("no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file".into());
+            let firecrawl = find_token(
+                env,
+                FIRECRAWL_TOKEN_VARS,
+                new.providers.firecrawl.token_file.as_deref(),
+                "firecrawl-token",
+            )?;
+            let c = &self.contexts;
+            for (token, contexts, missing) in [
+                (brightdata, [&c.studio, &c.web_scraper], NO_BRIGHTDATA_TOKEN),
+                (
+                    firecrawl,
+                    [&c.firecrawl_v1, &c.firecrawl_v2],
+                    NO_FIRECRAWL_TOKEN,
+                ),
+            ] {
+                let absent = token.is_none();
+                for ctx in contexts {
+                    ctx.provider.set_token(token.clone());
+                }
+                if absent {
+                    contexts[0].gate.block(missing.into());
+                }
             }
         }
         new.jobs_dir = old.jobs_dir.clone();
@@ -443,8 +579,10 @@ impl Supervisor {
             self.summary.complete,
             self.summary.incomplete
         );
-        if let Some(block) = self.studio.gate.blocked() {
-            line.push_str(&format!("; scraper_studio blocked: {}", block.reason));
+        for (name, gate) in self.contexts.gates() {
+            if let Some(block) = gate.blocked() {
+                line.push_str(&format!("; {name} blocked: {}", block.reason));
+            }
         }
         line
     }
@@ -539,47 +677,45 @@ pub async fn run(
     } else {
         None
     };
-    let brightdata_token = if emulator.is_some() {
-        Some(crate::config::Token::new(DEMO_BRIGHTDATA_TOKEN))
+    let (brightdata_token, firecrawl_token) = if emulator.is_some() {
+        (
+            Some(Token::new(DEMO_BRIGHTDATA_TOKEN)),
+            Some(Token::new(DEMO_FIRECRAWL_TOKEN)),
+        )
     } else {
-        find_token(
-            env,
-            BRIGHTDATA_TOKEN_VARS,
-            config.providers.brightdata.token_file.as_deref(),
-            "brightdata-token",
-        )?
+        (
+            find_token(
+                env,
+                BRIGHTDATA_TOKEN_VARS,
+                config.providers.brightdata.token_file.as_deref(),
+                "brightdata-token",
+            )?,
+            find_token(
+                env,
+                FIRECRAWL_TOKEN_VARS,
+                config.providers.firecrawl.token_file.as_deref(),
+                "firecrawl-token",
+            )?,
+        )
     };
     std::fs::create_dir_all(&config.output_dir)
         .map_err(|e| DaemonError::Io(format!("{}: {e}", config.output_dir.display())))?;
     let store = Store::open(&state_dir)?;
     let stop = CancellationToken::new();
 
-    let gate = ProviderGate::new(&config.limits);
-    if brightdata_token.is_none() {
-        gate.block("no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file".into());
-    }
-    let http = Http::new(
-        "scraper_studio",
-        config.brightdata_url(),
+    let contexts = Contexts::build(
+        &config,
+        &store,
+        &stop,
+        options.once,
         brightdata_token,
-        gate.clone(),
-        config.limits.request_timeout,
+        firecrawl_token,
     );
-    let studio = Arc::new(Context {
-        store: store.clone(),
-        provider: Arc::new(ScraperStudio::new(http)),
-        gate,
-        limits: std::sync::RwLock::new(Arc::new(config.limits.clone())),
-        output_dir: config.output_dir.clone(),
-        stop: stop.clone(),
-        park_on_block: options.once,
-        counters: Arc::new(Counters::default()),
-    });
     let mut sup = Supervisor {
         keys: Arc::new(KeyedLimits::new(config.limits.clone())),
         config,
         store,
-        studio,
+        contexts,
         runs: JoinSet::new(),
         active: HashMap::new(),
         cancelling: HashSet::new(),
@@ -605,7 +741,7 @@ pub async fn run(
         let keys = sup.keys.clone();
         let state = Arc::new(crate::admin::AdminState {
             store: sup.store.clone(),
-            contexts: vec![sup.studio.clone()],
+            contexts: sup.contexts.all().into_iter().cloned().collect(),
             ready: std::sync::atomic::AtomicBool::new(false),
             token: std::sync::RwLock::new(token),
             commands: commands_tx,
@@ -678,7 +814,9 @@ pub async fn run(
                             info!("SIGHUP: configuration reloaded");
                         }
                     }
-                    sup.studio.gate.unblock();
+                    for (_, gate) in sup.contexts.gates() {
+                        gate.unblock();
+                    }
                     sup.scan().await?;
                 }
             },

@@ -11,7 +11,7 @@ use tracing::{error, info};
 
 use crate::chunk::UnixMs;
 use crate::plan::{chunk_name, run_id, Chunker, Packed};
-use crate::spec::{self, InputSource, JobSpec, ProviderKind, Schedule};
+use crate::spec::{self, InputSource, JobSpec, Schedule};
 use crate::store::{ChunkRecord, JobRecord, RunRecord, RunState, Store, StoreError};
 
 /// Names that are never jobs: hidden files and files still being written.
@@ -66,16 +66,8 @@ pub struct Scan {
     pub listed: bool,
 }
 
-/// Which providers this daemon can drive; jobs for others are reported.
-pub type Supported = fn(ProviderKind) -> bool;
-
 /// Looks at every job file once; plans runs for content not seen before.
-pub fn scan(
-    dir: &Path,
-    store: &Store,
-    now: UnixMs,
-    supported: Supported,
-) -> Result<Scan, StoreError> {
+pub fn scan(dir: &Path, store: &Store, now: UnixMs) -> Result<Scan, StoreError> {
     let mut out = Scan::default();
     let files = match job_files(dir) {
         Ok(f) => f,
@@ -126,17 +118,6 @@ pub fn scan(
             Err(message) => Err(vec![format!("{}: {message}", path.display())]),
             Ok(_) => spec::load(&path).map_err(|ps| ps.iter().map(ToString::to_string).collect()),
         };
-        let loaded = loaded.and_then(|(spec, count)| {
-            if supported(spec.provider) {
-                Ok((spec, count))
-            } else {
-                Err(vec![format!(
-                    "{}: provider '{}' is not supported by this version of harvestd yet",
-                    path.display(),
-                    spec.provider
-                )])
-            }
-        });
         match loaded {
             Err(problems) => {
                 for p in &problems {

@@ -18,10 +18,12 @@ use tracing::{error, info, warn, Instrument};
 use crate::chunk::{self, ChunkEvent, ChunkState, TransitionError, UnixMs};
 use crate::config::LimitsConfig;
 use crate::limits::{backoff, jitter, poll_interval, InFlightPermit, KeyLimits, ProviderGate};
-use crate::provider::{CallError, DownloadOutcome, PollOutcome, Provider, TriggerCall};
+use crate::provider::{
+    CallError, DownloadOutcome, Found, PollOutcome, Provider, TriggerCall, Triggered,
+};
 use crate::sink::manifest::{timestamp, Manifest, ManifestChunk};
 use crate::sink::part::PartWriter;
-use crate::store::{ChunkRecord, RunRecord, RunState, Store, StoreError};
+use crate::store::{ChunkRecord, Download, RunRecord, RunState, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -298,6 +300,8 @@ pub async fn retry_run(store: &Store, run: &mut RunRecord) -> Result<u32, Worker
         ) {
             rec.state = chunk::next(&rec.state, ChunkEvent::Retry)?;
             rec.last_error = None;
+            rec.rejected.clear();
+            rec.download = Download::default();
             store.put_chunk(&run.job, &run.run_id, &rec)?;
             count += 1;
         }
@@ -333,13 +337,15 @@ pub async fn cancel_run(
                 inputs_ndjson: &inputs,
                 count: rec.inputs,
                 params: &run.spec.params,
+                attempt: rec.triggers,
             };
             let event = match ctx.provider.find(&call, intent_at).await {
-                Ok(Some(remote_id)) => ChunkEvent::Accepted {
-                    remote_id,
+                Ok(Found::Existing(t)) => ChunkEvent::Accepted {
+                    remote_id: t.remote_id,
                     at: now_ms(),
                 },
-                Ok(None) => ChunkEvent::NotCreated,
+                Ok(Found::Absent) => ChunkEvent::NotCreated,
+                Ok(Found::Unreachable(error)) => ChunkEvent::Rejected { error },
                 Err(e) => {
                     warn!(job = %run.job, run = %run.run_id, chunk = rec.index, error = %e,
                         "cancel: cannot settle an in-doubt trigger now; will try again");
@@ -582,6 +588,41 @@ impl ChunkDriver {
         }
     }
 
+    /// Persists the record as it is and flushes it.
+    async fn persist(&mut self) -> Result<(), WorkerError> {
+        self.ctx
+            .store
+            .put_chunk(&self.run.job, &self.run.run_id, &self.rec)?;
+        self.ctx.store.flush().await?;
+        Ok(())
+    }
+
+    /// Every page is saved: joins them into the part file, then marks the
+    /// chunk downloaded.
+    async fn join(&mut self, remote_id: &str) -> Result<Next, WorkerError> {
+        let (dir, index, pages) = (self.dir.clone(), self.rec.index, self.rec.download.pages);
+        let joined =
+            tokio::task::spawn_blocking(move || crate::sink::part::join_pages(&dir, index, pages))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = joined {
+            return Ok(self
+                .back_off("saving the part file", &CallError::Sink(e))
+                .await);
+        }
+        let (rows, error_rows) = (self.rec.download.rows, self.rec.download.error_rows);
+        info!(remote_id, rows, error_rows, pages, "dataset saved");
+        self.attempt = 0;
+        self.rec.last_error = None;
+        self.apply(ChunkEvent::Saved {
+            at: now_ms(),
+            rows,
+            error_rows,
+        })
+        .await?;
+        Ok(Next::Continue)
+    }
+
     /// Persists a transition and flushes it before anything else happens.
     async fn apply(&mut self, event: ChunkEvent) -> Result<(), WorkerError> {
         self.rec.state = chunk::next(&self.rec.state, event)?;
@@ -642,6 +683,7 @@ impl ChunkDriver {
             inputs_ndjson: inputs,
             count: self.rec.inputs,
             params: &self.run.spec.params,
+            attempt: self.rec.triggers,
         }
     }
 
@@ -671,9 +713,10 @@ impl ChunkDriver {
         // shutdown itself never leaves the chunk in doubt.
         let result = self.ctx.provider.trigger(&self.call(&inputs)).await;
         match result {
-            Ok(remote_id) => {
-                info!(remote_id = %remote_id, inputs = self.rec.inputs, "triggered");
-                self.accepted(remote_id).await
+            Ok(triggered) => {
+                info!(remote_id = %triggered.remote_id, inputs = self.rec.inputs,
+                    refused = triggered.rejected.len(), "triggered");
+                self.accepted(triggered).await
             }
             Err(e) if e.may_have_created() => {
                 self.note_in_doubt(&e);
@@ -700,11 +743,13 @@ impl ChunkDriver {
     }
 
     /// The provider holds a collection for this chunk: record its id.
-    async fn accepted(&mut self, remote_id: String) -> Result<Next, WorkerError> {
+    async fn accepted(&mut self, triggered: Triggered) -> Result<Next, WorkerError> {
         self.attempt = 0;
         self.rec.last_error = None;
+        self.rec.rejected = triggered.rejected;
+        self.rec.download = Download::default();
         self.apply(ChunkEvent::Accepted {
-            remote_id,
+            remote_id: triggered.remote_id,
             at: now_ms(),
         })
         .await?;
@@ -728,15 +773,24 @@ impl ChunkDriver {
         }
         let inputs = self.inputs()?;
         match self.ctx.provider.find(&self.call(&inputs), intent_at).await {
-            Ok(Some(remote_id)) => {
-                info!(remote_id = %remote_id, "in-doubt chunk settled: the collection exists");
+            Ok(Found::Existing(triggered)) => {
+                info!(remote_id = %triggered.remote_id, "in-doubt chunk settled: the collection exists");
                 self.ctx
                     .counters
                     .in_doubt_found
                     .fetch_add(1, Ordering::Relaxed);
-                self.accepted(remote_id).await
+                self.accepted(triggered).await
             }
-            Ok(None) if !self.rechecked => {
+            Ok(Found::Unreachable(error)) => {
+                error!(error = %error, "in-doubt chunk settled: the collection exists but cannot be reached; the chunk fails rather than pay twice");
+                self.ctx
+                    .counters
+                    .in_doubt_found
+                    .fetch_add(1, Ordering::Relaxed);
+                self.apply(ChunkEvent::Rejected { error }).await?;
+                Ok(Next::Continue)
+            }
+            Ok(Found::Absent) if !self.rechecked => {
                 // Listings can lag a fresh trigger: look once more later.
                 self.rechecked = true;
                 Ok(if self.wait(self.ctx.limits().in_doubt_recheck).await {
@@ -745,7 +799,7 @@ impl ChunkDriver {
                     Next::End(ChunkEnd::Stopped)
                 })
             }
-            Ok(None) => {
+            Ok(Found::Absent) => {
                 info!(
                     "in-doubt chunk settled: the provider has no such collection; triggering again"
                 );
@@ -778,11 +832,16 @@ impl ChunkDriver {
         }
         match outcome {
             Ok(PollOutcome::Building) => self.attempt = 0,
-            Ok(PollOutcome::Ready) => {
+            Ok(PollOutcome::Ready { expires_at, start }) => {
                 let now = now_ms();
-                let expires_at = now + self.ctx.provider.retention().as_millis() as i64;
+                let expires_at =
+                    expires_at.unwrap_or(now + self.ctx.provider.retention().as_millis() as i64);
                 info!(remote_id, "collection ready");
                 self.attempt = 0;
+                self.rec.download = Download {
+                    cursor: start,
+                    ..Download::default()
+                };
                 self.apply(ChunkEvent::Ready {
                     at: now,
                     expires_at,
@@ -796,6 +855,13 @@ impl ChunkDriver {
             Ok(PollOutcome::Cancelled) => {
                 warn!(remote_id, "collection was cancelled at the provider");
                 self.apply(ChunkEvent::Cancelled).await?;
+            }
+            Ok(PollOutcome::Expired(message)) => {
+                let error = format!(
+                    "the provider deleted collection {remote_id} before it was saved: {message}"
+                );
+                error!(remote_id, "{error}");
+                self.apply(ChunkEvent::Expired { error }).await?;
             }
             Ok(PollOutcome::NotFound(message)) => {
                 let age = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
@@ -834,45 +900,69 @@ impl ChunkDriver {
             return Ok(Next::Continue);
         }
         let left = Duration::from_millis((expires_at - now) as u64);
-        if left <= self.ctx.limits().expiry_error {
+        let l = self.ctx.limits();
+        let (warn_at, error_at) = match self.ctx.provider.kind() {
+            crate::spec::ProviderKind::Firecrawl => {
+                (l.firecrawl_expiry_warn, l.firecrawl_expiry_error)
+            }
+            _ => (l.expiry_warn, l.expiry_error),
+        };
+        if left <= error_at {
             error!(
                 remote_id,
                 ?left,
                 "ready dataset still unsaved and about to expire"
             );
-        } else if left <= self.ctx.limits().expiry_warn {
+        } else if left <= warn_at {
             warn!(
                 remote_id,
                 ?left,
                 "ready dataset still unsaved; it expires soon"
             );
         }
+        if self.rec.download.fetched {
+            return self.join(remote_id).await;
+        }
         let dir = self.dir.clone();
-        let index = self.rec.index;
-        let mut part =
-            match tokio::task::spawn_blocking(move || PartWriter::create(&dir, index)).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
+        let (index, page) = (self.rec.index, self.rec.download.pages);
+        let mut part = match tokio::task::spawn_blocking(move || {
+            PartWriter::create(&dir, index, page)
+        })
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                return Ok(self
+                    .back_off("creating the part file", &CallError::Sink(e))
+                    .await)
+            }
+            Err(e) => {
+                return Ok(self
+                    .back_off(
+                        "creating the part file",
+                        &CallError::Sink(std::io::Error::other(e.to_string())),
+                    )
+                    .await)
+            }
+        };
+        if page == 0 {
+            // Inputs refused at the trigger go with the chunk's first page.
+            for row in &self.rec.rejected {
+                if let Err(e) = crate::provider::RowSink::row(&mut part, row.as_bytes()) {
                     return Ok(self
-                        .back_off("creating the part file", &CallError::Sink(e))
-                        .await)
+                        .back_off("writing the part file", &CallError::Sink(e))
+                        .await);
                 }
-                Err(e) => {
-                    return Ok(self
-                        .back_off(
-                            "creating the part file",
-                            &CallError::Sink(std::io::Error::other(e.to_string())),
-                        )
-                        .await)
-                }
-            };
+            }
+        }
+        let cursor = self.rec.download.cursor.clone();
         let outcome = self
             .ctx
             .provider
-            .download(&self.run.spec.key, remote_id, &mut part)
+            .download(&self.run.spec.key, remote_id, cursor.as_ref(), &mut part)
             .await;
         match outcome {
-            Ok(DownloadOutcome::Saved) => {
+            Ok(DownloadOutcome::Saved { next }) => {
                 let (rows, error_rows) = (part.rows, part.error_rows);
                 let committed = tokio::task::spawn_blocking(move || part.commit())
                     .await
@@ -883,15 +973,27 @@ impl ChunkDriver {
                         .back_off("saving the part file", &CallError::Sink(e))
                         .await);
                 }
-                info!(remote_id, rows, error_rows, "dataset saved");
                 self.attempt = 0;
                 self.rec.last_error = None;
-                self.apply(ChunkEvent::Saved {
-                    at: now_ms(),
-                    rows,
-                    error_rows,
-                })
-                .await?;
+                let d = &mut self.rec.download;
+                d.pages += 1;
+                d.rows += rows;
+                d.error_rows += error_rows;
+                d.fetched = next.is_none();
+                d.cursor = next;
+                if !d.fetched {
+                    info!(remote_id, page = d.pages, rows, "page saved");
+                }
+                self.persist().await?;
+                if self.rec.download.fetched {
+                    return self.join(remote_id).await;
+                }
+            }
+            Ok(DownloadOutcome::Redirect(cursor)) => {
+                drop(part);
+                info!(remote_id, cursor = %cursor, "downloading in parts");
+                self.rec.download.cursor = Some(cursor);
+                self.persist().await?;
             }
             Ok(DownloadOutcome::NotReady) => {
                 // Build lag: ready by status, not served yet.
@@ -909,6 +1011,14 @@ impl ChunkDriver {
                 {
                     return Ok(Next::End(ChunkEnd::Stopped));
                 }
+            }
+            Ok(DownloadOutcome::Expired(message)) => {
+                drop(part);
+                let error = format!(
+                    "the provider deleted dataset {remote_id} before it was saved: {message}"
+                );
+                error!(remote_id, "{error}");
+                self.apply(ChunkEvent::Expired { error }).await?;
             }
             Ok(DownloadOutcome::NotFound(message)) => {
                 drop(part);

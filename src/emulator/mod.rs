@@ -8,8 +8,10 @@
 //! tests advance instead of waiting. `GET /_emulator/ledger` lists every
 //! accepted (billed) trigger.
 
+mod firecrawl;
 pub mod scenario;
 mod scraper_studio;
+mod web_scraper;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -27,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +70,9 @@ pub struct LedgerEntry {
     pub name: Option<String>,
     /// Emulator clock, ms since the epoch.
     pub time: i64,
+    /// The trigger's query parameters (Firecrawl: its body fields).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
 }
 
 /// Counters a test can assert on.
@@ -99,11 +105,17 @@ pub(crate) struct State {
     pub(crate) scenario: Scenario,
     offset_ms: AtomicI64,
     pub(crate) jobs: Mutex<HashMap<String, scraper_studio::Job>>,
+    pub(crate) snapshots: Mutex<HashMap<String, web_scraper::Snapshot>>,
+    pub(crate) batches: Mutex<HashMap<String, firecrawl::Batch>>,
+    /// Firecrawl v1 idempotency keys seen.
+    pub(crate) idempotency: Mutex<std::collections::HashSet<String>>,
+    /// Firecrawl credits left (`None`: unlimited).
+    pub(crate) credits: Mutex<Option<u64>>,
     ledger: Mutex<Vec<LedgerEntry>>,
     ledger_len: watch::Sender<usize>,
     /// Bumped at every request's arrival, for tests that wait on stats.
     arrivals: watch::Sender<u64>,
-    rng: Mutex<StdRng>,
+    pub(crate) rng: Mutex<StdRng>,
     fault_counts: Mutex<Vec<u64>>,
     stats: Mutex<Stats>,
     rate: Mutex<RateState>,
@@ -192,12 +204,17 @@ impl Emulator {
     pub async fn start(listen: SocketAddr, scenario: Scenario) -> std::io::Result<Emulator> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let credits = scenario.firecrawl.credits;
         let state = Arc::new(State {
             rng: Mutex::new(StdRng::seed_from_u64(scenario.seed)),
             fault_counts: Mutex::new(vec![0; scenario.faults.len()]),
             scenario,
             offset_ms: AtomicI64::new(0),
             jobs: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
+            batches: Mutex::new(HashMap::new()),
+            idempotency: Mutex::new(std::collections::HashSet::new()),
+            credits: Mutex::new(credits),
             ledger: Mutex::new(Vec::new()),
             ledger_len: watch::channel(0).0,
             arrivals: watch::channel(0).0,
@@ -380,12 +397,28 @@ fn check_auth(state: &State, req: &Request<Incoming>) -> Option<Reply> {
     None
 }
 
+/// The three APIs the emulator serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    ScraperStudio,
+    WebScraper,
+    Firecrawl,
+}
+
+fn route(method: &Method, path: &str) -> Option<(Api, &'static str)> {
+    scraper_studio::endpoint_of(method, path)
+        .map(|e| (Api::ScraperStudio, e))
+        .or_else(|| web_scraper::endpoint_of(method, path).map(|e| (Api::WebScraper, e)))
+        .or_else(|| firecrawl::endpoint_of(method, path).map(|e| (Api::Firecrawl, e)))
+}
+
 async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
     if let Some(reply) = control(state, &req, &path) {
         return reply;
     }
-    let endpoint = scraper_studio::endpoint_of(req.method(), &path);
+    let routed = route(req.method(), &path);
+    let endpoint = routed.map(|(_, e)| e);
     state.count(endpoint.unwrap_or("unknown"));
     note_arrival(state);
     if state.stats.lock().map(|s| s.banned).unwrap_or(false) {
@@ -394,17 +427,27 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             "Your IP is blocked after too many rate-limited requests",
         );
     }
-    let Some(endpoint) = endpoint else {
+    let Some((api, endpoint)) = routed else {
         return text(StatusCode::NOT_FOUND, "Not found");
     };
-    if let Some(reply) = check_auth(state, &req) {
+    let refused = match api {
+        Api::Firecrawl => firecrawl::check_auth(state, &req),
+        _ => check_auth(state, &req),
+    };
+    if let Some(reply) = refused {
         return reply;
     }
-    let key = scraper_studio::key_of(state, &req, endpoint);
+    let key = match api {
+        Api::ScraperStudio => scraper_studio::key_of(state, &req, endpoint),
+        Api::WebScraper => web_scraper::key_of(state, &req, endpoint),
+        Api::Firecrawl => Some(firecrawl::ACCOUNT.to_string()),
+    };
     let fault = state.fault_for(endpoint, key.as_deref());
     match fault.as_ref().map(|f| f.kind) {
         Some(FaultKind::Status) => return fault_status(fault.as_ref()),
-        Some(FaultKind::RateLimit) => return rate_limit(state, fault.as_ref()),
+        Some(FaultKind::RateLimit) => {
+            return rate_limit(state, fault.as_ref(), api == Api::Firecrawl)
+        }
         Some(FaultKind::Reset) => return Reply::Drop,
         Some(FaultKind::Html) => {
             return full(
@@ -420,7 +463,11 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         }
         _ => {}
     }
-    let reply = scraper_studio::handle(state, req, endpoint).await;
+    let reply = match api {
+        Api::ScraperStudio => scraper_studio::handle(state, req, endpoint).await,
+        Api::WebScraper => web_scraper::handle(state, req, endpoint).await,
+        Api::Firecrawl => firecrawl::handle(state, req, endpoint).await,
+    };
     match (fault.map(|f| (f.kind, f.delay)), reply) {
         (Some((FaultKind::LostAck, _)), _) => Reply::Drop,
         (Some((FaultKind::Truncate, _)), Reply::Response(r)) => Reply::Response(cut(r, None)),
@@ -508,14 +555,28 @@ fn fault_status(fault: Option<&Fault>) -> Reply {
     }
 }
 
-fn rate_limit(state: &State, fault: Option<&Fault>) -> Reply {
+/// A 429. Bright Data: `Retry-After` in seconds, as a date, or none.
+/// Firecrawl: the wait only in the message (`seconds`, its real form), the
+/// message plus a header (`header`), or neither (`none`).
+fn rate_limit(state: &State, fault: Option<&Fault>, firecrawl: bool) -> Reply {
     let secs = fault.map_or(1, |f| f.retry_after_secs);
     let form = fault.map_or("seconds", |f| f.retry_after.as_str());
     let now = Instant::now();
     let mut header = None;
     let mut until = None;
+    let mut body = "Too many requests".to_string();
     match form {
+        "none" if firecrawl => {
+            body = json!({"success": false, "error": "Rate limit exceeded."}).to_string()
+        }
         "none" => {}
+        _ if firecrawl => {
+            body = firecrawl::rate_limit_body(secs);
+            until = Some(now + Duration::from_secs(secs));
+            if form == "header" {
+                header = Some(secs.to_string());
+            }
+        }
         "date" => {
             // An HTTP date has whole seconds: the wait ends at the advertised
             // second, which is what a careful client can know.
@@ -551,7 +612,12 @@ fn rate_limit(state: &State, fault: Option<&Fault>) -> Reply {
             stats.banned = true;
         }
     }
-    let Reply::Response(mut r) = text(StatusCode::TOO_MANY_REQUESTS, "Too many requests") else {
+    let content_type = if firecrawl {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let Reply::Response(mut r) = full(StatusCode::TOO_MANY_REQUESTS, content_type, body) else {
         return Reply::Drop;
     };
     if let Some(h) = header.and_then(|h| HeaderValue::from_str(&h).ok()) {
@@ -603,4 +669,12 @@ fn cut(response: Response<Body>, stall: Option<Duration>) -> Response<Body> {
             Some((Ok(Frame::data(data.slice(..half))), (body, queued, done)))
         });
     Response::from_parts(parts, BoxBody::new(http_body_util::StreamBody::new(stream)))
+}
+
+/// An RFC 3339 time of the emulator's clock, with milliseconds.
+pub(crate) fn iso(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

@@ -25,9 +25,40 @@ pub struct Scenario {
     /// as early. Tests that serialise their calls set it near zero.
     #[serde(with = "humantime_serde")]
     pub retry_after_slack: Duration,
+    /// For Scraper Studio collectors (`c_…`) and Web Scraper API datasets
+    /// (`gd_…`) not listed under `collectors`.
     pub defaults: CollectorScenario,
     pub collectors: BTreeMap<String, CollectorScenario>,
+    /// The Firecrawl account.
+    pub firecrawl: FirecrawlScenario,
     pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirecrawlScenario {
+    /// Time from submission until the last URL is done; URLs finish spread
+    /// over it, in a seeded order unrelated to the input order.
+    #[serde(with = "humantime_serde")]
+    pub build_time: Duration,
+    /// Approximate size of each document.
+    pub doc_bytes: usize,
+    /// Every k-th URL fails (listed only in `/errors`; 0: never).
+    pub fail_every: u32,
+    /// Every k-th URL is a document with `metadata.statusCode` 404 (0: never).
+    pub http_error_every: u32,
+    /// Documents per page (100 upstream).
+    pub page_docs: usize,
+    /// Summed JSON length per page (10 MiB upstream).
+    pub page_bytes: usize,
+    /// `status` stays `scraping` this long after every URL is done (#2280).
+    #[serde(with = "humantime_serde")]
+    pub status_lag: Duration,
+    /// Results are kept this long after completion.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Credits left; `None`: unlimited. A batch needs one per URL (402).
+    pub credits: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -78,6 +109,18 @@ pub struct CollectorScenario {
     pub fail: bool,
     /// Fields every input must have (422 otherwise).
     pub input_fields: Vec<String>,
+    /// Web Scraper API: fewer inputs are refused (`Should be at least N inputs`).
+    pub min_inputs: usize,
+    /// Web Scraper API: the `/progress` word while running (`running`,
+    /// `collecting`, `digesting`).
+    pub progress_word: String,
+    /// Web Scraper API: the `error_message` of a failed snapshot.
+    pub fail_message: String,
+    /// Web Scraper API: snapshots with more records are refused whole (the
+    /// 5 GB cap, scaled down), so clients must use parts.
+    pub whole_download_max_records: Option<u64>,
+    /// Web Scraper API: running snapshots per dataset before 429.
+    pub max_running: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -107,7 +150,10 @@ pub enum LogKeys {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fault {
-    /// `trigger`, `log`, `dataset`, `jobs`, `cancel` or `any`.
+    /// `any`, or an endpoint: Scraper Studio `trigger`, `log`, `dataset`,
+    /// `jobs`, `cancel`; Web Scraper API `v3_trigger`, `v3_progress`,
+    /// `v3_snapshot`, `v3_parts`, `v3_input`, `v3_snapshots`, `v3_cancel`,
+    /// `v3_log`; Firecrawl `fc_batch`, `fc_status`, `fc_errors`, `fc_cancel`.
     pub endpoint: String,
     /// Only for this collector, if set.
     pub key: Option<String>,
@@ -163,6 +209,7 @@ impl Default for Scenario {
             retry_after_slack: Duration::from_millis(250),
             defaults: CollectorScenario::default(),
             collectors: BTreeMap::new(),
+            firecrawl: FirecrawlScenario::default(),
             faults: Vec::new(),
         }
     }
@@ -185,6 +232,27 @@ impl Default for CollectorScenario {
             realtime: false,
             fail: false,
             input_fields: vec!["url".into()],
+            min_inputs: 0,
+            progress_word: "running".into(),
+            fail_message: "Something went wrong. Our team is looking into it.".into(),
+            whole_download_max_records: None,
+            max_running: None,
+        }
+    }
+}
+
+impl Default for FirecrawlScenario {
+    fn default() -> Self {
+        FirecrawlScenario {
+            build_time: Duration::from_secs(2),
+            doc_bytes: 600,
+            fail_every: 0,
+            http_error_every: 0,
+            page_docs: 100,
+            page_bytes: 10 * 1024 * 1024,
+            status_lag: Duration::ZERO,
+            retention: Duration::from_secs(24 * 3600),
+            credits: None,
         }
     }
 }
@@ -213,10 +281,13 @@ impl Scenario {
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// A Scraper Studio collector (`c_…`) or a Web Scraper API dataset (`gd_…`).
     pub fn collector(&self, id: &str) -> Option<&CollectorScenario> {
         match self.collectors.get(id) {
             Some(c) => Some(c),
-            None if self.unknown_collectors == Unknown::Accept && id.starts_with("c_") => {
+            None if self.unknown_collectors == Unknown::Accept
+                && (id.starts_with("c_") || id.starts_with("gd_")) =>
+            {
                 Some(&self.defaults)
             }
             None => None,

@@ -11,7 +11,7 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{json, Map, Value};
 
 use super::scenario::{BuildingReply, CollectorScenario, ListingShape, LogKeys};
-use super::{full, json as json_reply, query, text, LedgerEntry, Reply, State};
+use super::{full, iso, json as json_reply, query, text, LedgerEntry, Reply, State};
 
 /// A batch job (`j_…`).
 pub(crate) struct Job {
@@ -210,6 +210,7 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
         inputs: job.inputs.len() as u64,
         name: job.name.clone(),
         time: now,
+        params: q.into_iter().collect(),
     });
     state
         .jobs
@@ -521,11 +522,4 @@ fn cancel(state: &State, req: &Request<Incoming>) -> Reply {
         }
         _ => text(StatusCode::BAD_REQUEST, "Job is already finished"),
     }
-}
-
-fn iso(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }

@@ -100,6 +100,20 @@ impl Http {
         query: &[(&str, String)],
         body: Option<(&'static str, Bytes)>,
     ) -> Result<Response, CallError> {
+        self.send_with(endpoint, method, path, query, body, &[])
+            .await
+    }
+
+    /// [`Http::send`] with extra request headers.
+    pub async fn send_with(
+        &self,
+        endpoint: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<(&'static str, Bytes)>,
+        headers: &[(&'static str, String)],
+    ) -> Result<Response, CallError> {
         let (generation, token) = self
             .token
             .read()
@@ -116,6 +130,9 @@ impl Http {
             .request(method, format!("{}{}", self.base, path))
             .bearer_auth(token.expose())
             .query(query);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
         if let Some((content_type, body)) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, content_type)

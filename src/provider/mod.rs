@@ -4,8 +4,10 @@
 //! building, not found yet, zero rows) are values, not errors. Providers never
 //! touch the store.
 
+pub mod firecrawl;
 pub mod http;
 pub mod scraper_studio;
+pub mod web_scraper;
 
 use std::time::Duration;
 
@@ -26,26 +28,76 @@ pub struct TriggerCall<'a> {
     pub inputs_ndjson: &'a [u8],
     pub count: u64,
     pub params: &'a Map<String, Value>,
+    /// Trigger calls made for this chunk before this one: with the name, it
+    /// makes an idempotency key that a re-sent request repeats.
+    pub attempt: u32,
 }
+
+/// An accepted trigger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triggered {
+    pub remote_id: String,
+    /// Inputs the provider refused while accepting the rest (Firecrawl's
+    /// `invalidURLs`), as error rows for `errors.ndjson`.
+    pub rejected: Vec<String>,
+}
+
+impl Triggered {
+    pub fn new(remote_id: String) -> Triggered {
+        Triggered {
+            remote_id,
+            rejected: Vec::new(),
+        }
+    }
+}
+
+/// What the provider shows for an in-doubt chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The collection exists (or was created now, idempotently).
+    Existing(Triggered),
+    /// The provider shows none: triggering again pays once.
+    Absent,
+    /// It exists but the provider offers no way to reach it: the chunk
+    /// fails with this message instead of paying twice.
+    Unreachable(String),
+}
+
+/// Where a dataset's download goes on: provider-defined, stored with the
+/// chunk after every saved page so a restart resumes there.
+pub type Cursor = Value;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PollOutcome {
     Building,
-    Ready,
+    Ready {
+        /// When the provider says it deletes the data, if it says.
+        expires_at: Option<UnixMs>,
+        /// Where the download starts (`None`: the whole dataset at once).
+        start: Option<Cursor>,
+    },
     Failed(String),
     Cancelled,
-    /// The provider does not know the id (too early, or expired).
+    /// The provider does not know the id (too early, or lost).
     NotFound(String),
+    /// The provider says the data is gone for good.
+    Expired(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DownloadOutcome {
-    /// Every row went to the sink.
-    Saved,
+    /// This page's rows went to the sink; the rest starts at `next`
+    /// (`None`: the dataset is complete).
+    Saved { next: Option<Cursor> },
+    /// Nothing was written: fetch from this cursor instead (a snapshot too
+    /// big to download whole).
+    Redirect(Cursor),
     /// Ready by status but the data is not served yet (build lag).
     NotReady,
     /// The data endpoint does not know the id (lag, or expired).
     NotFound(String),
+    /// The provider says the data is gone for good.
+    Expired(String),
 }
 
 /// Where downloaded rows go, one compact JSON value at a time.
@@ -95,24 +147,22 @@ pub trait Provider: Send + Sync {
     /// How long the provider keeps a finished dataset.
     fn retention(&self) -> Duration;
 
-    /// Starts a collection for one chunk and returns its remote id.
-    async fn trigger(&self, call: &TriggerCall<'_>) -> Result<String, CallError>;
+    /// Starts a collection for one chunk.
+    async fn trigger(&self, call: &TriggerCall<'_>) -> Result<Triggered, CallError>;
 
     /// Looks for a collection this chunk's trigger may have created since
-    /// `since` (an in-doubt chunk). `Ok(None)` means the provider shows none.
-    async fn find(
-        &self,
-        call: &TriggerCall<'_>,
-        since: UnixMs,
-    ) -> Result<Option<String>, CallError>;
+    /// `since` (an in-doubt chunk).
+    async fn find(&self, call: &TriggerCall<'_>, since: UnixMs) -> Result<Found, CallError>;
 
     async fn poll(&self, key: &str, remote_id: &str) -> Result<PollOutcome, CallError>;
 
-    /// Streams the dataset's rows into `sink`.
+    /// Streams one page of the dataset's rows, from `cursor` (`None`: the
+    /// start), into `sink`.
     async fn download(
         &self,
         key: &str,
         remote_id: &str,
+        cursor: Option<&Cursor>,
         sink: &mut dyn RowSink,
     ) -> Result<DownloadOutcome, CallError>;
 
@@ -126,5 +176,79 @@ pub trait Provider: Send + Sync {
     /// Calls made so far by (endpoint, status class), for metrics.
     fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
         Vec::new()
+    }
+}
+
+/// How a boolean parameter is written in a query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoolStyle {
+    /// `1`/`0` (Scraper Studio's documented examples).
+    Digit,
+    /// `true`/`false` (the Web Scraper API's OpenAPI).
+    Word,
+}
+
+/// Query parameters from the job's `params`: scalars as text; arrays and
+/// objects have no query form and are left out (validation warns).
+pub fn query_params(params: &Map<String, Value>, bools: BoolStyle) -> Vec<(&str, String)> {
+    params
+        .iter()
+        .filter_map(|(k, v)| {
+            let text = match (v, bools) {
+                (Value::String(s), _) => s.clone(),
+                (Value::Number(n), _) => n.to_string(),
+                (Value::Bool(b), BoolStyle::Digit) => u8::from(*b).to_string(),
+                (Value::Bool(b), BoolStyle::Word) => b.to_string(),
+                _ => return None,
+            };
+            Some((k.as_str(), text))
+        })
+        .collect()
+}
+
+/// The chunk's inputs, one JSON object per line.
+pub fn input_lines(ndjson: &[u8]) -> impl Iterator<Item = &[u8]> {
+    ndjson.split(|&b| b == b'\n').filter(|l| !l.is_empty())
+}
+
+/// The chunk's NDJSON inputs as one JSON array, for a trigger body.
+pub fn array_body(ndjson: &[u8]) -> bytes::Bytes {
+    let mut body = Vec::with_capacity(ndjson.len() + 2);
+    body.push(b'[');
+    for (i, line) in input_lines(ndjson).enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(line);
+    }
+    body.push(b']');
+    bytes::Bytes::from(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_and_params() {
+        assert_eq!(
+            &array_body(b"{\"url\":\"a\"}\n{\"url\":\"b\"}\n")[..],
+            b"[{\"url\":\"a\"},{\"url\":\"b\"}]"
+        );
+        let params =
+            serde_json::json!({"queue_next": 1, "deadline": "2h", "dev": true, "list": [1]});
+        let params = params.as_object().unwrap();
+        assert_eq!(
+            query_params(params, BoolStyle::Digit),
+            vec![
+                ("queue_next", "1".to_string()),
+                ("deadline", "2h".to_string()),
+                ("dev", "1".to_string())
+            ]
+        );
+        assert_eq!(
+            query_params(params, BoolStyle::Word)[2],
+            ("dev", "true".to_string())
+        );
     }
 }

@@ -5,13 +5,15 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 
 use super::http::{error_chain, one_line, read_small, read_text, Http};
-use super::{CallError, DownloadOutcome, PollOutcome, Provider, RowSink, TriggerCall};
+use super::{
+    array_body, query_params, BoolStyle, CallError, Cursor, DownloadOutcome, Found, PollOutcome,
+    Provider, RowSink, TriggerCall, Triggered,
+};
 use crate::chunk::UnixMs;
 use crate::jsonstream::ArraySplitter;
 use crate::spec::ProviderKind;
@@ -36,40 +38,6 @@ impl ScraperStudio {
     pub fn http(&self) -> &Http {
         &self.http
     }
-}
-
-/// Query parameters from the job's `params`: scalars as text.
-fn param_pairs(params: &serde_json::Map<String, Value>) -> Vec<(&str, String)> {
-    params
-        .iter()
-        .filter_map(|(k, v)| {
-            let text = match v {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => u8::from(*b).to_string(),
-                _ => return None,
-            };
-            Some((k.as_str(), text))
-        })
-        .collect()
-}
-
-/// The trigger body: the chunk's NDJSON inputs as one JSON array.
-fn array_body(ndjson: &[u8]) -> Bytes {
-    let mut body = Vec::with_capacity(ndjson.len() + 2);
-    body.push(b'[');
-    for (i, line) in ndjson
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .enumerate()
-    {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(line);
-    }
-    body.push(b']');
-    Bytes::from(body)
 }
 
 /// A value by key, whatever its case: the log answers with `Status` in the
@@ -100,12 +68,12 @@ impl Provider for ScraperStudio {
         RETENTION
     }
 
-    async fn trigger(&self, call: &TriggerCall<'_>) -> Result<String, CallError> {
+    async fn trigger(&self, call: &TriggerCall<'_>) -> Result<Triggered, CallError> {
         let mut query = vec![
             ("collector", call.key.to_string()),
             ("name", call.name.to_string()),
         ];
-        query.extend(param_pairs(call.params));
+        query.extend(query_params(call.params, BoolStyle::Digit));
         let response = self
             .http
             .send(
@@ -131,7 +99,7 @@ impl Provider for ScraperStudio {
             .get("collection_id")
             .and_then(Value::as_str)
             .filter(|id| !id.is_empty())
-            .map(str::to_string)
+            .map(|id| Triggered::new(id.to_string()))
             .ok_or_else(|| {
                 CallError::Protocol(format!(
                     "trigger answer has no collection_id: {}",
@@ -140,11 +108,7 @@ impl Provider for ScraperStudio {
             })
     }
 
-    async fn find(
-        &self,
-        call: &TriggerCall<'_>,
-        since: UnixMs,
-    ) -> Result<Option<String>, CallError> {
+    async fn find(&self, call: &TriggerCall<'_>, since: UnixMs) -> Result<Found, CallError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
         // Dates are whole days in an unknown time zone: widen by a day each side.
         let from = date(since - DAY_MS);
@@ -202,12 +166,12 @@ impl Provider for ScraperStudio {
                         .iter()
                         .find_map(|k| field(job, k).and_then(Value::as_str));
                     if let Some(id) = id {
-                        return Ok(Some(id.to_string()));
+                        return Ok(Found::Existing(Triggered::new(id.to_string())));
                     }
                 }
             }
             if jobs.len() < LIST_PAGE {
-                return Ok(None);
+                return Ok(Found::Absent);
             }
         }
         Err(CallError::Protocol(format!(
@@ -248,7 +212,10 @@ impl Provider for ScraperStudio {
             .unwrap_or("unknown")
             .to_ascii_lowercase();
         Ok(match state.as_str() {
-            "done" => PollOutcome::Ready,
+            "done" => PollOutcome::Ready {
+                expires_at: None,
+                start: None,
+            },
             "failed" => PollOutcome::Failed(
                 value
                     .as_object()
@@ -270,6 +237,7 @@ impl Provider for ScraperStudio {
         &self,
         _key: &str,
         remote_id: &str,
+        _cursor: Option<&Cursor>,
         sink: &mut dyn RowSink,
     ) -> Result<DownloadOutcome, CallError> {
         let query = [
@@ -365,7 +333,7 @@ impl Provider for ScraperStudio {
             detail: format!("dataset body cut short: {e}"),
             sent: true,
         })?;
-        Ok(DownloadOutcome::Saved)
+        Ok(DownloadOutcome::Saved { next: None })
     }
 
     fn set_token(&self, token: Option<crate::config::Token>) {
@@ -418,21 +386,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_and_params() {
-        assert_eq!(
-            &array_body(b"{\"url\":\"a\"}\n{\"url\":\"b\"}\n")[..],
-            b"[{\"url\":\"a\"},{\"url\":\"b\"}]"
-        );
-        let params = serde_json::json!({"queue_next": 1, "deadline": "2h", "dev": true});
-        let pairs = param_pairs(params.as_object().unwrap());
-        assert_eq!(
-            pairs,
-            vec![
-                ("queue_next", "1".to_string()),
-                ("deadline", "2h".to_string()),
-                ("dev", "1".to_string())
-            ]
-        );
+    fn listing_dates_are_days() {
         assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(DAY_MS * 365 + 5), "1971-01-01");
     }
 }

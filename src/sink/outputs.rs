@@ -214,16 +214,26 @@ mod tests {
     fn parts_become_final_files() {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path();
-        let mut p0 = PartWriter::create(run, 0).unwrap();
+        // Chunk 0 came in two pages, chunk 1 in one.
+        let mut p0 = PartWriter::create(run, 0, 0).unwrap();
         p0.row(br#"{"url":"a","about":{"n":1}}"#).unwrap();
+        assert_eq!((p0.rows, p0.error_rows), (1, 0));
+        p0.commit().unwrap();
+        let mut p0 = PartWriter::create(run, 0, 1).unwrap();
         p0.row(br#"{"input":{"url":"b"},"error":"dead","error_code":"dead_page"}"#)
             .unwrap();
-        assert_eq!((p0.rows, p0.error_rows), (1, 1));
+        assert_eq!((p0.rows, p0.error_rows), (0, 1));
         p0.commit().unwrap();
-        let mut p1 = PartWriter::create(run, 1).unwrap();
+        let mut p1 = PartWriter::create(run, 1, 0).unwrap();
         p1.row(br#"{"url":"c","title":"=1+1","about":{"n":2}}"#)
             .unwrap();
         p1.commit().unwrap();
+        for (chunk, pages) in [(0, 2), (1, 1)] {
+            crate::sink::part::join_pages(run, chunk, pages).unwrap();
+            // Joining again after a crash finds the work done.
+            crate::sink::part::join_pages(run, chunk, pages).unwrap();
+            assert!(!crate::sink::part::page_path(run, chunk, 0).exists());
+        }
 
         let all = [OutputFormat::Csv, OutputFormat::Json, OutputFormat::Ndjson];
         let files = write(run, &all, true, &[0, 1], None).unwrap();

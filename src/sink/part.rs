@@ -16,6 +16,42 @@ pub fn part_path(run_dir: &Path, index: u32) -> PathBuf {
     parts_dir(run_dir).join(format!("chunk-{index:06}.ndjson"))
 }
 
+/// One saved page of a chunk's download, before the pages are joined.
+pub fn page_path(run_dir: &Path, index: u32, page: u32) -> PathBuf {
+    parts_dir(run_dir).join(format!("chunk-{index:06}.page-{page:05}.ndjson"))
+}
+
+/// Joins a chunk's saved pages into its part file, durably, and removes
+/// the pages. A single page is renamed. Safe to repeat after a crash:
+/// pages are removed only once the part is durable, so a missing page with
+/// the part present means the join is done.
+pub fn join_pages(run_dir: &Path, index: u32, pages: u32) -> io::Result<()> {
+    let part = part_path(run_dir, index);
+    let paths: Vec<PathBuf> = (0..pages).map(|p| page_path(run_dir, index, p)).collect();
+    if paths.iter().any(|p| !p.exists()) {
+        if part.exists() {
+            return Ok(());
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("a saved page of chunk {index} is missing"),
+        ));
+    }
+    if pages == 1 {
+        std::fs::rename(&paths[0], &part)?;
+        return super::sync_dir(&parts_dir(run_dir));
+    }
+    let mut out = AtomicFile::create(&part)?;
+    for path in &paths {
+        io::copy(&mut std::fs::File::open(path)?, &mut out)?;
+    }
+    out.commit()?;
+    for path in &paths {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// Receives one chunk's rows; counts data and error rows as they pass.
 pub struct PartWriter {
     file: AtomicFile,
@@ -24,10 +60,11 @@ pub struct PartWriter {
 }
 
 impl PartWriter {
-    pub fn create(run_dir: &Path, index: u32) -> io::Result<PartWriter> {
+    /// A writer for page `page` of chunk `index`.
+    pub fn create(run_dir: &Path, index: u32, page: u32) -> io::Result<PartWriter> {
         super::create_dir_durable(&parts_dir(run_dir))?;
         Ok(PartWriter {
-            file: AtomicFile::create(&part_path(run_dir, index))?,
+            file: AtomicFile::create(&page_path(run_dir, index, page))?,
             rows: 0,
             error_rows: 0,
         })

@@ -120,6 +120,28 @@ pub struct ChunkRecord {
     /// Times this chunk was found in doubt.
     pub in_doubt: u32,
     pub last_error: Option<String>,
+    /// Error rows from the trigger's answer (inputs the provider refused),
+    /// written with the chunk's rows.
+    #[serde(default)]
+    pub rejected: Vec<String>,
+    /// The download's progress, page by page (see [`Download`]).
+    #[serde(default)]
+    pub download: Download,
+}
+
+/// A download in pages (Web Scraper API parts, Firecrawl result pages):
+/// each saved page is a durable file and is counted here, so a restart or
+/// a failed fetch resumes at the next page and never fetches a saved one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Download {
+    /// The provider's cursor for the next page; `None`: the start.
+    pub cursor: Option<serde_json::Value>,
+    /// Pages saved so far.
+    pub pages: u32,
+    pub rows: u64,
+    pub error_rows: u64,
+    /// Every page is saved; only joining them into the part file remains.
+    pub fetched: bool,
 }
 
 impl ChunkRecord {
@@ -133,6 +155,8 @@ impl ChunkRecord {
             triggers: 0,
             in_doubt: 0,
             last_error: None,
+            rejected: Vec::new(),
+            download: Download::default(),
         }
     }
 }

@@ -1,0 +1,551 @@
+//! Bright Data Web Scraper API (`/datasets/v3/…`), from
+//! `providers/brightdata.md` §3: trigger, progress for status, snapshot
+//! download (whole, or in parts above a size), the snapshot listing plus
+//! each snapshot's inputs to settle lost answers, cancel.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+
+use super::http::{error_chain, one_line, read_small, read_text, Http};
+use super::{
+    array_body, input_lines, query_params, BoolStyle, CallError, Cursor, DownloadOutcome, Found,
+    PollOutcome, Provider, RowSink, TriggerCall, Triggered,
+};
+use crate::chunk::UnixMs;
+use crate::spec::ProviderKind;
+
+/// *Download Snapshot* says 16 days, *Scraper API limits* 30: plan for 16.
+const RETENTION: Duration = Duration::from_secs(16 * 24 * 3600);
+
+/// The snapshot listing pages at most 5000 (§3.8).
+const LIST_PAGE: usize = 5000;
+/// A listing deeper than this is not searched further for one chunk.
+const LIST_MAX_PAGES: usize = 4;
+/// The provider's clock and ours may differ: snapshots created this long
+/// before the intent are still candidates.
+const CLOCK_SLACK_MS: i64 = 5 * 60 * 1000;
+
+pub struct WebScraper {
+    http: Http,
+    /// Records per part when a snapshot is downloaded in parts (≥ 1000).
+    batch_size: u64,
+}
+
+impl WebScraper {
+    pub fn new(http: Http, batch_size: u64) -> Self {
+        WebScraper {
+            http,
+            batch_size: batch_size.max(1000),
+        }
+    }
+
+    /// The start of a download: whole, or in parts when the snapshot holds
+    /// more than one part's worth of records.
+    fn start(&self, records: Option<u64>) -> Option<Cursor> {
+        match records {
+            Some(n) if n > self.batch_size => Some(json!({"batch_size": self.batch_size})),
+            _ => None,
+        }
+    }
+
+    async fn get_text(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        max: usize,
+    ) -> Result<(u16, String), CallError> {
+        let response = self
+            .http
+            .send(endpoint, Method::GET, path, query, None)
+            .await?;
+        let status = response.status().as_u16();
+        let (text, dropped) = read_text(response, max).await?;
+        if dropped {
+            return Err(CallError::Protocol(format!(
+                "{endpoint}: answer larger than {max} bytes"
+            )));
+        }
+        Ok((status, text))
+    }
+
+    /// The number of parts at `batch_size`; `None` while the snapshot is not
+    /// ready to say.
+    async fn parts(&self, remote_id: &str, batch_size: u64) -> Result<Option<u64>, CallError> {
+        let query = [
+            ("format", "ndjson".to_string()),
+            ("batch_size", batch_size.to_string()),
+        ];
+        let (status, text) = self
+            .get_text(
+                "v3_parts",
+                &format!("/datasets/v3/snapshot/{remote_id}/parts"),
+                &query,
+                64 * 1024,
+            )
+            .await?;
+        match status {
+            200..=299 => serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("parts").and_then(Value::as_u64))
+                .map(Some)
+                .ok_or_else(|| CallError::Protocol(format!("parts answer: {}", one_line(&text)))),
+            400 if text.to_ascii_lowercase().contains("not ready") => Ok(None),
+            _ => Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            }),
+        }
+    }
+
+    /// Whether this snapshot's inputs are exactly the chunk's.
+    async fn same_inputs(&self, remote_id: &str, chunk: &[u8]) -> Result<bool, CallError> {
+        let (status, text) = self
+            .get_text(
+                "v3_input",
+                &format!("/datasets/v3/snapshot/{remote_id}/input"),
+                &[],
+                64 * 1024 * 1024,
+            )
+            .await?;
+        if !(200..300).contains(&status) {
+            // No inputs to compare (400 "Snapshot input does not exist"):
+            // it cannot be shown to be this chunk's.
+            return Ok(false);
+        }
+        let Some(theirs) = csv_rows(&text) else {
+            return Ok(false);
+        };
+        let mut ours: Vec<BTreeMap<String, String>> = input_lines(chunk)
+            .filter_map(|l| serde_json::from_slice::<Map<String, Value>>(l).ok())
+            .map(|row| {
+                row.into_iter()
+                    .map(|(k, v)| (k, cell_text(&v)))
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect()
+            })
+            .collect();
+        ours.sort();
+        Ok(ours == theirs)
+    }
+}
+
+/// A CSV text's rows as maps, sorted, empty cells left out; `None` if it is
+/// not CSV.
+fn csv_rows(text: &str) -> Option<Vec<BTreeMap<String, String>>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let header = reader.headers().ok()?.clone();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.ok()?;
+        rows.push(
+            header
+                .iter()
+                .zip(record.iter())
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+    rows.sort();
+    Some(rows)
+}
+
+/// An input value as a CSV cell holds it.
+fn cell_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn date(ms: UnixMs) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
+}
+
+fn parse_time(text: &str) -> Option<UnixMs> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+#[async_trait]
+impl Provider for WebScraper {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::WebScraper
+    }
+
+    fn retention(&self) -> Duration {
+        RETENTION
+    }
+
+    async fn trigger(&self, call: &TriggerCall<'_>) -> Result<Triggered, CallError> {
+        let mut query = vec![("dataset_id", call.key.to_string())];
+        // Error rows are wanted (they become errors.ndjson) unless the job says otherwise.
+        if !call.params.contains_key("include_errors") {
+            query.push(("include_errors", "true".to_string()));
+        }
+        query.extend(query_params(call.params, BoolStyle::Word));
+        let response = self
+            .http
+            .send(
+                "v3_trigger",
+                Method::POST,
+                "/datasets/v3/trigger",
+                &query,
+                Some(("application/json", array_body(call.inputs_ndjson))),
+            )
+            .await?;
+        let status = response.status().as_u16();
+        let text = read_small(response).await?;
+        if !(200..300).contains(&status) {
+            return Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            });
+        }
+        let answer: Value = serde_json::from_str(&text).map_err(|e| {
+            CallError::Protocol(format!("trigger answer: {e}: {}", one_line(&text)))
+        })?;
+        answer
+            .get("snapshot_id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(|id| Triggered::new(id.to_string()))
+            .ok_or_else(|| {
+                CallError::Protocol(format!(
+                    "trigger answer has no snapshot_id: {}",
+                    one_line(&text)
+                ))
+            })
+    }
+
+    /// The API keeps no tag per trigger: a snapshot created since the intent
+    /// whose inputs are exactly the chunk's is taken to be its collection.
+    async fn find(&self, call: &TriggerCall<'_>, since: UnixMs) -> Result<Found, CallError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        for page in 0..LIST_MAX_PAGES {
+            let query = [
+                ("dataset_id", call.key.to_string()),
+                ("from_date", date(since - DAY_MS)),
+                ("to_date", date(now + DAY_MS)),
+                ("skip", (page * LIST_PAGE).to_string()),
+                ("limit", LIST_PAGE.to_string()),
+            ];
+            let (status, text) = self
+                .get_text(
+                    "v3_snapshots",
+                    "/datasets/v3/snapshots",
+                    &query,
+                    64 * 1024 * 1024,
+                )
+                .await?;
+            if !(200..300).contains(&status) {
+                return Err(CallError::Rejected {
+                    status,
+                    message: one_line(&text),
+                });
+            }
+            let listing: Value = serde_json::from_str(&text)
+                .map_err(|e| CallError::Protocol(format!("snapshot listing: {e}")))?;
+            let items = match &listing {
+                Value::Array(a) => a.as_slice(),
+                Value::Object(o) => o
+                    .get("data")
+                    .and_then(Value::as_array)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                _ => &[],
+            };
+            let mut candidates: Vec<(UnixMs, &str)> = items
+                .iter()
+                .filter_map(|s| {
+                    let id = s.get("id").and_then(Value::as_str)?;
+                    let created = s
+                        .get("created")
+                        .and_then(Value::as_str)
+                        .and_then(parse_time);
+                    // Without a creation time it may be anyone's: compare it too.
+                    let created = created.unwrap_or(since);
+                    (created >= since - CLOCK_SLACK_MS).then_some((created, id))
+                })
+                .collect();
+            // The earliest after the intent is the likeliest.
+            candidates.sort();
+            for (_, id) in candidates {
+                if self.same_inputs(id, call.inputs_ndjson).await? {
+                    return Ok(Found::Existing(Triggered::new(id.to_string())));
+                }
+            }
+            if items.len() < LIST_PAGE {
+                return Ok(Found::Absent);
+            }
+        }
+        Err(CallError::Protocol(format!(
+            "snapshot listing longer than {} entries; cannot tell whether chunk '{}' was created",
+            LIST_PAGE * LIST_MAX_PAGES,
+            call.name
+        )))
+    }
+
+    async fn poll(&self, _key: &str, remote_id: &str) -> Result<PollOutcome, CallError> {
+        let (status, text) = self
+            .get_text(
+                "v3_progress",
+                &format!("/datasets/v3/progress/{remote_id}"),
+                &[],
+                64 * 1024,
+            )
+            .await?;
+        if status == 404 {
+            // Normal for the first seconds after the trigger (§3.3).
+            return Ok(PollOutcome::NotFound(one_line(&text)));
+        }
+        if !(200..300).contains(&status) {
+            return Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            });
+        }
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| CallError::Protocol(format!("progress: {e}: {}", one_line(&text))))?;
+        let state = value
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_ascii_lowercase();
+        Ok(match state.as_str() {
+            "ready" => PollOutcome::Ready {
+                expires_at: None,
+                start: self.start(value.get("records").and_then(Value::as_u64)),
+            },
+            "failed" => PollOutcome::Failed(
+                value
+                    .get("error_message")
+                    .or_else(|| value.get("error"))
+                    .and_then(Value::as_str)
+                    .map_or_else(|| "snapshot failed".to_string(), str::to_string),
+            ),
+            "canceled" | "cancelled" => PollOutcome::Cancelled,
+            // starting, running, collecting, digesting, and words not seen before.
+            _ => PollOutcome::Building,
+        })
+    }
+
+    async fn download(
+        &self,
+        _key: &str,
+        remote_id: &str,
+        cursor: Option<&Cursor>,
+        sink: &mut dyn RowSink,
+    ) -> Result<DownloadOutcome, CallError> {
+        let mut query = vec![("format", "ndjson".to_string())];
+        // In parts: batch_size, and part from 1; the count is asked once and
+        // kept in the cursor, as every part must use the same batch_size.
+        let mut parts_state = None;
+        if let Some(cursor) = cursor {
+            let batch_size = cursor
+                .get("batch_size")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| CallError::Protocol(format!("bad download cursor {cursor}")))?;
+            let part = cursor.get("part").and_then(Value::as_u64).unwrap_or(1);
+            let parts = match cursor.get("parts").and_then(Value::as_u64) {
+                Some(n) => n,
+                None => match self.parts(remote_id, batch_size).await? {
+                    Some(n) => n,
+                    None => return Ok(DownloadOutcome::NotReady),
+                },
+            };
+            if parts == 0 {
+                return Ok(DownloadOutcome::Saved { next: None });
+            }
+            query.push(("batch_size", batch_size.to_string()));
+            query.push(("part", part.to_string()));
+            parts_state = Some((batch_size, part, parts));
+        }
+        let response = self
+            .http
+            .send(
+                "v3_snapshot",
+                Method::GET,
+                &format!("/datasets/v3/snapshot/{remote_id}"),
+                &query,
+                None,
+            )
+            .await?;
+        let status = response.status().as_u16();
+        match status {
+            200 => {}
+            // Not built yet, or "ready" on /progress but still building here.
+            202 | 409 => return Ok(DownloadOutcome::NotReady),
+            400 | 404 => {
+                let text = one_line(&read_small(response).await?);
+                let lower = text.to_ascii_lowercase();
+                return Ok(if lower.contains("empty") {
+                    // A finished snapshot with no records (§3.4).
+                    DownloadOutcome::Saved { next: None }
+                } else if lower.contains("expired") {
+                    DownloadOutcome::Expired(text)
+                } else if status == 404 {
+                    DownloadOutcome::NotFound(text)
+                } else if parts_state.is_none()
+                    && (lower.contains("batch_size") || lower.contains("too big"))
+                {
+                    // Over the whole-download cap: go in parts.
+                    DownloadOutcome::Redirect(json!({"batch_size": self.batch_size}))
+                } else {
+                    return Err(CallError::Protocol(format!(
+                        "snapshot answered 400: {text}"
+                    )));
+                });
+            }
+            _ => {
+                let text = read_small(response).await?;
+                return Err(CallError::Protocol(format!(
+                    "snapshot answered {status}: {}",
+                    one_line(&text)
+                )));
+            }
+        }
+        stream_ndjson(response, self.http.timeout, sink).await?;
+        Ok(DownloadOutcome::Saved {
+            next: match parts_state {
+                Some((batch_size, part, parts)) if part < parts => {
+                    Some(json!({"batch_size": batch_size, "part": part + 1, "parts": parts}))
+                }
+                _ => None,
+            },
+        })
+    }
+
+    async fn cancel(&self, _key: &str, remote_id: &str) -> Result<(), CallError> {
+        let response = self
+            .http
+            .send(
+                "v3_cancel",
+                Method::POST,
+                &format!("/datasets/v3/snapshot/{remote_id}/cancel"),
+                &[],
+                None,
+            )
+            .await?;
+        let status = response.status().as_u16();
+        let text = read_small(response).await?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(CallError::Rejected {
+                status,
+                message: one_line(&text),
+            })
+        }
+    }
+
+    fn set_token(&self, token: Option<crate::config::Token>) {
+        self.http.set_token(token);
+    }
+
+    fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
+        self.http.stats.snapshot()
+    }
+}
+
+/// Streams an NDJSON body into `sink`, one line per row. A body that is
+/// HTML, cut or stalled is transient; the caller's part file is thrown away.
+async fn stream_ndjson(
+    response: reqwest::Response,
+    timeout: Duration,
+    sink: &mut dyn RowSink,
+) -> Result<(), CallError> {
+    let mut stream = response.bytes_stream();
+    let mut line: Vec<u8> = Vec::new();
+    let mut first = true;
+    loop {
+        let piece = match tokio::time::timeout(timeout, stream.next()).await {
+            Err(_) => {
+                return Err(CallError::Transient {
+                    detail: "snapshot download stalled".into(),
+                    sent: true,
+                })
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(CallError::Transient {
+                    detail: format!("snapshot download cut: {}", error_chain(&e)),
+                    sent: true,
+                })
+            }
+            Ok(Some(Ok(piece))) => piece,
+        };
+        if first {
+            if piece.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'<') {
+                return Err(CallError::Transient {
+                    detail: "snapshot answered with an HTML page".into(),
+                    sent: true,
+                });
+            }
+            first = piece.iter().all(u8::is_ascii_whitespace);
+        }
+        let mut rest = &piece[..];
+        while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&rest[..at]);
+            emit(&mut line, sink)?;
+            rest = &rest[at + 1..];
+        }
+        line.extend_from_slice(rest);
+    }
+    emit(&mut line, sink)
+}
+
+fn emit(line: &mut Vec<u8>, sink: &mut dyn RowSink) -> Result<(), CallError> {
+    let trimmed = line.trim_ascii();
+    if !trimmed.is_empty() {
+        sink.row(trimmed).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                CallError::Protocol(format!("snapshot row: {e}"))
+            } else {
+                CallError::Sink(e)
+            }
+        })?;
+    }
+    line.clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_inputs_compare_with_ndjson_inputs() {
+        let theirs = csv_rows("url,page\nhttps://b,\nhttps://a,2\n").unwrap();
+        let mut ours: Vec<BTreeMap<String, String>> = [
+            json!({"url": "https://a", "page": 2}),
+            json!({"url": "https://b"}),
+        ]
+        .iter()
+        .map(|v| {
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), cell_text(v)))
+                .collect()
+        })
+        .collect();
+        ours.sort();
+        assert_eq!(theirs, ours);
+        assert_eq!(parse_time("1970-01-01T00:00:01.500Z"), Some(1500));
+    }
+}
