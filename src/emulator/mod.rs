@@ -294,6 +294,11 @@ impl Emulator {
             .clone()
     }
 
+    /// Sets the Firecrawl credit balance (`None`: unlimited), as a top-up would.
+    pub fn set_firecrawl_credits(&self, credits: Option<u64>) {
+        *self.state.credits.lock().unwrap_or_else(|e| e.into_inner()) = credits;
+    }
+
     /// Moves the emulator's clock forward.
     pub fn advance(&self, by: Duration) {
         self.state

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use harvestd::emulator::{Emulator, LedgerEntry, Scenario, DEMO_BRIGHTDATA_TOKEN};
+use harvestd::emulator::{
+    Emulator, LedgerEntry, Scenario, DEMO_BRIGHTDATA_TOKEN, DEMO_FIRECRAWL_TOKEN,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -96,6 +98,8 @@ impl Harness {
             .env("HARVESTD_CONFIG", self.path("harvestd.toml"))
             .env("HARVESTD_BRIGHTDATA_URL", self.emulator.url())
             .env("BRIGHT_DATA_API_TOKEN", &self.token)
+            .env("HARVESTD_FIRECRAWL_URL", self.emulator.url())
+            .env("FIRECRAWL_API_KEY", DEMO_FIRECRAWL_TOKEN)
             .env("HARVESTD_LOG_FORMAT", "json")
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
