@@ -30,16 +30,16 @@
 //! | [`intake`] | which files are jobs, content identity, planning a run into the store |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight and trigger pacing, per-provider rate, 429 brake, blocks, backoff |
-//! | [`provider`] | one trait per remote API; [`provider::http`] is the shared driver |
+//! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting |
 //! | [`sink`] | atomic files, part files, CSV flattening, final files, manifest |
-//! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain |
+//! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
 //! | [`systemd`] | the notify protocol: READY, STATUS, WATCHDOG, STOPPING |
-//! | [`emulator`] | the built-in fake provider APIs, independent of the clients |
+//! | [`emulator`] | the built-in fake of the three APIs, independent of the clients |
 //!
 //! ## Invariants
 //!
@@ -52,6 +52,9 @@
 //! - Before a trigger the intent is flushed; the remote id is flushed right
 //!   after. A chunk found in `triggering` is in doubt and is settled at the
 //!   provider before any new trigger.
+//! - A paged download (Web Scraper API parts, Firecrawl pages) saves each
+//!   page as a durable file before the chunk record stores the next cursor,
+//!   so a restart resumes at the next page and never fetches a saved one.
 //! - A chunk is `downloaded` only after its part file is durable; final files
 //!   are written only from part files, atomically; `_SUCCESS` comes last.
 //! - Blocking file work runs on the blocking pool; no lock is held across
