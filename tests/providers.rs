@@ -444,3 +444,53 @@ async fn firecrawl_402_blocks_the_provider_and_fails_nothing() {
     );
     assert_eq!(h.ledger().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_scraper_empty_snapshot_is_a_complete_run_with_zero_rows() {
+    // Snapshot is empty: a 400 that means "finished, nothing found".
+    let h = Harness::new("[collectors.gd_nothing0001]\nbuild_time = \"100ms\"\nzero_rows = true\n")
+        .await;
+    h.write_inputs("in.csv", 6);
+    h.write_job(
+        "nothing.toml",
+        &web_scraper_job("gd_nothing0001", "in.csv", 3, ""),
+    );
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    let m = h.manifest("nothing");
+    assert_eq!(
+        (m["state"].as_str(), m["rows"].as_u64()),
+        (Some("complete"), Some(0))
+    );
+    assert_eq!(
+        read_json(&h.run_dir("nothing").join("data.json")),
+        serde_json::json!([])
+    );
+    assert_eq!(h.ledger().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecrawl_429_waits_for_the_time_in_its_message() {
+    // No Retry-After header: the wait is only in "…retry after 1s…".
+    let h = Harness::new(
+        "retry_after_slack = \"50ms\"\n[firecrawl]\nbuild_time = \"200ms\"\n\
+         [[faults]]\nendpoint = \"fc_status\"\nkind = \"rate_limit\"\nretry_after_secs = 1\nskip = 1\nfirst = 2\n\
+         [[faults]]\nendpoint = \"fc_batch\"\nkind = \"rate_limit\"\nretry_after_secs = 1\nfirst = 1\n",
+    )
+    .await;
+    // The harness's rate_limit_pause (100 ms) is far shorter than the 1 s
+    // the message asks for: only reading the message keeps calls away.
+    write_urls(&h, "in.txt", &doc_urls(30));
+    h.write_job("limited.toml", &firecrawl_job("in.txt", 10, ""));
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    let stats = h.emulator.stats();
+    assert_eq!(stats.rate_limited, 3);
+    assert_eq!(stats.early_requests, 0, "a call came before the wait ended");
+    assert_eq!(
+        h.ledger().len(),
+        3,
+        "a 429 created nothing: no doubt, one batch per chunk"
+    );
+    assert_eq!(rows(&h.run_dir("limited").join("data.ndjson")).len(), 30);
+}
