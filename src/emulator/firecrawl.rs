@@ -170,16 +170,6 @@ fn version_of(req: &Request<Incoming>) -> u8 {
     }
 }
 
-fn id_of(req: &Request<Incoming>) -> String {
-    req.uri()
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .nth(3)
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn fail(status: StatusCode, error: &str) -> Reply {
     json_reply(status, &json!({"success": false, "error": error}))
 }
@@ -480,7 +470,7 @@ fn with_batch(
 ) -> Reply {
     let now = state.now_ms();
     let batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(batch) = batches.get(&id_of(req)) else {
+    let Some(batch) = batches.get(&super::path_segment(req, 3)) else {
         return fail(StatusCode::NOT_FOUND, "Job not found");
     };
     if batch.expired(now) {
@@ -581,7 +571,7 @@ fn errors(state: &State, req: &Request<Incoming>) -> Reply {
 fn cancel(state: &State, req: &Request<Incoming>) -> Reply {
     let now = state.now_ms();
     let mut batches = state.batches.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(batch) = batches.get_mut(&id_of(req)) else {
+    let Some(batch) = batches.get_mut(&super::path_segment(req, 3)) else {
         return json_reply(StatusCode::NOT_FOUND, &json!({"error": "Job not found"}));
     };
     if batch.status(now) != "scraping" {

@@ -683,3 +683,49 @@ pub(crate) fn iso(ms: i64) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+/// Why a Bright Data trigger body holds no list of inputs.
+pub(crate) enum BodyError {
+    NotAList,
+    Parse(String),
+}
+
+impl BodyError {
+    /// The answer: `not_a_list` as text, or the documented `parse_error`.
+    pub(crate) fn reply(self, not_a_list: &str) -> Reply {
+        match self {
+            BodyError::NotAList => text(StatusCode::BAD_REQUEST, not_a_list),
+            BodyError::Parse(e) => json(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("Parser cannot parse input: {e}"), "code": "parse_error"}),
+            ),
+        }
+    }
+}
+
+/// Both Bright Data APIs take a JSON array of inputs, or the same wrapped
+/// as `{"input": [...], "deliver": {...}}` (request-level delivery).
+pub(crate) fn brightdata_inputs(body: &[u8]) -> Result<Vec<serde_json::Value>, BodyError> {
+    use serde_json::Value;
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(items)) => Ok(items),
+        Ok(Value::Object(mut o)) => match o.remove("input") {
+            Some(Value::Array(items)) => Ok(items),
+            _ => Err(BodyError::NotAList),
+        },
+        Ok(_) => Err(BodyError::NotAList),
+        Err(e) => Err(BodyError::Parse(e.to_string())),
+    }
+}
+
+/// The `n`-th segment of the request's path (from 0), e.g. the id in
+/// `/datasets/v3/progress/{id}` (3); empty if there is none.
+pub(crate) fn path_segment(req: &Request<Incoming>, n: usize) -> String {
+    req.uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .nth(n)
+        .unwrap_or_default()
+        .to_string()
+}

@@ -150,20 +150,9 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
             )
         }
     };
-    let inputs = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Array(items)) => items,
-        // Request-level delivery wraps the inputs: {"input": [...], "deliver": {...}}.
-        Ok(Value::Object(mut o)) => match o.remove("input") {
-            Some(Value::Array(items)) => items,
-            _ => return text(StatusCode::BAD_REQUEST, "Body must be an array of inputs"),
-        },
-        Ok(_) => return text(StatusCode::BAD_REQUEST, "Body must be an array of inputs"),
-        Err(e) => {
-            return json_reply(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": format!("Parser cannot parse input: {e}"), "code": "parse_error"}),
-            )
-        }
+    let inputs = match super::brightdata_inputs(&body) {
+        Ok(items) => items,
+        Err(e) => return e.reply("Body must be an array of inputs"),
     };
     if inputs.is_empty() {
         return text(StatusCode::BAD_REQUEST, "No data to trigger");

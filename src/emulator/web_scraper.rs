@@ -131,17 +131,6 @@ pub(crate) fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
     }
 }
 
-/// The snapshot id in the path (fourth segment), if any.
-fn id_of(req: &Request<Incoming>) -> String {
-    req.uri()
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .nth(3)
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// The dataset a request concerns, for per-dataset faults.
 pub(crate) fn key_of(state: &State, req: &Request<Incoming>, endpoint: &str) -> Option<String> {
     match endpoint {
@@ -150,7 +139,7 @@ pub(crate) fn key_of(state: &State, req: &Request<Incoming>, endpoint: &str) -> 
             .snapshots
             .lock()
             .ok()?
-            .get(&id_of(req))
+            .get(&super::path_segment(req, 3))
             .map(|s| s.dataset.clone()),
     }
 }
@@ -187,19 +176,9 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
         Ok(b) => b.to_bytes(),
         Err(_) => return text(StatusCode::BAD_REQUEST, "Invalid attachments"),
     };
-    let inputs = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Array(items)) => items,
-        Ok(Value::Object(mut o)) => match o.remove("input") {
-            Some(Value::Array(items)) => items,
-            _ => return text(StatusCode::BAD_REQUEST, "No data to trigger"),
-        },
-        Ok(_) => return text(StatusCode::BAD_REQUEST, "No data to trigger"),
-        Err(e) => {
-            return json_reply(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": format!("Parser cannot parse input: {e}"), "code": "parse_error"}),
-            )
-        }
+    let inputs = match super::brightdata_inputs(&body) {
+        Ok(items) => items,
+        Err(e) => return e.reply("No data to trigger"),
     };
     if inputs.is_empty() {
         return text(StatusCode::BAD_REQUEST, "No data to trigger");
@@ -281,7 +260,7 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
 fn progress(state: &State, req: &Request<Incoming>) -> Reply {
     let now = state.now_ms();
     let snapshots = state.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = snapshots.get(&id_of(req)) else {
+    let Some(s) = snapshots.get(&super::path_segment(req, 3)) else {
         return json_reply(
             StatusCode::NOT_FOUND,
             &json!({"error": "Snapshot not found"}),
@@ -356,7 +335,7 @@ fn snapshot(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     };
     let now = state.now_ms();
     let mut snapshots = state.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = snapshots.get_mut(&id_of(req)) else {
+    let Some(s) = snapshots.get_mut(&super::path_segment(req, 3)) else {
         return not_exist();
     };
     match s.phase(now) {
@@ -579,7 +558,7 @@ fn parts(state: &State, req: &Request<Incoming>) -> Reply {
     };
     let now = state.now_ms();
     let mut snapshots = state.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = snapshots.get_mut(&id_of(req)) else {
+    let Some(s) = snapshots.get_mut(&super::path_segment(req, 3)) else {
         return not_exist();
     };
     match s.phase(now) {
@@ -598,7 +577,7 @@ fn parts(state: &State, req: &Request<Incoming>) -> Reply {
 /// nested values as JSON text.
 fn input(state: &State, req: &Request<Incoming>) -> Reply {
     let snapshots = state.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = snapshots.get(&id_of(req)) else {
+    let Some(s) = snapshots.get(&super::path_segment(req, 3)) else {
         return not_exist();
     };
     let mut header: Vec<String> = Vec::new();
@@ -623,7 +602,7 @@ fn input(state: &State, req: &Request<Incoming>) -> Reply {
 fn cancel(state: &State, req: &Request<Incoming>) -> Reply {
     let now = state.now_ms();
     let mut snapshots = state.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = snapshots.get_mut(&id_of(req)) else {
+    let Some(s) = snapshots.get_mut(&super::path_segment(req, 3)) else {
         return not_exist();
     };
     match s.phase(now) {
@@ -689,7 +668,7 @@ fn listing(state: &State, req: &Request<Incoming>) -> Reply {
 fn log(state: &State, req: &Request<Incoming>) -> Reply {
     let now = state.now_ms();
     let snapshots = state.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(s) = snapshots.get(&id_of(req)) else {
+    let Some(s) = snapshots.get(&super::path_segment(req, 3)) else {
         return json_reply(
             StatusCode::NOT_FOUND,
             &json!({"error": "Snapshot not found"}),

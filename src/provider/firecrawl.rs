@@ -16,10 +16,10 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::http::{one_line, read_small, read_text, Http};
+use super::http::{one_line, read_small, Http};
 use super::{
-    input_lines, CallError, Cursor, DownloadOutcome, Found, PollOutcome, Provider, RowSink,
-    TriggerCall, Triggered,
+    accepted, input_lines, parse_time, CallError, Cursor, DownloadOutcome, Found, PollOutcome,
+    Provider, RowSink, TriggerCall, Triggered,
 };
 use crate::chunk::UnixMs;
 use crate::spec::{ApiVersion, ProviderKind};
@@ -169,26 +169,6 @@ impl Firecrawl {
         }))
     }
 
-    async fn get(
-        &self,
-        endpoint: &'static str,
-        path: &str,
-        query: &[(&str, String)],
-    ) -> Result<(u16, String), CallError> {
-        let response = self
-            .http
-            .send(endpoint, Method::GET, path, query, None)
-            .await?;
-        let status = response.status().as_u16();
-        let (text, dropped) = read_text(response, MAX_PAGE).await?;
-        if dropped {
-            return Err(CallError::Protocol(format!(
-                "{endpoint}: page larger than {MAX_PAGE} bytes"
-            )));
-        }
-        Ok((status, text))
-    }
-
     /// The failed URLs (`/errors`), as error rows; the last page.
     async fn errors(
         &self,
@@ -196,10 +176,12 @@ impl Firecrawl {
         sink: &mut dyn RowSink,
     ) -> Result<DownloadOutcome, CallError> {
         let (status, text) = self
-            .get(
+            .http
+            .get_text(
                 self.ep("errors"),
                 &format!("{}/{remote_id}/errors", self.base()),
                 &[],
+                MAX_PAGE,
             )
             .await?;
         if let Some(outcome) = gone(status, &text) {
@@ -273,12 +255,6 @@ fn gone(status: u16, text: &str) -> Option<DownloadOutcome> {
     })
 }
 
-fn parse_time(text: &str) -> Option<UnixMs> {
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
 /// Writes one document or error entry, compact on one line.
 fn row(raw: &RawValue, sink: &mut dyn RowSink) -> Result<(), CallError> {
     let text = raw.get();
@@ -345,10 +321,12 @@ impl Provider for Firecrawl {
         // One document at most: the status is what is wanted, and pages are
         // fetched once, after the batch ends (§3.3).
         let (status, text) = self
-            .get(
+            .http
+            .get_text(
                 self.ep("status"),
                 &format!("{}/{remote_id}", self.base()),
                 &[("limit", "1".to_string())],
+                MAX_PAGE,
             )
             .await?;
         match gone(status, &text) {
@@ -404,10 +382,12 @@ impl Provider for Firecrawl {
             .and_then(Value::as_u64)
             .unwrap_or(0);
         let (status, text) = self
-            .get(
+            .http
+            .get_text(
                 self.ep("status"),
                 &format!("{}/{remote_id}", self.base()),
                 &[("skip", skip.to_string())],
+                MAX_PAGE,
             )
             .await?;
         if let Some(outcome) = gone(status, &text) {
@@ -466,9 +446,9 @@ impl Provider for Firecrawl {
     }
 
     async fn cancel(&self, _key: &str, remote_id: &str) -> Result<(), CallError> {
-        let response = self
+        let (status, text) = self
             .http
-            .send(
+            .call(
                 self.ep("cancel"),
                 Method::DELETE,
                 &format!("{}/{remote_id}", self.base()),
@@ -476,24 +456,11 @@ impl Provider for Firecrawl {
                 None,
             )
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(CallError::Rejected {
-                status,
-                message: error_message(&text),
-            })
-        }
+        accepted(status, || error_message(&text))
     }
 
-    fn set_token(&self, token: Option<crate::config::Token>) {
-        self.http.set_token(token);
-    }
-
-    fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
-        self.http.stats.snapshot()
+    fn http(&self) -> &Http {
+        &self.http
     }
 }
 

@@ -210,6 +210,43 @@ impl Http {
     }
 }
 
+impl Http {
+    /// A GET whose answer may be large (a listing, a result page), read
+    /// whole up to `max` bytes: a bigger one is a protocol error, because a
+    /// cut answer proves nothing.
+    pub async fn get_text(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        max: usize,
+    ) -> Result<(u16, String), CallError> {
+        let response = self.send(endpoint, Method::GET, path, query, None).await?;
+        let status = response.status().as_u16();
+        let (text, dropped) = read_text(response, max).await?;
+        if dropped {
+            return Err(CallError::Protocol(format!(
+                "{endpoint}: answer larger than {max} bytes"
+            )));
+        }
+        Ok((status, text))
+    }
+
+    /// [`Http::send`], then the answer's status and small body.
+    pub async fn call(
+        &self,
+        endpoint: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<(&'static str, Bytes)>,
+    ) -> Result<(u16, String), CallError> {
+        let response = self.send(endpoint, method, path, query, body).await?;
+        let status = response.status().as_u16();
+        Ok((status, read_small(response).await?))
+    }
+}
+
 /// Reads a small body as text, keeping at most 64 KiB (error bodies and
 /// status answers); a cut or stalled body is transient.
 pub async fn read_small(response: Response) -> Result<String, CallError> {

@@ -168,15 +168,64 @@ pub trait Provider: Send + Sync {
 
     async fn cancel(&self, key: &str, remote_id: &str) -> Result<(), CallError>;
 
+    /// The driver every call goes through.
+    fn http(&self) -> &http::Http;
+
     /// A new token (SIGHUP); `None` leaves the provider without one.
     fn set_token(&self, token: Option<crate::config::Token>) {
-        let _ = token;
+        self.http().set_token(token);
     }
 
     /// Calls made so far by (endpoint, status class), for metrics.
     fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
-        Vec::new()
+        self.http().stats.snapshot()
     }
+}
+
+/// `Ok` for a 2xx; otherwise the request was refused with `message`.
+pub fn accepted(status: u16, message: impl FnOnce() -> String) -> Result<(), CallError> {
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(CallError::Rejected {
+            status,
+            message: message(),
+        })
+    }
+}
+
+/// The non-empty string `field` of a trigger's JSON answer.
+pub fn answer_id(text: &str, field: &str) -> Result<String, CallError> {
+    let answer: Value = serde_json::from_str(text).map_err(|e| {
+        CallError::Protocol(format!("trigger answer: {e}: {}", http::one_line(text)))
+    })?;
+    answer
+        .get(field)
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            CallError::Protocol(format!(
+                "trigger answer has no {field}: {}",
+                http::one_line(text)
+            ))
+        })
+}
+
+pub const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// The UTC day of a time, `YYYY-MM-DD`, as listing filters take it.
+pub fn utc_date(ms: UnixMs) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
+}
+
+/// An RFC 3339 time as ms since the epoch.
+pub fn parse_time(text: &str) -> Option<UnixMs> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 /// How a boolean parameter is written in a query string.
@@ -228,6 +277,14 @@ pub fn array_body(ndjson: &[u8]) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(DAY_MS * 365 + 5), "1971-01-01");
+        assert_eq!(parse_time("1970-01-01T00:00:01.500Z"), Some(1500));
+        assert_eq!(parse_time("yesterday"), None);
+    }
 
     #[test]
     fn body_and_params() {

@@ -9,10 +9,10 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 
-use super::http::{error_chain, one_line, read_small, read_text, Http};
+use super::http::{error_chain, one_line, read_small, Http};
 use super::{
-    array_body, query_params, BoolStyle, CallError, Cursor, DownloadOutcome, Found, PollOutcome,
-    Provider, RowSink, TriggerCall, Triggered,
+    accepted, answer_id, array_body, query_params, utc_date, BoolStyle, CallError, Cursor,
+    DownloadOutcome, Found, PollOutcome, Provider, RowSink, TriggerCall, Triggered, DAY_MS,
 };
 use crate::chunk::UnixMs;
 use crate::jsonstream::ArraySplitter;
@@ -34,10 +34,6 @@ impl ScraperStudio {
     pub fn new(http: Http) -> Self {
         ScraperStudio { http }
     }
-
-    pub fn http(&self) -> &Http {
-        &self.http
-    }
 }
 
 /// A value by key, whatever its case: the log answers with `Status` in the
@@ -49,14 +45,6 @@ fn field<'a>(obj: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a 
             .map(|(_, v)| v)
     })
 }
-
-fn date(ms: UnixMs) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
-}
-
-const DAY_MS: i64 = 24 * 3600 * 1000;
 
 #[async_trait]
 impl Provider for ScraperStudio {
@@ -74,9 +62,9 @@ impl Provider for ScraperStudio {
             ("name", call.name.to_string()),
         ];
         query.extend(query_params(call.params, BoolStyle::Digit));
-        let response = self
+        let (status, text) = self
             .http
-            .send(
+            .call(
                 "dca_trigger",
                 Method::POST,
                 "/dca/trigger",
@@ -84,35 +72,15 @@ impl Provider for ScraperStudio {
                 Some(("application/json", array_body(call.inputs_ndjson))),
             )
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
-        if !(200..300).contains(&status) {
-            return Err(CallError::Rejected {
-                status,
-                message: one_line(&text),
-            });
-        }
-        let answer: Value = serde_json::from_str(&text).map_err(|e| {
-            CallError::Protocol(format!("trigger answer: {e}: {}", one_line(&text)))
-        })?;
-        answer
-            .get("collection_id")
-            .and_then(Value::as_str)
-            .filter(|id| !id.is_empty())
-            .map(|id| Triggered::new(id.to_string()))
-            .ok_or_else(|| {
-                CallError::Protocol(format!(
-                    "trigger answer has no collection_id: {}",
-                    one_line(&text)
-                ))
-            })
+        accepted(status, || one_line(&text))?;
+        answer_id(&text, "collection_id").map(Triggered::new)
     }
 
     async fn find(&self, call: &TriggerCall<'_>, since: UnixMs) -> Result<Found, CallError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
         // Dates are whole days in an unknown time zone: widen by a day each side.
-        let from = date(since - DAY_MS);
-        let to = date(now + DAY_MS);
+        let from = utc_date(since - DAY_MS);
+        let to = utc_date(now + DAY_MS);
         for page in 0..LIST_MAX_PAGES {
             let query = [
                 ("collector", call.key.to_string()),
@@ -122,22 +90,16 @@ impl Provider for ScraperStudio {
                 ("limit", LIST_PAGE.to_string()),
                 ("sort_asc", "-1".to_string()),
             ];
-            let response = self
+            // Listings can exceed the small-body cap.
+            let (status, text) = self
                 .http
-                .send(
+                .get_text(
                     "dca_collector_jobs",
-                    Method::GET,
                     "/dca/collector/jobs",
                     &query,
-                    None,
+                    16 * 1024 * 1024,
                 )
                 .await?;
-            let status = response.status().as_u16();
-            // Listings can exceed the small-body cap; a cut one proves nothing.
-            let (text, dropped) = read_text(response, 16 * 1024 * 1024).await?;
-            if dropped {
-                return Err(CallError::Protocol("job listing larger than 16 MiB".into()));
-            }
             if !(200..300).contains(&status) {
                 return Err(CallError::Rejected {
                     status,
@@ -336,18 +298,14 @@ impl Provider for ScraperStudio {
         Ok(DownloadOutcome::Saved { next: None })
     }
 
-    fn set_token(&self, token: Option<crate::config::Token>) {
-        self.http.set_token(token);
-    }
-
-    fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
-        self.http.stats.snapshot()
+    fn http(&self) -> &Http {
+        &self.http
     }
 
     async fn cancel(&self, _key: &str, remote_id: &str) -> Result<(), CallError> {
-        let response = self
+        let (status, text) = self
             .http
-            .send(
+            .call(
                 "dca_cancel",
                 Method::POST,
                 &format!("/dca/jobs/{remote_id}/cancel"),
@@ -355,16 +313,7 @@ impl Provider for ScraperStudio {
                 None,
             )
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(CallError::Rejected {
-                status,
-                message: one_line(&text),
-            })
-        }
+        accepted(status, || one_line(&text))
     }
 }
 
@@ -379,15 +328,4 @@ fn feed(
             Ok(io) => CallError::Sink(io),
             Err(split) => CallError::Protocol(format!("dataset: {split}")),
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listing_dates_are_days() {
-        assert_eq!(date(0), "1970-01-01");
-        assert_eq!(date(DAY_MS * 365 + 5), "1971-01-01");
-    }
 }

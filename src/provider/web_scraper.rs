@@ -11,10 +11,11 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 
-use super::http::{error_chain, one_line, read_small, read_text, Http};
+use super::http::{error_chain, one_line, read_small, Http};
 use super::{
-    array_body, input_lines, query_params, BoolStyle, CallError, Cursor, DownloadOutcome, Found,
-    PollOutcome, Provider, RowSink, TriggerCall, Triggered,
+    accepted, answer_id, array_body, input_lines, parse_time, query_params, utc_date, BoolStyle,
+    CallError, Cursor, DownloadOutcome, Found, PollOutcome, Provider, RowSink, TriggerCall,
+    Triggered, DAY_MS,
 };
 use crate::chunk::UnixMs;
 use crate::spec::ProviderKind;
@@ -53,27 +54,6 @@ impl WebScraper {
         }
     }
 
-    async fn get_text(
-        &self,
-        endpoint: &'static str,
-        path: &str,
-        query: &[(&str, String)],
-        max: usize,
-    ) -> Result<(u16, String), CallError> {
-        let response = self
-            .http
-            .send(endpoint, Method::GET, path, query, None)
-            .await?;
-        let status = response.status().as_u16();
-        let (text, dropped) = read_text(response, max).await?;
-        if dropped {
-            return Err(CallError::Protocol(format!(
-                "{endpoint}: answer larger than {max} bytes"
-            )));
-        }
-        Ok((status, text))
-    }
-
     /// The number of parts at `batch_size`; `None` while the snapshot is not
     /// ready to say.
     async fn parts(&self, remote_id: &str, batch_size: u64) -> Result<Option<u64>, CallError> {
@@ -82,6 +62,7 @@ impl WebScraper {
             ("batch_size", batch_size.to_string()),
         ];
         let (status, text) = self
+            .http
             .get_text(
                 "v3_parts",
                 &format!("/datasets/v3/snapshot/{remote_id}/parts"),
@@ -106,6 +87,7 @@ impl WebScraper {
     /// Whether this snapshot's inputs are exactly the chunk's.
     async fn same_inputs(&self, remote_id: &str, chunk: &[u8]) -> Result<bool, CallError> {
         let (status, text) = self
+            .http
             .get_text(
                 "v3_input",
                 &format!("/datasets/v3/snapshot/{remote_id}/input"),
@@ -167,20 +149,6 @@ fn cell_text(v: &Value) -> String {
     }
 }
 
-fn date(ms: UnixMs) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
-}
-
-fn parse_time(text: &str) -> Option<UnixMs> {
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
-const DAY_MS: i64 = 24 * 3600 * 1000;
-
 #[async_trait]
 impl Provider for WebScraper {
     fn kind(&self) -> ProviderKind {
@@ -198,9 +166,9 @@ impl Provider for WebScraper {
             query.push(("include_errors", "true".to_string()));
         }
         query.extend(query_params(call.params, BoolStyle::Word));
-        let response = self
+        let (status, text) = self
             .http
-            .send(
+            .call(
                 "v3_trigger",
                 Method::POST,
                 "/datasets/v3/trigger",
@@ -208,28 +176,8 @@ impl Provider for WebScraper {
                 Some(("application/json", array_body(call.inputs_ndjson))),
             )
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
-        if !(200..300).contains(&status) {
-            return Err(CallError::Rejected {
-                status,
-                message: one_line(&text),
-            });
-        }
-        let answer: Value = serde_json::from_str(&text).map_err(|e| {
-            CallError::Protocol(format!("trigger answer: {e}: {}", one_line(&text)))
-        })?;
-        answer
-            .get("snapshot_id")
-            .and_then(Value::as_str)
-            .filter(|id| !id.is_empty())
-            .map(|id| Triggered::new(id.to_string()))
-            .ok_or_else(|| {
-                CallError::Protocol(format!(
-                    "trigger answer has no snapshot_id: {}",
-                    one_line(&text)
-                ))
-            })
+        accepted(status, || one_line(&text))?;
+        answer_id(&text, "snapshot_id").map(Triggered::new)
     }
 
     /// The API keeps no tag per trigger: a snapshot created since the intent
@@ -239,12 +187,13 @@ impl Provider for WebScraper {
         for page in 0..LIST_MAX_PAGES {
             let query = [
                 ("dataset_id", call.key.to_string()),
-                ("from_date", date(since - DAY_MS)),
-                ("to_date", date(now + DAY_MS)),
+                ("from_date", utc_date(since - DAY_MS)),
+                ("to_date", utc_date(now + DAY_MS)),
                 ("skip", (page * LIST_PAGE).to_string()),
                 ("limit", LIST_PAGE.to_string()),
             ];
             let (status, text) = self
+                .http
                 .get_text(
                     "v3_snapshots",
                     "/datasets/v3/snapshots",
@@ -302,6 +251,7 @@ impl Provider for WebScraper {
 
     async fn poll(&self, _key: &str, remote_id: &str) -> Result<PollOutcome, CallError> {
         let (status, text) = self
+            .http
             .get_text(
                 "v3_progress",
                 &format!("/datasets/v3/progress/{remote_id}"),
@@ -431,9 +381,9 @@ impl Provider for WebScraper {
     }
 
     async fn cancel(&self, _key: &str, remote_id: &str) -> Result<(), CallError> {
-        let response = self
+        let (status, text) = self
             .http
-            .send(
+            .call(
                 "v3_cancel",
                 Method::POST,
                 &format!("/datasets/v3/snapshot/{remote_id}/cancel"),
@@ -441,24 +391,11 @@ impl Provider for WebScraper {
                 None,
             )
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(CallError::Rejected {
-                status,
-                message: one_line(&text),
-            })
-        }
+        accepted(status, || one_line(&text))
     }
 
-    fn set_token(&self, token: Option<crate::config::Token>) {
-        self.http.set_token(token);
-    }
-
-    fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
-        self.http.stats.snapshot()
+    fn http(&self) -> &Http {
+        &self.http
     }
 }
 
@@ -546,6 +483,5 @@ mod tests {
         .collect();
         ours.sort();
         assert_eq!(theirs, ours);
-        assert_eq!(parse_time("1970-01-01T00:00:01.500Z"), Some(1500));
     }
 }
