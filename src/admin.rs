@@ -402,7 +402,7 @@ fn metrics(state: &AdminState) -> Result<String, String> {
     for (key, n) in (state.in_flight)() {
         let _ = writeln!(out, "harvestd_in_flight{{key=\"{key}\"}} {n}");
     }
-    let mut counters = [0u64; 6];
+    let mut counters = [0u64; 7];
     let mut last_poll = 0i64;
     // Contexts may share their counters: each set is added once.
     let mut seen: Vec<&Arc<crate::worker::Counters>> = Vec::new();
@@ -417,6 +417,7 @@ fn metrics(state: &AdminState) -> Result<String, String> {
             &k.in_doubt,
             &k.in_doubt_found,
             &k.in_doubt_not_created,
+            &k.in_doubt_unreachable,
             &k.rows_written,
             &k.bytes_written,
         ]) {
@@ -424,10 +425,10 @@ fn metrics(state: &AdminState) -> Result<String, String> {
         }
         last_poll = last_poll.max(k.last_poll_ok.load(Ordering::Relaxed));
     }
-    let [triggers, in_doubt, found, not_created, rows, bytes] = counters;
+    let [triggers, in_doubt, found, not_created, unreachable, rows, bytes] = counters;
     let _ = writeln!(out, "# HELP harvestd_triggers_total Trigger calls sent.\n# TYPE harvestd_triggers_total counter\nharvestd_triggers_total {triggers}");
     let _ = writeln!(out, "# HELP harvestd_in_doubt_total Triggers whose outcome was unknown, and how they were settled.\n# TYPE harvestd_in_doubt_total counter");
-    let _ = writeln!(out, "harvestd_in_doubt_total{{settled=\"any\"}} {in_doubt}\nharvestd_in_doubt_total{{settled=\"found\"}} {found}\nharvestd_in_doubt_total{{settled=\"not_created\"}} {not_created}");
+    let _ = writeln!(out, "harvestd_in_doubt_total{{settled=\"any\"}} {in_doubt}\nharvestd_in_doubt_total{{settled=\"found\"}} {found}\nharvestd_in_doubt_total{{settled=\"not_created\"}} {not_created}\nharvestd_in_doubt_total{{settled=\"unreachable\"}} {unreachable}");
     let _ = writeln!(out, "# HELP harvestd_rows_written_total Data rows written to final files.\n# TYPE harvestd_rows_written_total counter\nharvestd_rows_written_total {rows}");
     let _ = writeln!(out, "# HELP harvestd_bytes_written_total Bytes of final files written.\n# TYPE harvestd_bytes_written_total counter\nharvestd_bytes_written_total {bytes}");
     let _ = writeln!(out, "# HELP harvestd_earliest_expiry_seconds Seconds until the first unsaved ready dataset expires (absent when none).\n# TYPE harvestd_earliest_expiry_seconds gauge");

@@ -59,6 +59,9 @@ pub struct Counters {
     pub in_doubt: AtomicU64,
     pub in_doubt_found: AtomicU64,
     pub in_doubt_not_created: AtomicU64,
+    /// Found to exist, but the provider gives no way to reach it (Firecrawl
+    /// v1's 409): the chunk failed instead of paying twice.
+    pub in_doubt_unreachable: AtomicU64,
     pub rows_written: AtomicU64,
     pub bytes_written: AtomicU64,
     /// Unix ms of the last successful status poll.
@@ -785,7 +788,7 @@ impl ChunkDriver {
                 error!(error = %error, "in-doubt chunk settled: the collection exists but cannot be reached; the chunk fails rather than pay twice");
                 self.ctx
                     .counters
-                    .in_doubt_found
+                    .in_doubt_unreachable
                     .fetch_add(1, Ordering::Relaxed);
                 self.apply(ChunkEvent::Rejected { error }).await?;
                 Ok(Next::Continue)

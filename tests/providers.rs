@@ -494,3 +494,44 @@ async fn firecrawl_429_waits_for_the_time_in_its_message() {
     );
     assert_eq!(rows(&h.run_dir("limited").join("data.ndjson")).len(), 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecrawl_v1_settles_doubts_with_its_idempotency_key() {
+    // Chunk 0: the first submission is reset before Firecrawl sees it; the
+    // same key again creates the batch. Chunk 1: the batch is created but the
+    // answer is lost; the same key again gets 409, and Firecrawl never gives
+    // the id back, so the chunk fails rather than pay twice.
+    let h = Harness::new(
+        "[firecrawl]\nbuild_time = \"200ms\"\n\
+         [[faults]]\nendpoint = \"fc_batch\"\nkind = \"reset\"\nfirst = 1\n\
+         [[faults]]\nendpoint = \"fc_batch\"\nkind = \"lost_ack\"\nskip = 1\nfirst = 1\n",
+    )
+    .await;
+    h.write_config("[limits.keys.account]\nmax_in_flight = 1\n");
+    write_urls(&h, "in.txt", &doc_urls(20));
+    h.write_job(
+        "v1.toml",
+        &firecrawl_job("in.txt", 10, "api_version = \"v1\"\n"),
+    );
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 1, "{stderr}");
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 2, "one batch per chunk: {ledger:?}");
+    assert_ne!(ledger[0].name, ledger[1].name, "each chunk has its own key");
+    let m = h.manifest("v1");
+    assert_eq!(m["state"], "partial");
+    assert_eq!(m["chunks"][0]["state"], "downloaded");
+    assert_eq!(m["chunks"][1]["state"], "failed");
+    assert!(
+        m["chunks"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency key already used"),
+        "{}",
+        m["chunks"][1]
+    );
+    assert!(
+        stderr.contains("in-doubt chunk settled: the collection exists"),
+        "{stderr}"
+    );
+}
