@@ -535,3 +535,31 @@ async fn firecrawl_v1_settles_doubts_with_its_idempotency_key() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_scraper_lost_trigger_answers_are_found_by_their_inputs() {
+    // Two of three triggers create a snapshot whose answer is lost; a
+    // reset one creates nothing. The snapshot listing plus each candidate's
+    // inputs tell them apart.
+    let h = Harness::new(
+        "[collectors.gd_doubts00001]\nbuild_time = \"200ms\"\n\
+         [[faults]]\nendpoint = \"v3_trigger\"\nkind = \"lost_ack\"\nfirst = 2\n\
+         [[faults]]\nendpoint = \"v3_trigger\"\nkind = \"reset\"\nfirst = 1\n",
+    )
+    .await;
+    h.write_inputs("in.csv", 30);
+    h.write_job(
+        "doubts.toml",
+        &web_scraper_job("gd_doubts00001", "in.csv", 10, ""),
+    );
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 3, "no chunk paid twice: {ledger:?}");
+    let data = rows(&h.run_dir("doubts").join("data.ndjson"));
+    let urls: BTreeSet<&str> = data.iter().map(|r| r["url"].as_str().unwrap()).collect();
+    assert_eq!((data.len(), urls.len()), (30, 30));
+    let stats = h.emulator.stats();
+    assert!(stats.requests["v3_snapshots"] >= 3, "{stats:?}");
+    assert!(stats.requests["v3_input"] >= 2, "{stats:?}");
+}
