@@ -170,6 +170,15 @@ fn version_of(req: &Request<Incoming>) -> u8 {
     }
 }
 
+/// The request's `Host`, which the answer's `url` and `next` links name.
+fn host_of(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_string()
+}
+
 fn fail(status: StatusCode, error: &str) -> Reply {
     json_reply(status, &json!({"success": false, "error": error}))
 }
@@ -271,12 +280,7 @@ fn is_uuid(s: &str) -> bool {
 
 async fn submit(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     let version = version_of(&req);
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost")
-        .to_string();
+    let host = host_of(&req);
     let idempotency = req
         .headers()
         .get("x-idempotency-key")
@@ -483,12 +487,7 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     let q = query(req);
     let skip: usize = q.get("skip").and_then(|v| v.parse().ok()).unwrap_or(0);
     let limit: Option<usize> = q.get("limit").and_then(|v| v.parse().ok());
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost")
-        .to_string();
+    let host = host_of(req);
     let version = version_of(req);
     with_batch(state, req, |batch, now| {
         let cap = limit.unwrap_or(batch.scenario.page_docs).max(1);

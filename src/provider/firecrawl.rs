@@ -126,12 +126,7 @@ impl Firecrawl {
                 one_line(&text)
             )));
         }
-        if !(200..300).contains(&status) {
-            return Err(CallError::Rejected {
-                status,
-                message: error_message(&text),
-            });
-        }
+        accepted(status, || error_message(&text))?;
         let answer: Value = serde_json::from_str(&text)
             .map_err(|e| CallError::Protocol(format!("batch answer: {e}: {}", one_line(&text))))?;
         let id = answer
@@ -169,30 +164,52 @@ impl Firecrawl {
         }))
     }
 
+    /// One page of results (or `/errors`): its text, or the outcome a 404
+    /// stands for (expired, not found). Another status, or an HTML page, is
+    /// a fault to retry.
+    async fn fetch(
+        &self,
+        what: &str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Result<String, DownloadOutcome>, CallError> {
+        let endpoint = self.ep(what);
+        let (status, text) = self.http.get_text(endpoint, path, query, MAX_PAGE).await?;
+        if let Some(outcome) = gone(status, &text) {
+            return Ok(Err(outcome));
+        }
+        if !(200..300).contains(&status) {
+            return Err(CallError::Protocol(format!(
+                "{endpoint} answered {status}: {}",
+                one_line(&text)
+            )));
+        }
+        if text.trim_start().starts_with('<') {
+            return Err(CallError::Transient {
+                detail: format!("{endpoint} answered with an HTML page"),
+                sent: true,
+            });
+        }
+        Ok(Ok(text))
+    }
+
     /// The failed URLs (`/errors`), as error rows; the last page.
     async fn errors(
         &self,
         remote_id: &str,
         sink: &mut dyn RowSink,
     ) -> Result<DownloadOutcome, CallError> {
-        let (status, text) = self
-            .http
-            .get_text(
-                self.ep("errors"),
+        let text = match self
+            .fetch(
+                "errors",
                 &format!("{}/{remote_id}/errors", self.base()),
                 &[],
-                MAX_PAGE,
             )
-            .await?;
-        if let Some(outcome) = gone(status, &text) {
-            return Ok(outcome);
-        }
-        if !(200..300).contains(&status) {
-            return Err(CallError::Protocol(format!(
-                "errors answered {status}: {}",
-                one_line(&text)
-            )));
-        }
+            .await?
+        {
+            Ok(text) => text,
+            Err(outcome) => return Ok(outcome),
+        };
         #[derive(Deserialize)]
         struct Errors<'a> {
             #[serde(borrow, default)]
@@ -334,12 +351,7 @@ impl Provider for Firecrawl {
             Some(DownloadOutcome::NotFound(m)) => return Ok(PollOutcome::NotFound(m)),
             _ => {}
         }
-        if !(200..300).contains(&status) {
-            return Err(CallError::Rejected {
-                status,
-                message: error_message(&text),
-            });
-        }
+        accepted(status, || error_message(&text))?;
         let page: Page = serde_json::from_str(&text)
             .map_err(|e| CallError::Protocol(format!("status: {e}: {}", one_line(&text))))?;
         let state = page.status.as_deref().unwrap_or("unknown");
@@ -381,30 +393,14 @@ impl Provider for Firecrawl {
             .and_then(|c| c.get("skip"))
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let (status, text) = self
-            .http
-            .get_text(
-                self.ep("status"),
-                &format!("{}/{remote_id}", self.base()),
-                &[("skip", skip.to_string())],
-                MAX_PAGE,
-            )
-            .await?;
-        if let Some(outcome) = gone(status, &text) {
-            return Ok(outcome);
-        }
-        if !(200..300).contains(&status) {
-            return Err(CallError::Protocol(format!(
-                "page answered {status}: {}",
-                one_line(&text)
-            )));
-        }
-        if text.trim_start().starts_with('<') {
-            return Err(CallError::Transient {
-                detail: "page answered with an HTML page".into(),
-                sent: true,
-            });
-        }
+        let path = format!("{}/{remote_id}", self.base());
+        let text = match self
+            .fetch("status", &path, &[("skip", skip.to_string())])
+            .await?
+        {
+            Ok(text) => text,
+            Err(outcome) => return Ok(outcome),
+        };
         let page: Page = serde_json::from_str(&text)
             .map_err(|e| CallError::Protocol(format!("page: {e}: {}", one_line(&text))))?;
         if page.status.as_deref() == Some("scraping") {

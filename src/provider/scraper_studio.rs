@@ -100,12 +100,7 @@ impl Provider for ScraperStudio {
                     16 * 1024 * 1024,
                 )
                 .await?;
-            if !(200..300).contains(&status) {
-                return Err(CallError::Rejected {
-                    status,
-                    message: one_line(&text),
-                });
-            }
+            accepted(status, || one_line(&text))?;
             let value: Value = serde_json::from_str(&text)
                 .map_err(|e| CallError::Protocol(format!("job listing: {e}")))?;
             // The full shape is undocumented (§2.6): accept a bare array or
@@ -159,12 +154,7 @@ impl Provider for ScraperStudio {
         if status == 404 {
             return Ok(PollOutcome::NotFound(one_line(&text)));
         }
-        if !(200..300).contains(&status) {
-            return Err(CallError::Rejected {
-                status,
-                message: one_line(&text),
-            });
-        }
+        accepted(status, || one_line(&text))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| CallError::Protocol(format!("job log: {e}: {}", one_line(&text))))?;
         let state = value

@@ -201,12 +201,7 @@ impl Provider for WebScraper {
                     64 * 1024 * 1024,
                 )
                 .await?;
-            if !(200..300).contains(&status) {
-                return Err(CallError::Rejected {
-                    status,
-                    message: one_line(&text),
-                });
-            }
+            accepted(status, || one_line(&text))?;
             let listing: Value = serde_json::from_str(&text)
                 .map_err(|e| CallError::Protocol(format!("snapshot listing: {e}")))?;
             let items = match &listing {
@@ -263,12 +258,7 @@ impl Provider for WebScraper {
             // Normal for the first seconds after the trigger (§3.3).
             return Ok(PollOutcome::NotFound(one_line(&text)));
         }
-        if !(200..300).contains(&status) {
-            return Err(CallError::Rejected {
-                status,
-                message: one_line(&text),
-            });
-        }
+        accepted(status, || one_line(&text))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| CallError::Protocol(format!("progress: {e}: {}", one_line(&text))))?;
         let state = value
