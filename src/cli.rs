@@ -71,7 +71,7 @@ pub enum Command {
     Emulator {
         #[arg(long, default_value = "127.0.0.1:8990")]
         listen: SocketAddr,
-        /// A TOML scenario: per-collector behaviour, faults, seed.
+        /// A TOML scenario: behaviour per collector or dataset and for the Firecrawl account, faults, seed.
         #[arg(long)]
         scenario: Option<PathBuf>,
     },
