@@ -39,6 +39,7 @@
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
 //! | [`systemd`] | the notify protocol: READY, STATUS, WATCHDOG, STOPPING |
+//! | [`failpoint`] | named crash and error points at the durable boundaries (`--features failpoints`) |
 //! | [`emulator`] | the built-in fake of the three APIs, independent of the clients |
 //!
 //! ## Invariants
@@ -66,6 +67,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod emulator;
+pub mod failpoint;
 pub mod intake;
 pub mod jsonstream;
 pub mod limits;

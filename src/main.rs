@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    harvestd::failpoint::setup();
     let cli = harvestd::cli::Cli::parse();
     std::process::ExitCode::from(harvestd::cli::execute(cli))
 }

@@ -445,6 +445,7 @@ fn write_outputs(
     let bytes = manifest.outputs.iter().map(|o| o.bytes).sum();
     let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
     crate::sink::write_file(&dir.join("manifest.json"), &json)?;
+    crate::failpoint::crash("after-manifest");
     if state == RunState::Complete {
         if let Some((_, hashes, _)) = &dedup {
             store
@@ -452,6 +453,7 @@ fn write_outputs(
                 .map_err(std::io::Error::other)?;
         }
         crate::sink::write_file(&success, b"")?;
+        crate::failpoint::crash("after-success");
         if let Some(job_dir) = dir.parent() {
             let latest = job_dir.join("latest");
             // `latest` is the newest complete run: an older run finishing
@@ -623,6 +625,7 @@ impl ChunkDriver {
             error_rows,
         })
         .await?;
+        crate::failpoint::crash("after-downloaded");
         Ok(Next::Continue)
     }
 
@@ -708,6 +711,7 @@ impl ChunkDriver {
         self.ctx.store.set_last_trigger(&self.run.spec.key, at)?;
         self.rec.triggers += 1;
         self.apply(ChunkEvent::Intent { at }).await?;
+        crate::failpoint::crash("after-intent");
         self.ctx
             .counters
             .triggers_sent
@@ -715,6 +719,9 @@ impl ChunkDriver {
         // Not raced against shutdown: once sent, the answer is awaited so the
         // shutdown itself never leaves the chunk in doubt.
         let result = self.ctx.provider.trigger(&self.call(&inputs)).await;
+        if result.is_ok() {
+            crate::failpoint::crash("after-answer");
+        }
         match result {
             Ok(triggered) => {
                 info!(remote_id = %triggered.remote_id, inputs = self.rec.inputs,
@@ -756,6 +763,7 @@ impl ChunkDriver {
             at: now_ms(),
         })
         .await?;
+        crate::failpoint::crash("after-id");
         Ok(Next::Continue)
     }
 
@@ -883,6 +891,9 @@ impl ChunkDriver {
             }
             Err(e) => return Ok(self.on_error("status poll", e).await),
         }
+        if !matches!(self.rec.state, ChunkState::Triggered { .. }) {
+            crate::failpoint::crash("after-poll");
+        }
         Ok(Next::Continue)
     }
 
@@ -988,6 +999,7 @@ impl ChunkDriver {
                     info!(remote_id, page = d.pages, rows, "page saved");
                 }
                 self.persist().await?;
+                crate::failpoint::crash("after-page");
                 if self.rec.download.fetched {
                     return self.join(remote_id).await;
                 }

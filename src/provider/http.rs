@@ -47,6 +47,9 @@ pub struct Http {
     pub stats: CallStats,
 }
 
+/// The endpoints that create a collection (for the `after-send` fail point).
+const TRIGGERS: &[&str] = &["dca_trigger", "v3_trigger", "v1_batch", "v2_batch"];
+
 /// Reads at most this much of an error body or status answer.
 const SMALL_BODY: usize = 64 * 1024;
 
@@ -156,6 +159,9 @@ impl Http {
             }
             Ok(Ok(r)) => r,
         };
+        if TRIGGERS.contains(&endpoint) {
+            crate::failpoint::crash("after-send");
+        }
         let status = response.status();
         self.stats
             .count(endpoint, &format!("{}xx", status.as_u16() / 100));

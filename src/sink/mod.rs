@@ -29,6 +29,8 @@ pub struct AtomicFile {
     hasher: Sha256,
     bytes: u64,
     committed: bool,
+    /// A part page (true) or a final file, for the fail points.
+    part: bool,
 }
 
 /// What was written: size and sha256 (hex).
@@ -52,16 +54,33 @@ impl AtomicFile {
             hasher: Sha256::new(),
             bytes: 0,
             committed: false,
+            part: false,
         })
+    }
+
+    /// A part page: the same file, with the part fail points.
+    pub fn create_part(dest: &Path) -> io::Result<AtomicFile> {
+        let mut f = AtomicFile::create(dest)?;
+        f.part = true;
+        Ok(f)
+    }
+
+    fn crash_point(&self, stage: &str) {
+        if self.part {
+            crate::failpoint::crash(stage);
+        }
     }
 
     /// Makes the file durable under its name.
     pub fn commit(mut self) -> io::Result<Written> {
         self.out.flush()?;
+        self.crash_point("part-written");
         self.out.get_ref().sync_all()?;
+        self.crash_point("part-synced");
         fs::rename(&self.tmp, &self.dest)?;
-        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))?;
         self.committed = true;
+        self.crash_point("part-renamed");
+        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))?;
         Ok(Written {
             bytes: self.bytes,
             sha256: hex::encode(self.hasher.clone().finalize()),
@@ -71,6 +90,11 @@ impl AtomicFile {
 
 impl Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::failpoint::io_error(if self.part {
+            "part-write"
+        } else {
+            "output-write"
+        })?;
         let n = self.out.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;

@@ -64,7 +64,7 @@ impl PartWriter {
     pub fn create(run_dir: &Path, index: u32, page: u32) -> io::Result<PartWriter> {
         super::create_dir_durable(&parts_dir(run_dir))?;
         Ok(PartWriter {
-            file: AtomicFile::create(&page_path(run_dir, index, page))?,
+            file: AtomicFile::create_part(&page_path(run_dir, index, page))?,
             rows: 0,
             error_rows: 0,
         })

@@ -296,6 +296,10 @@ impl Store {
     /// here as a 1M-input run stalling with every `sled-io` thread parked in
     /// `make_stable`), so the blocking `flush` runs on the blocking pool.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        crate::failpoint::io_error("store-flush").map_err(|source| StoreError::Io {
+            path: "flush".into(),
+            source,
+        })?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
