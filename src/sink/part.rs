@@ -24,12 +24,16 @@ pub fn page_path(run_dir: &Path, index: u32, page: u32) -> PathBuf {
 /// Joins a chunk's saved pages into its part file, durably, and removes
 /// the pages. A single page is renamed. Safe to repeat after a crash:
 /// pages are removed only once the part is durable, so a missing page with
-/// the part present means the join is done.
+/// the part present means the join is done, and a crash among the removals
+/// leaves pages that the next call removes.
 pub fn join_pages(run_dir: &Path, index: u32, pages: u32) -> io::Result<()> {
     let part = part_path(run_dir, index);
     let paths: Vec<PathBuf> = (0..pages).map(|p| page_path(run_dir, index, p)).collect();
     if paths.iter().any(|p| !p.exists()) {
         if part.exists() {
+            for path in &paths {
+                let _ = std::fs::remove_file(path);
+            }
             return Ok(());
         }
         return Err(io::Error::new(
@@ -85,5 +89,40 @@ impl RowSink for PartWriter {
         }
         self.file.write_all(raw)?;
         self.file.write_all(b"\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn page(run: &Path, index: u32, page: u32, row: &[u8]) {
+        let mut w = PartWriter::create(run, index, page).unwrap();
+        w.row(row).unwrap();
+        w.commit().unwrap();
+    }
+
+    #[test]
+    fn a_join_cut_short_among_the_removals_is_finished_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        for p in 0..3 {
+            page(run, 7, p, format!("{{\"n\":{p}}}").as_bytes());
+        }
+        join_pages(run, 7, 3).unwrap();
+        let joined = std::fs::read(part_path(run, 7)).unwrap();
+        // A crash after the part was durable but among the removals:
+        // page 0 is gone, pages 1 and 2 are back.
+        for p in 1..3 {
+            page(run, 7, p, b"{\"stale\":true}");
+        }
+        join_pages(run, 7, 3).unwrap();
+        assert_eq!(std::fs::read(part_path(run, 7)).unwrap(), joined);
+        let left: Vec<_> = std::fs::read_dir(parts_dir(run))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["chunk-000007.ndjson"]);
     }
 }
