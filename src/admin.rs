@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chunk::ChunkState;
 use crate::sink::manifest::timestamp;
 use crate::store::{RunRecord, Store};
-use crate::worker::{now_ms, Context};
+use crate::worker::Context;
 
 /// What the admin API asks the supervisor to do.
 #[derive(Debug)]
@@ -237,9 +237,28 @@ struct RunView {
     started_at: String,
     finished_at: Option<String>,
     last_error: Option<String>,
+    /// The first unsaved ready dataset to expire, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expiry: Option<ExpiryView>,
 }
 
-fn run_view(store: &Store, run: &RunRecord) -> Result<RunView, String> {
+#[derive(Serialize)]
+struct ExpiryView {
+    /// On the provider's clock.
+    expires_at: String,
+    seconds_left: i64,
+    /// `fine`, `warning` (3 days left; Firecrawl 6 h) or `error` (1 day; 1 h).
+    level: &'static str,
+    chunk: u32,
+}
+
+/// The context that drives runs of `kind`.
+fn context_of(contexts: &[Arc<Context>], kind: crate::spec::ProviderKind) -> Option<&Arc<Context>> {
+    contexts.iter().find(|c| c.provider.kind() == kind)
+}
+
+fn run_view(store: &Store, contexts: &[Arc<Context>], run: &RunRecord) -> Result<RunView, String> {
+    let ctx = context_of(contexts, run.spec.provider);
     let chunks = store
         .chunks(&run.job, &run.run_id)
         .map_err(|e| e.to_string())?;
@@ -265,6 +284,21 @@ fn run_view(store: &Store, run: &RunRecord) -> Result<RunView, String> {
         };
         if error.is_some() {
             view.last_error = error;
+        }
+        if let (ChunkState::Ready { expires_at, .. }, Some(ctx)) = (&c.state, ctx) {
+            let (left, level) = ctx.expiry(*expires_at);
+            if view
+                .expiry
+                .as_ref()
+                .is_none_or(|e| left < e.seconds_left * 1000)
+            {
+                view.expiry = Some(ExpiryView {
+                    expires_at: timestamp(*expires_at),
+                    seconds_left: left / 1000,
+                    level: level.as_str(),
+                    chunk: c.index,
+                });
+            }
         }
     }
     Ok(view)
@@ -298,7 +332,9 @@ fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, String> {
             .as_ref()
             .map(|r| r.problems.clone())
             .unwrap_or_default();
-        let latest_view = latest.map(|r| run_view(store, r)).transpose()?;
+        let latest_view = latest
+            .map(|r| run_view(store, &state.contexts, r))
+            .transpose()?;
         let state_word = if !problems.is_empty() {
             "invalid".to_string()
         } else {
@@ -343,7 +379,9 @@ fn metrics(state: &AdminState) -> Result<String, String> {
     let mut out = String::new();
     let mut runs_by_state = std::collections::BTreeMap::<&str, u64>::new();
     let mut chunks_by_state = std::collections::BTreeMap::<&str, u64>::new();
+    // Seconds left on each dataset's provider clock.
     let mut earliest_expiry: Option<i64> = None;
+    let mut expiring = std::collections::BTreeMap::<&str, u64>::new();
     for run in store.runs().map_err(|e| e.to_string())? {
         *runs_by_state.entry(run.state.as_str()).or_default() += 1;
         if run.state.is_terminal() {
@@ -354,8 +392,12 @@ fn metrics(state: &AdminState) -> Result<String, String> {
             .map_err(|e| e.to_string())?
         {
             *chunks_by_state.entry(c.state.name()).or_default() += 1;
-            if let ChunkState::Ready { expires_at, .. } = c.state {
-                earliest_expiry = Some(earliest_expiry.map_or(expires_at, |e| e.min(expires_at)));
+            if let (ChunkState::Ready { expires_at, .. }, Some(ctx)) =
+                (c.state, context_of(&state.contexts, run.spec.provider))
+            {
+                let (left, level) = ctx.expiry(expires_at);
+                earliest_expiry = Some(earliest_expiry.map_or(left, |e| e.min(left)));
+                *expiring.entry(level.as_str()).or_default() += 1;
             }
         }
     }
@@ -432,12 +474,13 @@ fn metrics(state: &AdminState) -> Result<String, String> {
     let _ = writeln!(out, "# HELP harvestd_rows_written_total Data rows written to final files.\n# TYPE harvestd_rows_written_total counter\nharvestd_rows_written_total {rows}");
     let _ = writeln!(out, "# HELP harvestd_bytes_written_total Bytes of final files written.\n# TYPE harvestd_bytes_written_total counter\nharvestd_bytes_written_total {bytes}");
     let _ = writeln!(out, "# HELP harvestd_earliest_expiry_seconds Seconds until the first unsaved ready dataset expires (absent when none).\n# TYPE harvestd_earliest_expiry_seconds gauge");
-    if let Some(at) = earliest_expiry {
-        let _ = writeln!(
-            out,
-            "harvestd_earliest_expiry_seconds {}",
-            (at - now_ms()) / 1000
-        );
+    if let Some(left) = earliest_expiry {
+        let _ = writeln!(out, "harvestd_earliest_expiry_seconds {}", left / 1000);
+    }
+    let _ = writeln!(out, "# HELP harvestd_unsaved_datasets Ready datasets not yet saved, by expiry level (warning: 3 days left, Firecrawl 6 h; error: 1 day, 1 h).\n# TYPE harvestd_unsaved_datasets gauge");
+    for level in ["fine", "warning", "error", "expired"] {
+        let n = expiring.get(level).copied().unwrap_or(0);
+        let _ = writeln!(out, "harvestd_unsaved_datasets{{level=\"{level}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP harvestd_last_successful_poll_timestamp_seconds Unix time of the last successful status poll.\n# TYPE harvestd_last_successful_poll_timestamp_seconds gauge\nharvestd_last_successful_poll_timestamp_seconds {}", last_poll / 1000);
     Ok(out)

@@ -374,7 +374,7 @@ pub fn status_table(jobs: &[serde_json::Value]) -> String {
         let run = &j["latest_run"];
         let done = run["chunks"]["downloaded"].as_u64().unwrap_or(0);
         let total = run["chunks_total"].as_u64().unwrap_or(0);
-        let error = j["problems"]
+        let mut error = j["problems"]
             .as_array()
             .and_then(|p| p.first())
             .or(run.get("last_error"))
@@ -383,6 +383,19 @@ pub fn status_table(jobs: &[serde_json::Value]) -> String {
             .chars()
             .take(60)
             .collect::<String>();
+        // A dataset near deletion outranks any other message.
+        let expiry = &run["expiry"];
+        if matches!(
+            expiry["level"].as_str(),
+            Some("warning" | "error" | "expired")
+        ) {
+            error = format!(
+                "{} EXPIRES {} (in {}) {error}",
+                expiry["level"].as_str().unwrap_or_default().to_uppercase(),
+                expiry["expires_at"].as_str().unwrap_or("?"),
+                crate::worker::left_text(expiry["seconds_left"].as_i64().unwrap_or(0) * 1000),
+            );
+        }
         rows.push([
             j["job"].as_str().unwrap_or("?").to_string(),
             j["provider"].as_str().unwrap_or("-").to_string(),

@@ -93,6 +93,61 @@ impl Context {
     }
 }
 
+/// How near an unsaved ready dataset is to deletion at the provider
+/// (SPEC §7: warn with 3 days left, error at 1 day; Firecrawl 6 h and 1 h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ExpiryLevel {
+    Fine,
+    Warning,
+    Error,
+    Expired,
+}
+
+impl ExpiryLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryLevel::Fine => "fine",
+            ExpiryLevel::Warning => "warning",
+            ExpiryLevel::Error => "error",
+            ExpiryLevel::Expired => "expired",
+        }
+    }
+}
+
+impl Context {
+    /// Time left (ms) before the provider deletes a dataset that expires at
+    /// `expires_at` on its clock, and how alarming that is.
+    pub fn expiry(&self, expires_at: UnixMs) -> (i64, ExpiryLevel) {
+        let left = expires_at - self.provider.now_ms();
+        let l = self.limits();
+        let (warn_at, error_at) = match self.provider.kind() {
+            crate::spec::ProviderKind::Firecrawl => {
+                (l.firecrawl_expiry_warn, l.firecrawl_expiry_error)
+            }
+            _ => (l.expiry_warn, l.expiry_error),
+        };
+        let level = if left <= 0 {
+            ExpiryLevel::Expired
+        } else if left <= error_at.as_millis() as i64 {
+            ExpiryLevel::Error
+        } else if left <= warn_at.as_millis() as i64 {
+            ExpiryLevel::Warning
+        } else {
+            ExpiryLevel::Fine
+        };
+        (left, level)
+    }
+}
+
+/// `ms` as "2days 23h 59m", to the minute.
+pub fn left_text(ms: i64) -> String {
+    let minutes = (ms.max(0) as u64) / 60_000;
+    if minutes == 0 {
+        return "under a minute".into();
+    }
+    humantime::format_duration(Duration::from_secs(minutes * 60)).to_string()
+}
+
 pub fn now_ms() -> UnixMs {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -845,8 +900,11 @@ impl ChunkDriver {
             Ok(PollOutcome::Building) => self.attempt = 0,
             Ok(PollOutcome::Ready { expires_at, start }) => {
                 let now = now_ms();
-                let expires_at =
-                    expires_at.unwrap_or(now + self.ctx.provider.retention().as_millis() as i64);
+                // Scraper Studio and the Web Scraper API name no deadline:
+                // retention counts from now on the provider's clock.
+                let expires_at = expires_at.unwrap_or(
+                    self.ctx.provider.now_ms() + self.ctx.provider.retention().as_millis() as i64,
+                );
                 info!(remote_id, "collection ready");
                 self.attempt = 0;
                 self.rec.download = Download {
@@ -904,35 +962,28 @@ impl ChunkDriver {
         expires_at: UnixMs,
     ) -> Result<Next, WorkerError> {
         let now = now_ms();
-        if now >= expires_at {
-            let error = format!(
-                "the dataset expired at {} before it could be saved",
-                timestamp(expires_at)
-            );
-            error!(remote_id, "{error}");
-            self.apply(ChunkEvent::Expired { error }).await?;
-            return Ok(Next::Continue);
-        }
-        let left = Duration::from_millis((expires_at - now) as u64);
-        let l = self.ctx.limits();
-        let (warn_at, error_at) = match self.ctx.provider.kind() {
-            crate::spec::ProviderKind::Firecrawl => {
-                (l.firecrawl_expiry_warn, l.firecrawl_expiry_error)
+        let (left, level) = self.ctx.expiry(expires_at);
+        let expires = timestamp(expires_at);
+        match level {
+            ExpiryLevel::Expired => {
+                let error = format!("the dataset expired at {expires} before it could be saved");
+                error!(remote_id, "{error}");
+                self.apply(ChunkEvent::Expired { error }).await?;
+                return Ok(Next::Continue);
             }
-            _ => (l.expiry_warn, l.expiry_error),
-        };
-        if left <= error_at {
-            error!(
+            ExpiryLevel::Error => error!(
                 remote_id,
-                ?left,
+                expires_at = %expires,
+                left = %left_text(left),
                 "ready dataset still unsaved and about to expire"
-            );
-        } else if left <= warn_at {
-            warn!(
+            ),
+            ExpiryLevel::Warning => warn!(
                 remote_id,
-                ?left,
+                expires_at = %expires,
+                left = %left_text(left),
                 "ready dataset still unsaved; it expires soon"
-            );
+            ),
+            ExpiryLevel::Fine => {}
         }
         if self.rec.download.fetched {
             return self.join(remote_id).await;

@@ -340,7 +340,16 @@ async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken
                 let state = state.clone();
                 async move {
                     match handle(&state, req).await {
-                        Reply::Response(r) => Ok(r),
+                        Reply::Response(mut r) => {
+                            // Every answer dates itself on the emulator's
+                            // clock, as a real server does on its own.
+                            let now =
+                                UNIX_EPOCH + Duration::from_millis(state.now_ms().max(0) as u64);
+                            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                                r.headers_mut().insert(http::header::DATE, v);
+                            }
+                            Ok(r)
+                        }
                         Reply::Drop => Err(Dropped),
                     }
                 }

@@ -5,6 +5,7 @@
 //! provider to decode.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -45,6 +46,10 @@ pub struct Http {
     pub gate: Arc<ProviderGate>,
     pub timeout: Duration,
     pub stats: CallStats,
+    /// The provider's clock minus ours (ms), from the `Date` header of its
+    /// latest answer: deletion happens on the provider's clock, so expiry
+    /// is judged on it too.
+    clock_offset: AtomicI64,
 }
 
 /// The endpoints that create a collection (for the `after-send` fail point).
@@ -76,6 +81,28 @@ impl Http {
             gate,
             timeout,
             stats: CallStats::default(),
+            clock_offset: AtomicI64::new(0),
+        }
+    }
+
+    /// Now on the provider's clock, as its latest answer told it.
+    pub fn provider_now(&self) -> crate::chunk::UnixMs {
+        crate::worker::now_ms() + self.clock_offset.load(Ordering::Relaxed)
+    }
+
+    /// Notes the provider's clock from an answer's `Date` header.
+    fn note_clock(&self, response: &Response) {
+        let date = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+        if let Some(date) = date {
+            // The header has whole seconds: on average half a second behind.
+            let theirs = date.as_millis() as i64 + 500;
+            self.clock_offset
+                .store(theirs - crate::worker::now_ms(), Ordering::Relaxed);
         }
     }
 
@@ -162,6 +189,7 @@ impl Http {
         if TRIGGERS.contains(&endpoint) {
             crate::failpoint::crash("after-send");
         }
+        self.note_clock(&response);
         let status = response.status();
         self.stats
             .count(endpoint, &format!("{}xx", status.as_u16() / 100));

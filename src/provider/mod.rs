@@ -171,6 +171,12 @@ pub trait Provider: Send + Sync {
     /// The driver every call goes through.
     fn http(&self) -> &http::Http;
 
+    /// Now on the provider's clock (its latest `Date` header): datasets are
+    /// deleted on that clock, so their expiry is judged on it.
+    fn now_ms(&self) -> UnixMs {
+        self.http().provider_now()
+    }
+
     /// A new token (SIGHUP); `None` leaves the provider without one.
     fn set_token(&self, token: Option<crate::config::Token>) {
         self.http().set_token(token);
