@@ -233,6 +233,39 @@ fn read_json_array(reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), Read
         .map_err(|e| at(lines.max(1), e.to_string()))
 }
 
+/// Finds inputs given twice. An identical input is an identical collection
+/// paid for twice, so it is a problem, not a quirk. Rows are remembered by
+/// a 128-bit hash of their JSON (16 bytes and a line each), so a million
+/// inputs cost tens of megabytes, never the rows themselves.
+#[derive(Default)]
+pub struct Duplicates {
+    seen: std::collections::HashMap<u128, usize>,
+}
+
+impl Duplicates {
+    /// The line (or element) of an earlier identical input, if any.
+    pub fn earlier(&mut self, line: usize, row: &Map<String, Value>) -> Option<usize> {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(serde_json::to_vec(row).unwrap_or_default());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        match self.seen.entry(u128::from_le_bytes(key)) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(line);
+                None
+            }
+        }
+    }
+}
+
+/// The problem text for a repeated input.
+pub fn duplicate_message(earlier: usize) -> String {
+    format!(
+        "the same input as line {earlier}: it would be collected and paid for twice; remove one"
+    )
+}
+
 /// Checks one input row for the provider.
 pub fn check_row(row: &Map<String, Value>, provider: Option<ProviderKind>) -> Result<(), String> {
     if row.is_empty() {

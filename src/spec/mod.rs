@@ -271,11 +271,20 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
         (Some(v), None) => match v {
             Value::Array(items) => {
                 let mut rows = Vec::with_capacity(items.len());
+                let mut duplicates = inputs::Duplicates::default();
                 for (i, item) in items.iter().enumerate() {
                     match item {
                         Value::Object(map) => {
                             if let Err(msg) = inputs::check_row(map, provider) {
                                 checker.report("inputs", format!("element {}: {msg}", i + 1));
+                            } else if let Some(first) = duplicates.earlier(i + 1, map) {
+                                checker.report(
+                                    "inputs",
+                                    format!(
+                                        "element {}: the same input as element {first}; it would be paid for twice",
+                                        i + 1
+                                    ),
+                                );
                             }
                             rows.push(map.clone());
                         }
@@ -394,8 +403,15 @@ pub fn check_inputs(spec: &JobSpec, job_path: &Path) -> Result<u64, Vec<Problem>
         InputSource::Inline(rows) => Ok(rows.len() as u64),
         InputSource::File(file) => {
             let mut problems = Vec::new();
+            let mut duplicates = inputs::Duplicates::default();
             let count = inputs::for_each(file, |line, row| {
-                if let Err(message) = inputs::check_row(row, Some(spec.provider)) {
+                let checked = inputs::check_row(row, Some(spec.provider)).and_then(|()| {
+                    match duplicates.earlier(line, row) {
+                        Some(first) => Err(inputs::duplicate_message(first)),
+                        None => Ok(()),
+                    }
+                });
+                if let Err(message) = checked {
                     problems.push(Problem {
                         file: file.display().to_string(),
                         line: Some(line),
