@@ -2,6 +2,8 @@
 //! `harvestd` binary as a child process pointed at it with fast limits.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kill_loop;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -131,7 +133,12 @@ impl Harness {
 
     /// Starts the daemon (no `--once`) and waits until it says it is ready.
     pub async fn start_daemon(&self) -> Daemon {
-        let mut child = self.command(&["run"]).spawn().unwrap();
+        self.start_with(&["run"]).await
+    }
+
+    /// Starts `harvestd args…` and waits until it says it is ready.
+    pub async fn start_with(&self, args: &[&str]) -> Daemon {
+        let mut child = self.command(args).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
