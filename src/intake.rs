@@ -39,7 +39,10 @@ pub fn content_hash(job_bytes: &[u8], spec: Option<&JobSpec>) -> String {
     h.update(Sha256::digest(job_bytes));
     if let Some(InputSource::File(inputs)) = spec.map(|s| &s.inputs) {
         let mut inner = Sha256::new();
-        if let Ok(mut f) = fs::File::open(inputs) {
+        // Only a regular file is read: opening a FIFO would block the scan
+        // (and with it the daemon) until something writes to it.
+        let regular = fs::metadata(inputs).is_ok_and(|m| m.is_file());
+        if let Some(mut f) = regular.then(|| fs::File::open(inputs).ok()).flatten() {
             let mut buf = vec![0u8; 256 * 1024];
             while let Ok(n) = f.read(&mut buf) {
                 if n == 0 {

@@ -186,3 +186,181 @@ async fn temporary_and_hidden_files_are_not_jobs() {
     assert!(h.emulator.stats().requests.is_empty());
     assert!(!h.path("out").join("a").exists());
 }
+
+/// A job file and what `validate` and the daemon must say about it.
+struct Hostile {
+    name: &'static str,
+    /// `None`: made on disk by `make` (directories, FIFOs, symlinks).
+    bytes: Option<Vec<u8>>,
+    /// An inputs file beside it.
+    beside: Option<(&'static str, Vec<u8>)>,
+    want: &'static str,
+}
+
+fn sc(rest: &str) -> Vec<u8> {
+    format!("provider = \"scraper_studio\"\ncollector = \"c_abc\"\n{rest}").into_bytes()
+}
+
+fn hostile_corpus() -> Vec<Hostile> {
+    let h = |name, bytes: Vec<u8>, want| Hostile {
+        name,
+        bytes: Some(bytes),
+        beside: None,
+        want,
+    };
+    let with = |name, file, inputs: Vec<u8>, want| Hostile {
+        name,
+        bytes: Some(sc(&format!("inputs_file = \"{file}\"\n"))),
+        beside: Some((file, inputs)),
+        want,
+    };
+    let on_disk = |name, want| Hostile {
+        name,
+        bytes: None,
+        beside: None,
+        want,
+    };
+    let one = "inputs = [{url = \"https://a.example\"}]\n";
+    let mut bom = b"\xEF\xBB\xBF".to_vec();
+    bom.extend(sc(&format!("chunk_size = \"x\"\n{one}")));
+    vec![
+        h("truncated.json", b"{\"provider\": \"scraper_studio\", \"collector\": \"c_abc\", \"inputs\": [{\"url\": \"https://a.ex".to_vec(), "truncated.json:1: invalid JSON: EOF while parsing"),
+        h("types.toml", sc(&format!("{one}chunk_size = \"500\"\n")), "types.toml:4: field 'chunk_size': must be an integer, found a string"),
+        h("bom.toml", bom, "bom.toml:3: field 'chunk_size': must be an integer"),
+        h("hugeint.toml", sc(&format!("{one}chunk_size = 99999999999999999999999\n")), "hugeint.toml:4: invalid TOML"),
+        h("negative.toml", sc(&format!("{one}chunk_size = -5\n")), "negative.toml:4: field 'chunk_size': -5 is outside 1..=5000"),
+        h("deep.toml", sc(&format!("inputs = {}{}\n", "[".repeat(100_000), "]".repeat(100_000))), "deep.toml:3: invalid TOML: recursion limit exceeded"),
+        h("deep.json", format!("{{\"provider\": \"scraper_studio\", \"inputs\": {}{}}}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(), "deep.json:1: invalid JSON: recursion limit exceeded"),
+        h("dupkey.json", b"{\"provider\": \"scraper_studio\", \"provider\": \"firecrawl\", \"collector\": \"c_abc\"}".to_vec(), "dupkey.json:1: invalid JSON: the key 'provider' is given twice"),
+        h("cron61.toml", sc(&format!("{one}cron = \"61 * * * *\"\n")), "cron61.toml:4: field 'cron': '61 * * * *': minute field '61': 61 is outside 0-59"),
+        h("every0.toml", sc(&format!("{one}every = \"0s\"\n")), "every0.toml:4: field 'every': '0s' is too frequent"),
+        h("params.toml", sc(&format!("{one}params = 5\n")), "params.toml:4: field 'params': must be a table/object"),
+        h("nul.toml", b"provider = \"scraper_studio\"\x00\ncollector = \"c_abc\"\n".to_vec(), "nul.toml:1: invalid TOML"),
+        h("utf8.toml", b"provider = \"scraper_studio\"\ncollector = \"c_\xff\xfe\"\n".to_vec(), "utf8.toml:2: is not valid UTF-8"),
+        h("ten-mb.toml", sc(&format!("# {}\n{one}", "x".repeat(10 * 1024 * 1024))), "ten-mb.toml: is 10485"),
+        h("dupinline.toml", sc("inputs = [{url = \"https://a.example\"}, {url = \"https://a.example\"}]\n"), "field 'inputs': element 2: the same input as element 1"),
+        h("fcnourl.toml", b"provider = \"firecrawl\"\ninputs = [{name = \"x\"}]\n".to_vec(), "fcnourl.toml:2: field 'inputs': element 1: field 'url': is required for firecrawl inputs"),
+        with("dups.toml", "dups.txt", "https://a.example/same\n".repeat(1_000_000).into_bytes(), "dups.txt:2: the same input as line 1"),
+        with("longurl.toml", "longurl.ndjson", format!("{{\"url\": \"https://a.example/{}\"}}\n", "x".repeat(20_000)).into_bytes(), "longurl.ndjson:1: field 'url': is 20018 bytes long"),
+        with("dupfield.toml", "dupfield.ndjson", b"{\"url\": \"https://a.example\", \"url\": \"https://b.example\"}\n".to_vec(), "dupfield.ndjson:1: invalid JSON: the key 'url' is given twice"),
+        with("notarray.toml", "notarray.json", b"{\"url\": \"https://a.example\"}".to_vec(), "notarray.json:1: expected a JSON array"),
+        with("truncarray.toml", "truncarray.json", b"[{\"url\": \"https://a.example\"}, {\"url\": \"https://b.ex".to_vec(), "truncarray.json:1: the JSON array ends early"),
+        with("csvutf8.toml", "csvutf8.csv", b"url\nhttps://a.example\nhttps://b.example/\xff\xfe\n".to_vec(), "csvutf8.csv:3: is not valid UTF-8"),
+        with("csvempty.toml", "csvempty.csv", Vec::new(), "csvempty.csv:1: the header row is empty"),
+        with("xlsx.toml", "in.xlsx", b"PK".to_vec(), "xlsx.toml:3: field 'inputs_file': 'in.xlsx' must end in .csv"),
+        Hostile {
+            name: "dirinputs.toml",
+            bytes: Some(sc("inputs_file = \"adir.csv\"\n")),
+            beside: None,
+            want: "adir.csv: not a regular file",
+        },
+        Hostile {
+            name: "fifoinputs.toml",
+            bytes: Some(sc("inputs_file = \"afifo.csv\"\n")),
+            beside: None,
+            want: "afifo.csv: not a regular file",
+        },
+        Hostile {
+            name: "loopinputs.toml",
+            bytes: Some(sc("inputs_file = \"aloop.csv\"\n")),
+            beside: None,
+            want: "aloop.csv: Too many levels of symbolic links",
+        },
+        on_disk("loop.toml", "loop.toml: cannot read: Too many levels of symbolic links"),
+        on_disk("dir.toml", "dir.toml: not a regular file"),
+        on_disk("fifo.toml", "fifo.toml: not a regular file"),
+        on_disk("dangling.toml", "dangling.toml: cannot read: No such file or directory"),
+    ]
+}
+
+/// Directories, FIFOs and symlinks the corpus names.
+fn make_special_files(jobs: &std::path::Path) {
+    use std::os::unix::fs::symlink;
+    for dir in ["dir.toml", "adir.csv"] {
+        std::fs::create_dir(jobs.join(dir)).unwrap();
+    }
+    for fifo in ["fifo.toml", "afifo.csv"] {
+        let made = std::process::Command::new("mkfifo")
+            .arg(jobs.join(fifo))
+            .status()
+            .unwrap();
+        assert!(made.success());
+    }
+    symlink("loop.toml", jobs.join("loop.toml")).unwrap();
+    symlink("aloop.csv", jobs.join("aloop.csv")).unwrap();
+    symlink("nowhere.toml", jobs.join("dangling.toml")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corpus_of_hostile_files_each_gets_a_clear_error_and_the_daemon_runs_on() {
+    let h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+    let jobs = h.path("jobs");
+    let corpus = hostile_corpus();
+    for case in &corpus {
+        if let Some(bytes) = &case.bytes {
+            std::fs::write(jobs.join(case.name), bytes).unwrap();
+        }
+        if let Some((file, bytes)) = &case.beside {
+            std::fs::write(jobs.join(file), bytes).unwrap();
+        }
+    }
+    make_special_files(&jobs);
+    // Not for root, who reads anything: the kernel would not refuse.
+    let unreadable = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout != b"0\n");
+    if unreadable {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(jobs.join("noperm.toml"), GOOD).unwrap();
+        std::fs::set_permissions(
+            jobs.join("noperm.toml"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
+    }
+    assert!(corpus.len() + BAD.len() >= 30);
+
+    for case in &corpus {
+        let path = jobs.join(case.name);
+        let (code, _, stderr) = h.run(&["validate", path.to_str().unwrap()]).await;
+        assert_eq!(code, 65, "{}: {stderr}", case.name);
+        assert!(
+            stderr.contains(case.want),
+            "{}: want {:?} in:\n{stderr}",
+            case.name,
+            case.want
+        );
+    }
+    assert!(h.emulator.stats().requests.is_empty());
+
+    // The daemon, with every hostile file present: the good job runs, each
+    // bad one is reported, and nothing hangs on the FIFOs.
+    h.write_job("good.toml", GOOD);
+    let mut d = h.start_daemon().await;
+    d.wait_for_line("run complete").await;
+    for case in &corpus {
+        let stem = case.name.rsplit_once('.').unwrap().0;
+        assert!(
+            d.seen
+                .iter()
+                .any(|l| l.contains("invalid job file")
+                    && l.contains(&format!("\"job\":\"{stem}\""))),
+            "{}: the daemon names it",
+            case.name
+        );
+    }
+    if unreadable {
+        assert!(d
+            .seen
+            .iter()
+            .any(|l| l.contains("noperm.toml: cannot read: Permission denied")));
+    }
+    // Still running and still taking work beside them.
+    h.write_job("later.toml", &GOOD.replace("c_good00001", "c_later0001"));
+    d.wait_for_line("run complete").await;
+    d.signal(15);
+    assert_eq!(d.wait().await, 0);
+    let keys: Vec<String> = h.ledger().into_iter().map(|e| e.key).collect();
+    assert_eq!(keys, ["c_good00001", "c_later0001"]);
+}

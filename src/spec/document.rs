@@ -13,9 +13,9 @@ pub enum DocumentKind {
     Json,
 }
 
-/// Job files hold definitions and small inline input lists; anything larger
-/// belongs in an inputs file.
-pub const MAX_JOB_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Job files hold definitions and small inline input lists (about 10,000
+/// inputs fit); anything larger belongs in an inputs file.
+pub const MAX_JOB_FILE_BYTES: u64 = 1024 * 1024;
 
 pub struct Document {
     kind: DocumentKind,
@@ -65,8 +65,9 @@ impl Document {
                 })?;
                 toml_to_json(toml::Value::Table(table)).map_err(|m| (None, m))?
             }
-            DocumentKind::Json => serde_json::from_str::<Value>(text)
-                .map_err(|e| (Some(e.line()), format!("invalid JSON: {e}")))?,
+            DocumentKind::Json => {
+                parse_json(text).map_err(|e| (Some(e.line()), format!("invalid JSON: {e}")))?
+            }
         };
         let Value::Object(fields) = value else {
             return Err((Some(1), "must be a JSON object of fields".into()));
@@ -172,4 +173,79 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// Parses JSON refusing an object that repeats a key: serde_json would keep
+/// the last one silently and run a job (or collect an input) other than
+/// the one written.
+pub fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str::<Unique>(text).map(|u| u.0)
+}
+
+struct Unique(Value);
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if fields.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "the key '{key}' is given twice"
+                )));
+            }
+            let Unique(v) = map.next_value()?;
+            fields.insert(key, v);
+        }
+        Ok(Value::Object(fields))
+    }
 }

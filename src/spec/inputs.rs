@@ -87,16 +87,18 @@ pub fn for_each(
     match format {
         InputFormat::Csv => read_csv(reader, &mut emit)?,
         InputFormat::Ndjson => {
-            read_lines(reader, &mut emit, |line, text| {
-                match serde_json::from_str::<Value>(text) {
+            read_lines(
+                reader,
+                &mut emit,
+                |line, text| match super::document::parse_json(text) {
                     Ok(Value::Object(map)) => Ok(Some(map)),
                     Ok(other) => Err(at(
                         line,
                         format!("expected a JSON object, found {}", super::type_name(&other)),
                     )),
                     Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
-                }
-            })?
+                },
+            )?
         }
         InputFormat::Txt => read_lines(reader, &mut emit, |_, text| {
             if text.starts_with('#') {
@@ -214,7 +216,10 @@ fn read_json_array(reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), Read
     let lines = for_each_line(reader, |line, buf| {
         splitter
             .feed(buf, |element| {
-                match serde_json::from_slice::<Value>(element) {
+                let parsed = std::str::from_utf8(element)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| super::document::parse_json(text).map_err(|e| e.to_string()));
+                match parsed {
                     Ok(Value::Object(map)) => emit(line, &map),
                     Ok(other) => Err(at(
                         line,
@@ -266,6 +271,9 @@ pub fn duplicate_message(earlier: usize) -> String {
     )
 }
 
+/// The longest URL an input may have (RFC 9110 asks servers for 8,000).
+pub const MAX_URL_BYTES: usize = 8192;
+
 /// Checks one input row for the provider.
 pub fn check_row(row: &Map<String, Value>, provider: Option<ProviderKind>) -> Result<(), String> {
     if row.is_empty() {
@@ -273,6 +281,12 @@ pub fn check_row(row: &Map<String, Value>, provider: Option<ProviderKind>) -> Re
     }
     match row.get("url") {
         Some(Value::String(url)) => {
+            if url.len() > MAX_URL_BYTES {
+                return Err(format!(
+                    "field 'url': is {} bytes long; URLs over {MAX_URL_BYTES} bytes are refused by servers and providers",
+                    url.len()
+                ));
+            }
             let ok = (url.starts_with("http://") || url.starts_with("https://"))
                 && url.len() > "https://".len()
                 && !url.chars().any(char::is_whitespace);

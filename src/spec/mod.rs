@@ -605,17 +605,17 @@ impl Checker<'_> {
                     None
                 }
             },
-            (None, Some(c)) => {
-                if c.split_whitespace().count() != 5 {
-                    self.report(
-                        "cron",
-                        format!("'{c}' must have 5 fields: minute hour day month weekday"),
-                    );
+            (None, Some(c)) => match c.parse::<crate::schedule::Cron>() {
+                Ok(cron) if cron.ever_matches() => Some(Schedule::Cron(c)),
+                Ok(_) => {
+                    self.report("cron", format!("'{c}' never matches a real date"));
                     None
-                } else {
-                    Some(Schedule::Cron(c))
                 }
-            }
+                Err(e) => {
+                    self.report("cron", format!("'{c}': {e}"));
+                    None
+                }
+            },
             (None, None) => None,
         }
     }
