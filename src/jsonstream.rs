@@ -84,7 +84,22 @@ impl ArraySplitter {
         bytes: &[u8],
         mut on_element: impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), Result<E, SplitError>> {
-        for &b in bytes {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.at == At::Element && self.in_string && !self.escaped {
+                // Most of a dataset's bytes are string contents: copy up to
+                // the next quote or backslash at once instead of byte by byte.
+                let rest = &bytes[i..];
+                let run = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                self.element.extend_from_slice(&rest[..run]);
+                self.offset += run as u64;
+                i += run;
+                if i == bytes.len() {
+                    break;
+                }
+            }
+            let b = bytes[i];
+            i += 1;
             let pos = self.offset;
             self.offset += 1;
             match self.at {
