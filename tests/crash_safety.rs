@@ -427,13 +427,13 @@ async fn expiry_is_announced_then_recorded(api: Api, retention_h: u64, warn_h: u
         "crash.toml",
         &api.job().replace("chunk_size = 20", "chunk_size = 5"),
     );
-    // One chunk at a time: the first saves its 5 rows (10 writes), then
-    // every write fails, so the second stays ready and unsaved.
+    // One chunk at a time: the first saves its 5 rows, then every row
+    // write fails, so the second stays ready and unsaved.
     h.write_config(
         "[limits.keys.\"c_crash00001\"]\nmax_in_flight = 1\n[limits.keys.account]\nmax_in_flight = 1\n",
     );
     h.env = vec![
-        ("FAILPOINTS".into(), "part-write=10*off->return".into()),
+        ("FAILPOINTS".into(), "part-write=5*off->return".into()),
         ("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
     ];
     let hour = std::time::Duration::from_secs(3600);

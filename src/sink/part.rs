@@ -45,7 +45,7 @@ pub fn join_pages(run_dir: &Path, index: u32, pages: u32) -> io::Result<()> {
         std::fs::rename(&paths[0], &part)?;
         return super::sync_dir(&parts_dir(run_dir));
     }
-    let mut out = AtomicFile::create(&part)?;
+    let mut out = AtomicFile::create_part(&part)?;
     for path in &paths {
         io::copy(&mut std::fs::File::open(path)?, &mut out)?;
     }
@@ -82,6 +82,7 @@ impl PartWriter {
 
 impl RowSink for PartWriter {
     fn row(&mut self, raw: &[u8]) -> io::Result<()> {
+        crate::failpoint::io_error("part-write")?;
         if is_error_row(raw)? {
             self.error_rows += 1;
         } else {
