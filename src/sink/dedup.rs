@@ -29,8 +29,8 @@ pub fn key_hash(row: &Value, path: &str) -> Option<u128> {
 /// Sorted, distinct key hashes of the data rows of the given parts.
 pub fn run_hashes(run_dir: &Path, parts: &[u32], path: &str) -> io::Result<Vec<u128>> {
     let mut hashes = Vec::new();
-    for_each_row(run_dir, parts, |raw, is_error| {
-        if !is_error {
+    for_each_row(run_dir, parts, |raw| {
+        if !super::is_error_row(raw)? {
             let row: Value = serde_json::from_slice(raw)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             hashes.extend(key_hash(&row, path));

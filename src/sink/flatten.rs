@@ -55,6 +55,180 @@ fn starts_like_formula(s: &str) -> bool {
     )
 }
 
+/// [`flatten`] straight from a row's JSON text, in one pass and without
+/// building a `Value`: the final files' hot path. Also says whether the row
+/// is an error row (a top-level `error` or `error_code` that is not null,
+/// as [`super::is_error_row`] decides). Invalid JSON is an error.
+pub fn flatten_raw(
+    raw: &[u8],
+    escape_formulas: bool,
+    cell: &mut impl FnMut(&str, &str),
+) -> serde_json::Result<bool> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let mut path = String::new();
+    let mut error = false;
+    serde::de::DeserializeSeed::deserialize(
+        Walk {
+            path: &mut path,
+            escape: escape_formulas,
+            cell,
+            error: Some(&mut error),
+        },
+        &mut de,
+    )?;
+    de.end()?;
+    Ok(error)
+}
+
+/// Walks one value at `path`; `error` is set only for the top level.
+struct Walk<'a, F> {
+    path: &'a mut String,
+    escape: bool,
+    cell: &'a mut F,
+    error: Option<&'a mut bool>,
+}
+
+impl<F: FnMut(&str, &str)> Walk<'_, F> {
+    /// A leaf at the current path (a top-level scalar is the `value` column).
+    fn leaf(&mut self, text: &str) {
+        let column = if self.path.is_empty() {
+            "value"
+        } else {
+            self.path.as_str()
+        };
+        (self.cell)(column, text);
+    }
+}
+
+impl<'de, F: FnMut(&str, &str)> serde::de::DeserializeSeed<'de> for Walk<'_, F> {
+    /// Whether the value was `null`.
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(&str, &str)> serde::de::Visitor<'de> for Walk<'_, F> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(mut self, v: bool) -> Result<bool, E> {
+        self.leaf(if v { "true" } else { "false" });
+        Ok(false)
+    }
+
+    fn visit_i64<E>(mut self, v: i64) -> Result<bool, E> {
+        self.leaf(&v.to_string());
+        Ok(false)
+    }
+
+    fn visit_u64<E>(mut self, v: u64) -> Result<bool, E> {
+        self.leaf(&v.to_string());
+        Ok(false)
+    }
+
+    fn visit_f64<E>(mut self, v: f64) -> Result<bool, E> {
+        self.leaf(&Value::from(v).to_string());
+        Ok(false)
+    }
+
+    fn visit_str<E>(mut self, v: &str) -> Result<bool, E> {
+        if self.escape && starts_like_formula(v) {
+            self.leaf(&format!("'{v}"));
+        } else {
+            self.leaf(v);
+        }
+        Ok(false)
+    }
+
+    fn visit_unit<E>(mut self) -> Result<bool, E> {
+        self.leaf("");
+        Ok(true)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<bool, A::Error> {
+        // Arrays are one cell of compact JSON, as in `flatten`.
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            items.push(v);
+        }
+        self.leaf(&Value::Array(items).to_string());
+        Ok(false)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let Walk {
+            path,
+            escape,
+            cell,
+            mut error,
+        } = self;
+        let len = path.len();
+        let mut any = false;
+        loop {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            if map.next_key_seed(Key(path))?.is_none() {
+                path.truncate(len);
+                break;
+            }
+            any = true;
+            let top_error = error.is_some() && matches!(&path[len..], "error" | "error_code");
+            let null = map.next_value_seed(Walk {
+                path,
+                escape,
+                cell,
+                error: None,
+            })?;
+            if top_error && !null {
+                if let Some(e) = error.as_deref_mut() {
+                    *e = true;
+                }
+            }
+            path.truncate(len);
+        }
+        if !any {
+            // An empty object is a leaf, as in `flatten`.
+            let column = if path.is_empty() {
+                "value"
+            } else {
+                path.as_str()
+            };
+            cell(column, "{}");
+        }
+        Ok(false)
+    }
+}
+
+/// Appends a map key to the path, borrowed from the input when it can be.
+struct Key<'a>(&'a mut String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.push_str(v);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +277,46 @@ mod tests {
         );
         let raw: Vec<String> = cells(row, false).into_iter().map(|(_, v)| v).collect();
         assert_eq!(raw[0], "=HYPERLINK(\"x\")");
+    }
+
+    fn raw_cells(row: &str, escape: bool) -> (Vec<(String, String)>, bool) {
+        let mut out = Vec::new();
+        let error = flatten_raw(row.as_bytes(), escape, &mut |k, c| {
+            out.push((k.to_string(), c.to_string()))
+        })
+        .unwrap();
+        (out, error)
+    }
+
+    #[test]
+    fn the_one_pass_walker_agrees_with_flatten_and_the_error_probe() {
+        let rows = [
+            r#"{"name":"A","about":{"updated_on":"2024","n":{"deep":1}},"tags":["x",1],"none":null,"empty":{},"ok":true}"#,
+            r#"{"a":"=HYPERLINK(\"x\")","b":"+1","c":"-2","d":"@x","e":"\tx","f":"\rx","g":"a=b","h":-3}"#,
+            r#"{"input":{"url":"x"},"error":"dead","error_code":"dead_page"}"#,
+            r#"{"error_code":"blocked"}"#,
+            r#"{"url":"x","errors_seen":0,"nested":{"error":"x"}}"#,
+            r#"{"error":null,"url":"x"}"#,
+            r#"{"f":1.5e300,"g":-0.25,"h":18446744073709551615,"i":-9223372036854775808}"#,
+            r#"{"esc\"aped":"\u00e9\n","x":{"":{}}}"#,
+            r#"{}"#,
+            r#"[1,{"a":2}]"#,
+            r#""=just a string""#,
+            r#"42"#,
+            r#"null"#,
+        ];
+        for row in rows {
+            for escape in [true, false] {
+                let (got, error) = raw_cells(row, escape);
+                assert_eq!(got, cells(row, escape), "{row}");
+                assert_eq!(
+                    error,
+                    super::super::is_error_row(row.as_bytes()).unwrap(),
+                    "{row}"
+                );
+            }
+        }
+        assert!(flatten_raw(br#"{"a":"#, true, &mut |_, _| {}).is_err());
+        assert!(flatten_raw(br#"{"a":1} x"#, true, &mut |_, _| {}).is_err());
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::dedup::NewRows;
-use super::flatten::flatten;
+use super::flatten::flatten_raw;
 use super::part::part_path;
 use super::{is_error_row, AtomicFile};
 use crate::spec::OutputFormat;
@@ -25,11 +25,11 @@ pub struct OutputFile {
     pub sha256: String,
 }
 
-/// Calls `row(raw, is_error)` for every row of the given parts, in order.
+/// Calls `row(raw)` for every row of the given parts, in order.
 pub(crate) fn for_each_row(
     run_dir: &Path,
     parts: &[u32],
-    mut row: impl FnMut(&[u8], bool) -> io::Result<()>,
+    mut row: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
     let mut line = Vec::with_capacity(8192);
     for &index in parts {
@@ -48,14 +48,53 @@ pub(crate) fn for_each_row(
             if raw.is_empty() {
                 continue;
             }
-            row(raw, is_error_row(raw)?)?;
+            row(raw)?;
         }
     }
     Ok(())
 }
 
+/// Finds columns in the header, remembering the previous row's columns in
+/// order: a dataset's rows mostly share one shape, so most lookups become a
+/// string comparison instead of a hash.
+#[derive(Default)]
+struct ColumnCache {
+    last: Vec<(String, Option<usize>)>,
+    k: usize,
+}
+
+impl ColumnCache {
+    fn start_row(&mut self) {
+        self.k = 0;
+    }
+
+    /// The header's index of the row's next cell, `column`.
+    fn index(&mut self, header: &IndexSet<String>, column: &str) -> Option<usize> {
+        let k = self.k;
+        self.k += 1;
+        if let Some((name, i)) = self.last.get(k) {
+            if name == column {
+                return *i;
+            }
+        }
+        let i = header.get_index_of(column);
+        self.last.truncate(k);
+        self.last.push((column.to_string(), i));
+        i
+    }
+
+    /// The header grew: what was missing may be there now.
+    fn forget(&mut self) {
+        self.last.clear();
+    }
+}
+
 fn parse(raw: &[u8]) -> io::Result<Value> {
-    serde_json::from_slice(raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(raw).map_err(invalid)
+}
+
+fn invalid(e: serde_json::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// Writes the final files into `run_dir`; returns them for the manifest.
@@ -71,13 +110,23 @@ pub fn write(
     let want = |f| formats.contains(&f);
     let mut header: IndexSet<String> = IndexSet::new();
     if want(OutputFormat::Csv) {
-        for_each_row(run_dir, parts, |raw, is_error| {
-            if !is_error {
-                flatten(&parse(raw)?, escape_formulas, &mut |column, _| {
-                    if !header.contains(column) {
-                        header.insert(column.to_string());
-                    }
-                });
+        // The columns of error rows are collected too, then forgotten: one
+        // pass decides both, and error rows are few.
+        let mut columns: Vec<String> = Vec::new();
+        let mut cache = ColumnCache::default();
+        for_each_row(run_dir, parts, |raw| {
+            columns.clear();
+            cache.start_row();
+            // Cells' text is not needed here: no formula escaping.
+            let is_error = flatten_raw(raw, false, &mut |column, _| {
+                if cache.index(&header, column).is_none() {
+                    columns.push(column.to_string());
+                }
+            })
+            .map_err(invalid)?;
+            if !is_error && !columns.is_empty() {
+                header.extend(columns.drain(..));
+                cache.forget();
             }
             Ok(())
         })?;
@@ -122,7 +171,23 @@ pub fn write(
     let mut rows = 0u64;
     let mut error_rows = 0u64;
     let mut record = vec![String::new(); header.len()];
-    for_each_row(run_dir, parts, |raw, is_error| {
+    let mut cache = ColumnCache::default();
+    for_each_row(run_dir, parts, |raw| {
+        // With CSV, one parse gives the cells and says whether it is an
+        // error row; without, a light probe says it.
+        let is_error = if csv.is_some() {
+            record.iter_mut().for_each(String::clear);
+            cache.start_row();
+            flatten_raw(raw, escape_formulas, &mut |column, text| {
+                if let Some(i) = cache.index(&header, column) {
+                    record[i].clear();
+                    record[i].push_str(text);
+                }
+            })
+            .map_err(invalid)?
+        } else {
+            is_error_row(raw)?
+        };
         if is_error {
             error_rows += 1;
             errors.write_all(raw)?;
@@ -136,18 +201,8 @@ pub fn write(
             n.write_all(raw)?;
             n.write_all(b"\n")?;
         }
-        let parsed = if csv.is_some() || new_rows.is_some() {
-            Some(parse(raw)?)
-        } else {
-            None
-        };
-        if let (Some(w), Some(row)) = (csv.as_mut(), parsed.as_ref()) {
-            record.iter_mut().for_each(String::clear);
-            flatten(row, escape_formulas, &mut |column, text| {
-                if let Some(i) = header.get_index_of(column) {
-                    record[i] = text;
-                }
-            });
+        let parsed = new_rows.is_some().then(|| parse(raw)).transpose()?;
+        if let Some(w) = csv.as_mut() {
             w.write_record(&record).map_err(io::Error::other)?;
         }
         if let (Some(dedup), Some(row)) = (new_rows, parsed.as_ref()) {
