@@ -382,7 +382,7 @@ fn rows_body(
                     if !std::mem::take(&mut first) {
                         out.push(b',');
                     }
-                    out.extend_from_slice(row.to_string().as_bytes());
+                    out.extend_from_slice(row.as_bytes());
                 }
             }
         }
@@ -398,35 +398,43 @@ fn rows_body(
     Reply::Response(response)
 }
 
+/// The JSON text of an input's rows, padded to `row_bytes`.
 fn rows_for(
     input: &Map<String, Value>,
     i: usize,
     s: &CollectorScenario,
     job_id: &str,
-) -> Vec<Value> {
+) -> Vec<String> {
     if s.error_every > 0 && (i as u64 + 1).is_multiple_of(u64::from(s.error_every)) {
         return vec![json!({
             "input": input,
             "error": "Page returned 404 (dead page)",
             "error_code": "dead_page",
             "status_code": 404,
-        })];
+        })
+        .to_string()];
     }
+    // The row is written as text around the parts that vary, so a
+    // benchmark's gigabyte streams at the network's pace, not the emulator's.
+    let input_json = Value::Object(input.clone()).to_string();
+    let url_json = input.get("url").cloned().unwrap_or(Value::Null).to_string();
+    let job_json = Value::String(job_id.to_string()).to_string();
     (0..s.rows_per_input)
         .map(|r| {
-            let mut row = json!({
-                "input": input,
-                "url": input.get("url").cloned().unwrap_or(Value::Null),
-                "title": format!("Result {i}.{r}"),
-                "rank": r + 1,
-                "about": {"updated_on": "2026-11-01", "collection": job_id},
-                "tags": ["emulated", "scraper_studio"],
-            });
-            let so_far = row.to_string().len();
-            if s.row_bytes > so_far + 12 {
-                row["body"] = json!("x".repeat(s.row_bytes - so_far - 12));
+            let mut text = format!(
+                "{{\"input\":{input_json},\"url\":{url_json},\"title\":\"Result {i}.{r}\",\"rank\":{},\
+                 \"about\":{{\"updated_on\":\"2026-11-01\",\"collection\":{job_json}}},\
+                 \"tags\":[\"emulated\",\"scraper_studio\"]}}",
+                r + 1
+            );
+            if s.row_bytes > text.len() + 12 {
+                let pad = s.row_bytes - text.len() - 12;
+                text.pop();
+                text.push_str(",\"body\":\"");
+                text.extend(std::iter::repeat_n('x', pad));
+                text.push_str("\"}");
             }
-            row
+            text
         })
         .collect()
 }
