@@ -4,7 +4,9 @@
 //! RUNS per size: wall time, MB/s of JSON, CPU time, peak RSS (GNU time),
 //! and the yardstick measured in the same run: CPU time of streaming the
 //! same bytes (the saved `data.ndjson`) through serde_json alone, and the
-//! ratio of harvestd's CPU time to it (target ≤ 3).
+//! ratio of harvestd's CPU time to it (target ≤ 3); and the disk's floor:
+//! seconds to write and fsync as many bytes as harvestd wrote, in 256 KiB
+//! blocks, on the same filesystem.
 //!
 //! `cargo bench --bench big_dataset [-- RUNS]` (default 3);
 //! `HARVESTD_BENCH_ROWS=100000,1000000` sets the sizes (the default).
@@ -27,9 +29,15 @@ fn sizes() -> Vec<usize> {
 struct Sample {
     wall: f64,
     cpu: f64,
+    /// User time alone: the kernel's share is mostly copying into the page
+    /// cache, which any writer of these bytes pays.
+    user: f64,
     rss_mb: f64,
     json_mb: f64,
     yardstick_cpu: f64,
+    /// Seconds to write and fsync as many bytes as harvestd wrote (part,
+    /// data.csv, data.json) on the same disk: the floor this machine sets.
+    disk_floor: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -61,6 +69,25 @@ fn yardstick(path: &std::path::Path) -> f64 {
     own_cpu() - start
 }
 
+/// The disk's pace: `bytes` written in 256 KiB blocks, then fsynced.
+fn disk_floor(dir: &std::path::Path, bytes: u64) -> f64 {
+    use std::io::Write;
+    let path = dir.join("disk-floor");
+    let block = vec![b'x'; 256 * 1024];
+    let start = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.sync_all().unwrap();
+    let took = start.elapsed().as_secs_f64();
+    std::fs::remove_file(path).unwrap();
+    took
+}
+
 fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
     let scenario: Scenario = toml::from_str(&format!(
         "[defaults]\nbuild_time = \"0s\"\nrows_per_input = {rows}\nrow_bytes = 1000\n"
@@ -83,7 +110,6 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
         "admin_listen = \"off\"\n[limits]\npoll_min_interval = \"100ms\"\npoll_max_interval = \"200ms\"\n",
     )
     .unwrap();
-    let began = Instant::now();
     let out = Command::new("/usr/bin/time")
         .args([
             "-f",
@@ -101,7 +127,6 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let _ = began;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "run failed:\n{stderr}");
     let line = stderr
@@ -119,13 +144,20 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
         serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["rows"], rows, "every row saved");
     let yardstick_cpu = yardstick(&part);
+    let written: u64 = ["parts/chunk-000000.ndjson", "data.csv", "data.json"]
+        .iter()
+        .map(|f| std::fs::metadata(run.join(f)).unwrap().len())
+        .sum();
+    let disk_floor = disk_floor(dir.path(), written);
     drop(emulator);
     Sample {
         wall: f[0],
         cpu: f[1] + f[2],
+        user: f[1],
         rss_mb: f[3] / 1024.0,
         json_mb: json_bytes as f64 / 1e6,
         yardstick_cpu,
+        disk_floor,
     }
 }
 
@@ -135,17 +167,20 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    println!("rows      MB_json  wall_s  MB/s   cpu_s  serde_cpu_s  cpu_ratio  peak_rss_mb   (median of {runs})");
+    println!("rows      MB_json  wall_s  MB/s   cpu_s  user_s  serde_cpu_s  cpu_ratio  user_ratio  peak_rss_mb  disk_floor_s  (median of {runs})");
     for rows in sizes() {
         let samples: Vec<Sample> = (0..runs).map(|_| one_run(&rt, rows)).collect();
         let wall = median(samples.iter().map(|s| s.wall).collect());
         let cpu = median(samples.iter().map(|s| s.cpu).collect());
         let yard = median(samples.iter().map(|s| s.yardstick_cpu).collect());
         let ratio = median(samples.iter().map(|s| s.cpu / s.yardstick_cpu).collect());
+        let user = median(samples.iter().map(|s| s.user).collect());
+        let user_ratio = median(samples.iter().map(|s| s.user / s.yardstick_cpu).collect());
         let rss = median(samples.iter().map(|s| s.rss_mb).collect());
+        let floor = median(samples.iter().map(|s| s.disk_floor).collect());
         let mb = samples[0].json_mb;
         println!(
-            "{rows:>8} {mb:>8.0} {wall:>7.2} {:>6.0} {cpu:>7.2} {yard:>12.2} {ratio:>10.2} {rss:>12.1}",
+            "{rows:>8} {mb:>8.0} {wall:>7.2} {:>6.0} {cpu:>7.2} {user:>7.2} {yard:>12.2} {ratio:>10.2} {user_ratio:>11.2} {rss:>12.1} {floor:>13.2}",
             mb / wall
         );
     }
