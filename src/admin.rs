@@ -259,9 +259,6 @@ fn context_of(contexts: &[Arc<Context>], kind: crate::spec::ProviderKind) -> Opt
 
 fn run_view(store: &Store, contexts: &[Arc<Context>], run: &RunRecord) -> Result<RunView, String> {
     let ctx = context_of(contexts, run.spec.provider);
-    let chunks = store
-        .chunks(&run.job, &run.run_id)
-        .map_err(|e| e.to_string())?;
     let mut view = RunView {
         run_id: run.run_id.clone(),
         state: run.state.as_str().to_string(),
@@ -271,7 +268,8 @@ fn run_view(store: &Store, contexts: &[Arc<Context>], run: &RunRecord) -> Result
         finished_at: run.finished_at.map(timestamp),
         ..RunView::default()
     };
-    for c in &chunks {
+    for c in store.chunk_iter(&run.job, &run.run_id) {
+        let c = c.map_err(|e| e.to_string())?;
         *view.chunks.entry(c.state.name().to_string()).or_default() += 1;
         if let ChunkState::Downloaded { rows, .. } = c.state {
             view.rows += rows;
@@ -387,10 +385,8 @@ fn metrics(state: &AdminState) -> Result<String, String> {
         if run.state.is_terminal() {
             continue;
         }
-        for c in store
-            .chunks(&run.job, &run.run_id)
-            .map_err(|e| e.to_string())?
-        {
+        for c in store.chunk_iter(&run.job, &run.run_id) {
+            let c = c.map_err(|e| e.to_string())?;
             *chunks_by_state.entry(c.state.name()).or_default() += 1;
             if let (ChunkState::Ready { expires_at, .. }, Some(ctx)) =
                 (c.state, context_of(&state.contexts, run.spec.provider))

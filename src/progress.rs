@@ -43,7 +43,10 @@ pub fn counts(store: &Store, run: &RunRecord) -> Counts {
         total: u64::from(run.chunks),
         ..Counts::default()
     };
-    for chunk in store.chunks(&run.job, &run.run_id).unwrap_or_default() {
+    for chunk in store
+        .chunk_iter(&run.job, &run.run_id)
+        .map_while(Result::ok)
+    {
         match chunk.state {
             ChunkState::Planned | ChunkState::Triggering { .. } => {}
             ChunkState::Triggered { .. } => c.triggered += 1,

@@ -204,10 +204,7 @@ pub async fn drive_run(
     // get a task only once they hold a place under it, so a run of a
     // million inputs keeps about `max_in_flight` tasks alive, not one per chunk.
     let mut planned = std::collections::VecDeque::new();
-    for rec in ctx.store.chunks(&run.job, &run.run_id)? {
-        if rec.state.is_terminal() {
-            continue;
-        }
+    for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id)? {
         if matches!(rec.state, ChunkState::Planned) {
             planned.push_back(rec);
         } else {
