@@ -58,6 +58,10 @@
 //!   so a restart resumes at the next page and never fetches a saved one.
 //! - A chunk is `downloaded` only after its part file is durable; final files
 //!   are written only from part files, atomically; `_SUCCESS` comes last.
+//! - Expiry is judged on the provider's clock (the `Date` header of its
+//!   latest answer, kept by [`provider::http::Http`]), the clock it deletes by.
+//! - Crash safety is proven, not assumed: every durable boundary has a named
+//!   [`failpoint`], and `tests/crash_safety.rs` kills the process at each.
 //! - Blocking file work runs on the blocking pool; no lock is held across
 //!   an `.await`.
 
