@@ -13,17 +13,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::BufRead;
-use std::process::Command;
 use std::time::Instant;
 
-use harvestd::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
+#[path = "support/mod.rs"]
+mod support;
+use support::median;
 
 fn sizes() -> Vec<usize> {
-    std::env::var("HARVESTD_BENCH_ROWS")
-        .ok()
-        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
-        .filter(|v: &Vec<usize>| !v.is_empty())
-        .unwrap_or_else(|| vec![100_000, 1_000_000])
+    support::sizes_from("HARVESTD_BENCH_ROWS", &[100_000, 1_000_000])
 }
 
 struct Sample {
@@ -38,11 +35,6 @@ struct Sample {
     /// Seconds to write and fsync as many bytes as harvestd wrote (part,
     /// data.csv, data.json) on the same disk: the floor this machine sets.
     disk_floor: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// CPU seconds this process has used (user + system), from /proc.
@@ -89,16 +81,10 @@ fn disk_floor(dir: &std::path::Path, bytes: u64) -> f64 {
 }
 
 fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
-    let scenario: Scenario = toml::from_str(&format!(
-        "[defaults]\nbuild_time = \"0s\"\nrows_per_input = {rows}\nrow_bytes = 1000\n"
-    ))
-    .unwrap();
-    let emulator = rt
-        .block_on(Emulator::start(([127, 0, 0, 1], 0).into(), scenario))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let jobs = dir.path().join("jobs");
-    std::fs::create_dir_all(&jobs).unwrap();
+    let (emulator, dir, jobs) = support::setup(
+        rt,
+        &format!("[defaults]\nbuild_time = \"0s\"\nrows_per_input = {rows}\nrow_bytes = 1000\n"),
+    );
     std::fs::write(
         jobs.join("big.toml"),
         "provider = \"scraper_studio\"\ncollector = \"c_bigdata001\"\n\
@@ -110,33 +96,7 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
         "admin_listen = \"off\"\n[limits]\npoll_min_interval = \"100ms\"\npoll_max_interval = \"200ms\"\n",
     )
     .unwrap();
-    let out = Command::new("/usr/bin/time")
-        .args([
-            "-f",
-            "BENCH %e %U %S %M",
-            env!("CARGO_BIN_EXE_harvestd"),
-            "run",
-            "--once",
-        ])
-        .arg("--config")
-        .arg(dir.path().join("harvestd.toml"))
-        .current_dir(dir.path())
-        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
-        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
-        .env("HARVESTD_LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "run failed:\n{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("BENCH "))
-        .expect("GNU time output");
-    let f: Vec<f64> = line[6..]
-        .split_whitespace()
-        .map(|x| x.parse().unwrap())
-        .collect();
+    let t = support::run_once_timed(dir.path(), &emulator);
     let run = dir.path().join("out/big/latest");
     let part = run.join("parts/chunk-000000.ndjson");
     let json_bytes = std::fs::metadata(&part).unwrap().len();
@@ -151,10 +111,10 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
     let disk_floor = disk_floor(dir.path(), written);
     drop(emulator);
     Sample {
-        wall: f[0],
-        cpu: f[1] + f[2],
-        user: f[1],
-        rss_mb: f[3] / 1024.0,
+        wall: t.wall,
+        cpu: t.cpu(),
+        user: t.user,
+        rss_mb: t.rss_mb,
         json_mb: json_bytes as f64 / 1e6,
         yardstick_cpu,
         disk_floor,
@@ -162,10 +122,7 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+    let runs = support::runs_arg(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     println!("rows      MB_json  wall_s  MB/s   cpu_s  user_s  serde_cpu_s  cpu_ratio  user_ratio  peak_rss_mb  disk_floor_s  (median of {runs})");
     for rows in sizes() {

@@ -6,18 +6,20 @@
 //! `cargo bench --bench pipeline [-- RUNS]` (default 3 runs per size).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
-use harvestd::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
+#[path = "support/mod.rs"]
+mod support;
+use support::median;
 
 /// Input counts measured; `HARVESTD_BENCH_SIZES=10000,300000` overrides.
 fn sizes() -> Vec<usize> {
-    std::env::var("HARVESTD_BENCH_SIZES")
-        .ok()
-        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
-        .filter(|v: &Vec<usize>| v.len() >= 2)
-        .unwrap_or_else(|| vec![10_000, 100_000])
+    Some(support::sizes_from(
+        "HARVESTD_BENCH_SIZES",
+        &[10_000, 100_000],
+    ))
+    .filter(|v| v.len() >= 2)
+    .unwrap_or_else(|| vec![10_000, 100_000])
 }
 
 struct Sample {
@@ -26,20 +28,9 @@ struct Sample {
     rss_mb: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn one_run(rt: &tokio::runtime::Runtime, inputs: usize) -> Sample {
-    let scenario: Scenario =
-        toml::from_str("[defaults]\nbuild_time = \"0s\"\nrow_bytes = 1000\n").unwrap();
-    let emulator = rt
-        .block_on(Emulator::start(([127, 0, 0, 1], 0).into(), scenario))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let jobs = dir.path().join("jobs");
-    std::fs::create_dir_all(&jobs).unwrap();
+    let (emulator, dir, jobs) =
+        support::setup(rt, "[defaults]\nbuild_time = \"0s\"\nrow_bytes = 1000\n");
     let mut csv = String::with_capacity(inputs * 40);
     csv.push_str("url\n");
     for i in 0..inputs {
@@ -59,33 +50,7 @@ fn one_run(rt: &tokio::runtime::Runtime, inputs: usize) -> Sample {
          requests_per_second = 200\npoll_min_interval = \"100ms\"\npoll_max_interval = \"500ms\"\n",
     )
     .unwrap();
-    let out = Command::new("/usr/bin/time")
-        .args([
-            "-f",
-            "BENCH %e %U %S %M",
-            env!("CARGO_BIN_EXE_harvestd"),
-            "run",
-            "--once",
-        ])
-        .arg("--config")
-        .arg(dir.path().join("harvestd.toml"))
-        .current_dir(dir.path())
-        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
-        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
-        .env("HARVESTD_LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "run failed:\n{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("BENCH "))
-        .expect("GNU time output");
-    let f: Vec<f64> = line[6..]
-        .split_whitespace()
-        .map(|x| x.parse().unwrap())
-        .collect();
+    let t = support::run_once_timed(dir.path(), &emulator);
     let rows = std::fs::read_to_string(dir.path().join("out/bench/latest/data.ndjson"))
         .unwrap()
         .lines()
@@ -94,17 +59,14 @@ fn one_run(rt: &tokio::runtime::Runtime, inputs: usize) -> Sample {
     assert_eq!(emulator.ledger().len(), inputs.div_ceil(1000));
     drop(emulator);
     Sample {
-        wall: f[0],
-        cpu: f[1] + f[2],
-        rss_mb: f[3] / 1024.0,
+        wall: t.wall,
+        cpu: t.cpu(),
+        rss_mb: t.rss_mb,
     }
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+    let runs = support::runs_arg(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut rss = Vec::new();
     println!("inputs   wall_s  cpu_s  peak_rss_mb  MB/s   (median of {runs})");

@@ -17,6 +17,10 @@ use harvestd::chunk::{next, ChunkEvent};
 use harvestd::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
 use harvestd::store::Store;
 
+#[path = "support/mod.rs"]
+mod support;
+use support::median;
+
 /// `HARVESTD_BENCH_CHUNKS` overrides (at least 10,000).
 fn chunks() -> usize {
     std::env::var("HARVESTD_BENCH_CHUNKS")
@@ -26,11 +30,6 @@ fn chunks() -> usize {
         .max(UNFINISHED)
 }
 const UNFINISHED: usize = 10_000;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Plans the run with harvestd's own intake, then moves its chunks on with
 /// the state machine, as 100,000 chunks of history would have.
@@ -237,10 +236,7 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+    let runs = support::runs_arg(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let samples: Vec<Sample> = (0..runs).map(|_| one_run(&rt)).collect();
     let idle = median((0..runs).map(|_| idle_rss(&rt)).collect());

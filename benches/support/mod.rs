@@ -1,0 +1,98 @@
+//! What the benchmarks share: the RUNS argument, medians, and `harvestd run
+//! --once` under GNU time against an emulator.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use harvestd::emulator::{Emulator, DEMO_BRIGHTDATA_TOKEN};
+
+/// The first number among the arguments (`cargo bench` adds `--bench`).
+pub fn runs_arg(default: usize) -> usize {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sizes from a comma-separated environment variable, else `default`.
+pub fn sizes_from(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var)
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// An emulator playing `scenario` (TOML) and a fresh directory with an
+/// empty `jobs/` in it.
+pub fn setup(
+    rt: &tokio::runtime::Runtime,
+    scenario: &str,
+) -> (Emulator, tempfile::TempDir, std::path::PathBuf) {
+    let scenario: harvestd::emulator::Scenario = toml::from_str(scenario).unwrap();
+    let emulator = rt
+        .block_on(Emulator::start(([127, 0, 0, 1], 0).into(), scenario))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    (emulator, dir, jobs)
+}
+
+/// What GNU time says of one `harvestd run --once`.
+pub struct Timed {
+    pub wall: f64,
+    pub user: f64,
+    pub sys: f64,
+    pub rss_mb: f64,
+}
+
+impl Timed {
+    pub fn cpu(&self) -> f64 {
+        self.user + self.sys
+    }
+}
+
+/// Runs the release binary's `run --once` in `dir` (its `harvestd.toml`)
+/// against `emulator`; panics unless it succeeds.
+pub fn run_once_timed(dir: &Path, emulator: &Emulator) -> Timed {
+    let out = Command::new("/usr/bin/time")
+        .args([
+            "-f",
+            "BENCH %e %U %S %M",
+            env!("CARGO_BIN_EXE_harvestd"),
+            "run",
+            "--once",
+        ])
+        .arg("--config")
+        .arg(dir.join("harvestd.toml"))
+        .current_dir(dir)
+        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
+        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
+        .env("HARVESTD_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run failed:\n{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("BENCH "))
+        .expect("GNU time output");
+    let f: Vec<f64> = line[6..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    Timed {
+        wall: f[0],
+        user: f[1],
+        sys: f[2],
+        rss_mb: f[3] / 1024.0,
+    }
+}
