@@ -250,6 +250,8 @@ struct ExpiryView {
     /// `fine`, `warning` (3 days left; Firecrawl 6 h) or `error` (1 day; 1 h).
     level: &'static str,
     chunk: u32,
+    #[serde(skip)]
+    left_ms: i64,
 }
 
 /// The context that drives runs of `kind`.
@@ -285,16 +287,13 @@ fn run_view(store: &Store, contexts: &[Arc<Context>], run: &RunRecord) -> Result
         }
         if let (ChunkState::Ready { expires_at, .. }, Some(ctx)) = (&c.state, ctx) {
             let (left, level) = ctx.expiry(*expires_at);
-            if view
-                .expiry
-                .as_ref()
-                .is_none_or(|e| left < e.seconds_left * 1000)
-            {
+            if view.expiry.as_ref().is_none_or(|e| left < e.left_ms) {
                 view.expiry = Some(ExpiryView {
                     expires_at: timestamp(*expires_at),
                     seconds_left: left / 1000,
                     level: level.as_str(),
                     chunk: c.index,
+                    left_ms: left,
                 });
             }
         }

@@ -91,30 +91,7 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
 
-/// How near an unsaved ready dataset is to deletion at the provider
-/// (SPEC §7: warn with 3 days left, error at 1 day; Firecrawl 6 h and 1 h).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ExpiryLevel {
-    Fine,
-    Warning,
-    Error,
-    Expired,
-}
-
-impl ExpiryLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExpiryLevel::Fine => "fine",
-            ExpiryLevel::Warning => "warning",
-            ExpiryLevel::Error => "error",
-            ExpiryLevel::Expired => "expired",
-        }
-    }
-}
-
-impl Context {
     /// Time left (ms) before the provider deletes a dataset that expires at
     /// `expires_at` on its clock, and how alarming that is.
     pub fn expiry(&self, expires_at: UnixMs) -> (i64, ExpiryLevel) {
@@ -136,6 +113,27 @@ impl Context {
             ExpiryLevel::Fine
         };
         (left, level)
+    }
+}
+
+/// How near an unsaved ready dataset is to deletion at the provider
+/// (SPEC §7: warn with 3 days left, error at 1 day; Firecrawl 6 h and 1 h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryLevel {
+    Fine,
+    Warning,
+    Error,
+    Expired,
+}
+
+impl ExpiryLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryLevel::Fine => "fine",
+            ExpiryLevel::Warning => "warning",
+            ExpiryLevel::Error => "error",
+            ExpiryLevel::Expired => "expired",
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 use serde_json::Value;
 
 /// Calls `cell(column, text)` for each leaf of `row`, in the row's key order.
+/// The reference for [`flatten_raw`], which the final files use and which
+/// the tests hold to the same cells.
 pub fn flatten(row: &Value, escape_formulas: bool, cell: &mut impl FnMut(&str, String)) {
     match row {
         Value::Object(map) if !map.is_empty() => {

@@ -1,7 +1,8 @@
 //! The run's final files from its part files: `data.csv|json|ndjson` and
 //! `errors.ndjson`, streamed row by row in chunk order. The CSV header is the
 //! union of all keys in first-seen order, so CSV takes a first pass over the
-//! parts that keeps only the column names.
+//! parts that keeps only the column names. Each pass parses a row once,
+//! flattening it as it goes ([`flatten_raw`]).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
