@@ -50,6 +50,59 @@ enum ChunkEnd {
     Terminal,
     Parked(String),
     Stopped,
+    /// Building at the provider: the chunk waits for its next poll in the
+    /// run's queue, as data rather than as a task.
+    Waiting(Box<Waiting>),
+}
+
+/// A collection between two status polls. Thousands of collections spend
+/// nearly all their time here, so a waiting chunk is a record in a queue
+/// (~0.5 KB) instead of a task with a timer (~1.5 KB, and a wake-up per
+/// chunk at shutdown): issue #7, `cargo bench --bench many_collections`.
+struct Waiting {
+    due: tokio::time::Instant,
+    rec: ChunkRecord,
+    permit: Option<InFlightPermit>,
+    /// Consecutive failed attempts, carried over for backoff.
+    attempt: u32,
+}
+
+impl Waiting {
+    fn order(&self) -> (tokio::time::Instant, u32) {
+        (self.due, self.rec.index)
+    }
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for Waiting {}
+
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Waiting {
+    /// Reversed, so that `BinaryHeap` (a max-heap) pops the earliest due.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.order().cmp(&self.order())
+    }
+}
+
+/// How long to wait before polling a collection triggered at `triggered_at`.
+fn poll_wait(limits: &LimitsConfig, triggered_at: UnixMs) -> Duration {
+    let waited = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
+    poll_interval(
+        waited,
+        limits.poll_min_interval,
+        limits.poll_max_interval,
+        jitter(),
+    )
 }
 
 /// Counters for metrics and the closing report.
@@ -182,7 +235,7 @@ pub async fn drive_run(
     }
     let run = Arc::new(run);
     let mut tasks = JoinSet::new();
-    let driver = |rec: ChunkRecord, permit: InFlightPermit| {
+    let driver = |rec: ChunkRecord, permit: Option<InFlightPermit>, attempt: u32, due: bool| {
         let span =
             tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = rec.index);
         ChunkDriver {
@@ -192,37 +245,65 @@ pub async fn drive_run(
             run: run.clone(),
             dir: dir.clone(),
             rec,
-            attempt: 0,
+            attempt,
             rechecked: false,
+            due,
         }
         .drive(permit)
         .instrument(span)
     };
     // Chunks already in flight start at once, whatever the cap; planned ones
     // get a task only once they hold a place under it, so a run of a
-    // million inputs keeps about `max_in_flight` tasks alive, not one per chunk.
+    // million inputs keeps about `max_in_flight` tasks alive, not one per
+    // chunk. Building collections wait in `waiting` and get a task only for
+    // each poll; at most `max_polling` polls at a time, so a backlog behind
+    // the request rate stays in the queue too.
     let mut planned = std::collections::VecDeque::new();
+    let mut waiting = std::collections::BinaryHeap::new();
+    let max_polling = (ctx.limits().requests_per_second as usize)
+        .saturating_mul(4)
+        .max(64);
     for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id)? {
-        if matches!(rec.state, ChunkState::Planned) {
-            planned.push_back(rec);
-        } else {
-            tasks.spawn(driver(rec, key.in_flight.enter()));
+        match rec.state {
+            ChunkState::Planned => planned.push_back(rec),
+            ChunkState::Triggered { triggered_at, .. } => waiting.push(Waiting {
+                due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), triggered_at),
+                rec,
+                permit: Some(key.in_flight.enter()),
+                attempt: 0,
+            }),
+            _ => {
+                tasks.spawn(driver(rec, Some(key.in_flight.enter()), 0, false));
+            }
         }
     }
     let mut parked = None;
     let mut stopped = false;
     let mut failure = None;
     loop {
-        let may_start =
-            !planned.is_empty() && parked.is_none() && failure.is_none() && !stop.is_cancelled();
+        let going = parked.is_none() && failure.is_none() && !stop.is_cancelled();
+        let may_start = going && !planned.is_empty();
+        let may_poll = going && !waiting.is_empty() && tasks.len() < max_polling;
+        let next_due = waiting
+            .peek()
+            .map_or_else(tokio::time::Instant::now, |w: &Waiting| w.due);
         tokio::select! {
             permit = key.in_flight.acquire(), if may_start => {
                 if let Some(rec) = planned.pop_front() {
-                    tasks.spawn(driver(rec, permit));
+                    tasks.spawn(driver(rec, Some(permit), 0, false));
+                }
+            }
+            _ = tokio::time::sleep_until(next_due), if may_poll => {
+                let now = tokio::time::Instant::now();
+                while tasks.len() < max_polling && waiting.peek().is_some_and(|w| w.due <= now) {
+                    if let Some(w) = waiting.pop() {
+                        tasks.spawn(driver(w.rec, w.permit, w.attempt, true));
+                    }
                 }
             }
             Some(joined) = tasks.join_next() => match joined {
                 Ok(Ok(ChunkEnd::Terminal)) => {}
+                Ok(Ok(ChunkEnd::Waiting(w))) => waiting.push(*w),
                 Ok(Ok(ChunkEnd::Parked(why))) => parked = Some(why),
                 Ok(Ok(ChunkEnd::Stopped)) => stopped = true,
                 Ok(Err(e)) => {
@@ -235,11 +316,11 @@ pub async fn drive_run(
                     stopped = true;
                 }
             },
-            _ = stop.cancelled(), if may_start => {}
+            _ = stop.cancelled(), if may_start || may_poll => {}
             else => break,
         }
     }
-    if !planned.is_empty() && parked.is_none() && failure.is_none() {
+    if (!planned.is_empty() || !waiting.is_empty()) && parked.is_none() && failure.is_none() {
         stopped = true;
     }
     if let Some(e) = failure {
@@ -586,6 +667,8 @@ struct ChunkDriver {
     attempt: u32,
     /// An in-doubt chunk not found at the provider is looked for twice.
     rechecked: bool,
+    /// Taken from the waiting queue because its poll is due: poll at once.
+    due: bool,
 }
 
 /// What to do after a call failed.
@@ -597,40 +680,44 @@ enum Next {
 impl ChunkDriver {
     /// `permit`: the chunk's place under `max_in_flight`, held until the
     /// collection is saved or the chunk ends (or goes back to planned).
-    async fn drive(mut self, permit: InFlightPermit) -> Result<ChunkEnd, WorkerError> {
-        let mut permit = Some(permit);
+    ///
+    /// Returns [`ChunkEnd::Waiting`] when the collection is building and no
+    /// poll is due. Each step's future is boxed while it runs, so the task
+    /// itself stays small (~1 KB) whichever step it is in.
+    async fn drive(mut self, mut permit: Option<InFlightPermit>) -> Result<ChunkEnd, WorkerError> {
         loop {
             if self.stop.is_cancelled() {
                 return Ok(ChunkEnd::Stopped);
             }
-            if let Some(end) = self.check_block().await {
-                return Ok(end);
+            if self.ctx.gate.blocked().is_some() {
+                if let Some(end) = Box::pin(self.check_block()).await {
+                    return Ok(end);
+                }
             }
             let step = match self.rec.state.clone() {
-                ChunkState::Planned => {
-                    if permit.is_none() {
-                        tokio::select! {
-                            _ = self.stop.cancelled() => return Ok(ChunkEnd::Stopped),
-                            p = self.key.in_flight.acquire() => permit = Some(p),
-                        }
-                    }
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return Ok(ChunkEnd::Stopped),
-                        _ = self.key.trigger_slot() => {}
-                    }
-                    self.trigger().await?
-                }
-                ChunkState::Triggering { intent_at } => self.settle(intent_at).await?,
+                ChunkState::Planned => Box::pin(self.start(&mut permit)).await?,
+                ChunkState::Triggering { intent_at } => Box::pin(self.settle(intent_at)).await?,
                 ChunkState::Triggered {
                     remote_id,
                     triggered_at,
-                } => self.poll(&remote_id, triggered_at).await?,
+                } => {
+                    if !std::mem::take(&mut self.due) {
+                        let wait = poll_wait(&self.ctx.limits(), triggered_at);
+                        return Ok(ChunkEnd::Waiting(Box::new(Waiting {
+                            due: tokio::time::Instant::now() + wait,
+                            rec: self.rec,
+                            permit,
+                            attempt: self.attempt,
+                        })));
+                    }
+                    Box::pin(self.poll(&remote_id, triggered_at)).await?
+                }
                 ChunkState::Ready {
                     remote_id,
                     ready_at,
                     expires_at,
                     ..
-                } => self.download(&remote_id, ready_at, expires_at).await?,
+                } => Box::pin(self.download(&remote_id, ready_at, expires_at)).await?,
                 _ => return Ok(ChunkEnd::Terminal),
             };
             if let Next::End(end) = step {
@@ -641,6 +728,22 @@ impl ChunkDriver {
                 permit = None;
             }
         }
+    }
+
+    /// A planned chunk: takes a place under `max_in_flight` (unless it holds
+    /// one) and a trigger slot, then triggers.
+    async fn start(&mut self, permit: &mut Option<InFlightPermit>) -> Result<Next, WorkerError> {
+        if permit.is_none() {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),
+                p = self.key.in_flight.acquire() => *permit = Some(p),
+            }
+        }
+        tokio::select! {
+            _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),
+            _ = self.key.trigger_slot() => {}
+        }
+        self.trigger().await
     }
 
     /// Persists the record as it is and flushes it.
@@ -877,13 +980,9 @@ impl ChunkDriver {
         }
     }
 
+    /// One status poll (the wait before it is [`poll_wait`], in the run's queue).
     async fn poll(&mut self, remote_id: &str, triggered_at: UnixMs) -> Result<Next, WorkerError> {
         let l = &self.ctx.limits();
-        let waited = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
-        let interval = poll_interval(waited, l.poll_min_interval, l.poll_max_interval, jitter());
-        if !self.wait(interval).await {
-            return Ok(Next::End(ChunkEnd::Stopped));
-        }
         let outcome = self.ctx.provider.poll(&self.run.spec.key, remote_id).await;
         if outcome.is_ok() {
             self.ctx
