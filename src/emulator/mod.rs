@@ -93,6 +93,22 @@ pub struct Stats {
     pub in_flight: BTreeMap<String, u64>,
     /// Per key: the most collections ever in flight at once.
     pub max_in_flight: BTreeMap<String, u64>,
+    /// The most requests that arrived within any one second.
+    pub max_requests_per_second: u64,
+}
+
+/// One Scraper Studio collection's life, on the emulator's clock (ms).
+#[derive(Debug, Clone)]
+pub struct Collection {
+    pub id: String,
+    pub key: String,
+    pub triggered_ms: i64,
+    /// When it was (or will be) done.
+    pub ready_ms: i64,
+    /// Status questions asked about it, ready or not.
+    pub status_polls: u32,
+    /// When its dataset was first sent with its rows.
+    pub fetched_ms: Option<i64>,
 }
 
 struct RateState {
@@ -119,6 +135,8 @@ pub(crate) struct State {
     fault_counts: Mutex<Vec<u64>>,
     stats: Mutex<Stats>,
     rate: Mutex<RateState>,
+    /// Arrivals within the last second, for `max_requests_per_second`.
+    last_second: Mutex<VecDeque<Instant>>,
 }
 
 const BAN_AFTER: usize = 25;
@@ -160,9 +178,22 @@ impl State {
     }
 
     fn count(&self, endpoint: &str) {
+        let now = Instant::now();
+        let in_last_second = {
+            let mut recent = self.last_second.lock().unwrap_or_else(|e| e.into_inner());
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                recent.pop_front();
+            }
+            recent.push_back(now);
+            recent.len() as u64
+        };
         {
             let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
             *s.requests.entry(endpoint.to_string()).or_default() += 1;
+            s.max_requests_per_second = s.max_requests_per_second.max(in_last_second);
         }
         self.arrivals.send_modify(|n| *n += 1);
     }
@@ -223,6 +254,7 @@ impl Emulator {
                 not_before: None,
                 recent: VecDeque::new(),
             }),
+            last_second: Mutex::new(VecDeque::new()),
         });
         let stop = CancellationToken::new();
         let task = tokio::spawn(serve(listener, state.clone(), stop.clone()));
@@ -292,6 +324,12 @@ impl Emulator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Every Scraper Studio collection so far: when it was triggered and
+    /// ready, how often its status was asked, when it was fetched.
+    pub fn collections(&self) -> Vec<Collection> {
+        scraper_studio::report(&self.state)
     }
 
     /// Sets the Firecrawl credit balance (`None`: unlimited), as a top-up would.

@@ -26,6 +26,10 @@ pub(crate) struct Job {
     /// The dataset has been sent whole once (it left the "in flight" count).
     served: Arc<std::sync::atomic::AtomicBool>,
     scenario: CollectorScenario,
+    /// Status questions asked (`/dca/log`, and `/dca/dataset` while not ready).
+    status_polls: u32,
+    /// When the dataset was first sent with its rows.
+    fetched_ms: Option<i64>,
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -190,6 +194,8 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
         dataset_polls_done: 0,
         served: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         scenario,
+        status_polls: 0,
+        fetched_ms: None,
     };
     state.in_flight(&collector, 1);
     state.bill(LedgerEntry {
@@ -215,10 +221,11 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
 fn log(state: &State, req: &Request<Incoming>) -> Reply {
     let id = req.uri().path().rsplit('/').next().unwrap_or_default();
     let now = state.now_ms();
-    let jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(job) = jobs.get(id) else {
+    let mut jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(job) = jobs.get_mut(id) else {
         return text(StatusCode::NOT_FOUND, "Job not found");
     };
+    job.status_polls += 1;
     if now < job.created_ms + job.scenario.early_404.as_millis() as i64 {
         return text(StatusCode::NOT_FOUND, "Job not found");
     }
@@ -312,7 +319,10 @@ fn dataset(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     };
     match job.phase(now) {
         Phase::Expired => return text(StatusCode::NOT_FOUND, "Job not found or expired"),
-        Phase::Building | Phase::Running => return building(job.scenario.building_reply),
+        Phase::Building | Phase::Running => {
+            job.status_polls += 1;
+            return building(job.scenario.building_reply);
+        }
         Phase::Failed => {
             if !job.served.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 state.in_flight(&job.collector, -1);
@@ -323,8 +333,10 @@ fn dataset(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     }
     if job.cancelled_ms.is_none() && job.dataset_polls_done < job.scenario.dataset_lag_polls {
         job.dataset_polls_done += 1;
+        job.status_polls += 1;
         return building(job.scenario.building_reply);
     }
+    job.fetched_ms.get_or_insert(now);
     let rows = if job.cancelled_ms.is_some() {
         Arc::new(Vec::new())
     } else {
@@ -336,6 +348,21 @@ fn dataset(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
         flag: job.served.clone(),
     };
     rows_body(rows, job.scenario.clone(), job.id.clone(), served)
+}
+
+/// What happened to each collection, for benchmarks (see [`super::Collection`]).
+pub(crate) fn report(state: &State) -> Vec<super::Collection> {
+    let jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    jobs.values()
+        .map(|j| super::Collection {
+            id: j.id.clone(),
+            key: j.collector.clone(),
+            triggered_ms: j.created_ms,
+            ready_ms: j.done_ms(),
+            status_polls: j.status_polls,
+            fetched_ms: j.fetched_ms,
+        })
+        .collect()
 }
 
 /// Takes a collection out of the emulator's in-flight count once its
