@@ -270,6 +270,9 @@ impl Supervisor {
             .flatten()
             .map(|t| Duration::from_millis((now - t).max(0) as u64));
         let key = self.keys.key(&run.spec.key, ago);
+        if let Ok(samples) = self.store.build_times(&run.spec.key) {
+            key.learn_builds(&samples);
+        }
         let ctx = self.contexts.for_spec(&run.spec).clone();
         self.runs.spawn(async move {
             let result = worker::drive_run(ctx, key, run, stop).await;

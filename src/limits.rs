@@ -22,9 +22,26 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Durati
 
 /// How long to wait before the next status poll of a collection that has
 /// been building for `waited`: a tenth of it, within `[min, max]`, with
-/// ±10 % jitter (`unit` in `[0, 1]`), never below `min`.
-pub fn poll_interval(waited: Duration, min: Duration, max: Duration, unit: f64) -> Duration {
-    let base = (waited / 10).clamp(min, max);
+/// ±10 % jitter (`unit` in `[0, 1]`), never below `min` (SPEC §7).
+///
+/// `expected`: the key's shortest recent build, when known. Until 90 % of
+/// it has passed the answer is almost surely "building", so the wait runs
+/// to that point (still never past `max`) instead of a tenth at a time;
+/// after it the tenth rule holds. A 5-minute build then takes ~7 polls
+/// instead of ~29, and a shorter build than expected is noticed at most
+/// `max` late (issue #7, `cargo bench --bench polling`).
+pub fn poll_interval(
+    waited: Duration,
+    min: Duration,
+    max: Duration,
+    expected: Option<Duration>,
+    unit: f64,
+) -> Duration {
+    let mut base = (waited / 10).clamp(min, max);
+    if let Some(expected) = expected {
+        let until_likely = expected.mul_f64(0.9).saturating_sub(waited);
+        base = base.max(until_likely.min(max));
+    }
     base.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0)).max(min)
 }
 
@@ -114,9 +131,28 @@ pub struct KeyLimits {
     /// tested with a paused clock.
     period: Mutex<Duration>,
     next_slot: Mutex<Instant>,
+    /// The shortest recent build for this key (trigger → seen ready), from
+    /// the store: see [`poll_interval`].
+    expected_build: Mutex<Option<Duration>>,
 }
 
 impl KeyLimits {
+    pub fn expected_build(&self) -> Option<Duration> {
+        *self
+            .expected_build
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `samples`: the key's recent build times in ms (the store keeps them).
+    pub fn learn_builds(&self, samples: &[u64]) {
+        *self
+            .expected_build
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            samples.iter().min().map(|&ms| Duration::from_millis(ms));
+    }
+
     /// Waits until a trigger may be sent; the slot is taken on return.
     pub async fn trigger_slot(&self) {
         let slot = {
@@ -161,6 +197,7 @@ impl KeyedLimits {
             in_flight: InFlight::new(config.max_in_flight(key)),
             period: Mutex::new(period),
             next_slot: Mutex::new(not_before),
+            expected_build: Mutex::new(None),
         });
         keys.insert(key.to_string(), limits.clone());
         limits
@@ -364,15 +401,41 @@ mod tests {
     fn poll_interval_grows_with_waiting_within_bounds() {
         let min = Duration::from_secs(5);
         let max = Duration::from_secs(60);
-        assert_eq!(poll_interval(Duration::ZERO, min, max, 0.5), min);
-        assert_eq!(
-            poll_interval(Duration::from_secs(300), min, max, 0.5),
-            Duration::from_secs(30)
-        );
-        assert_eq!(poll_interval(Duration::from_secs(3600), min, max, 0.5), max);
+        let secs = Duration::from_secs;
+        assert_eq!(poll_interval(Duration::ZERO, min, max, None, 0.5), min);
+        assert_eq!(poll_interval(secs(300), min, max, None, 0.5), secs(30));
+        assert_eq!(poll_interval(secs(3600), min, max, None, 0.5), max);
         // Jitter never goes below the floor.
-        assert_eq!(poll_interval(Duration::ZERO, min, max, 0.0), min);
-        assert!(poll_interval(Duration::from_secs(3600), min, max, 1.0) <= max.mul_f64(1.1));
+        assert_eq!(poll_interval(Duration::ZERO, min, max, None, 0.0), min);
+        assert!(poll_interval(secs(3600), min, max, None, 1.0) <= max.mul_f64(1.1));
+    }
+
+    #[test]
+    fn a_known_build_time_skips_polls_before_it_but_never_past_the_cap() {
+        let (min, max) = (Duration::from_secs(5), Duration::from_secs(60));
+        let secs = Duration::from_secs;
+        let expected = Some(secs(300));
+        // Long before 90 % of 300 s: the cap, not 5 s.
+        assert_eq!(poll_interval(secs(0), min, max, expected, 0.5), max);
+        // 240 s in: wait until 270 s.
+        assert_eq!(poll_interval(secs(240), min, max, expected, 0.5), secs(30));
+        // Past 270 s, the tenth rule again: 27 s at 270 s, 35 s at 350 s.
+        assert_eq!(poll_interval(secs(270), min, max, expected, 0.5), secs(27));
+        assert_eq!(poll_interval(secs(350), min, max, expected, 0.5), secs(35));
+        // A short expected build changes nothing: the floor and tenth rule hold.
+        assert_eq!(poll_interval(secs(0), min, max, Some(secs(3)), 0.5), min);
+        // A polled 5-minute build: 7 polls, against 29 without the estimate.
+        let polls = |expected| {
+            let (mut t, mut n) = (Duration::ZERO, 0);
+            while t < secs(300) {
+                t += poll_interval(t, min, max, expected, 0.5);
+                n += 1;
+            }
+            (n, t - secs(300))
+        };
+        let (learned, late) = polls(expected);
+        assert_eq!((polls(None).0, learned), (29, 7));
+        assert!(late <= secs(30), "seen {late:?} after it was ready");
     }
 
     #[tokio::test(start_paused = true)]

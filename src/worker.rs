@@ -95,12 +95,13 @@ impl Ord for Waiting {
 }
 
 /// How long to wait before polling a collection triggered at `triggered_at`.
-fn poll_wait(limits: &LimitsConfig, triggered_at: UnixMs) -> Duration {
+fn poll_wait(limits: &LimitsConfig, key: &KeyLimits, triggered_at: UnixMs) -> Duration {
     let waited = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
     poll_interval(
         waited,
         limits.poll_min_interval,
         limits.poll_max_interval,
+        key.expected_build(),
         jitter(),
     )
 }
@@ -267,7 +268,7 @@ pub async fn drive_run(
         match rec.state {
             ChunkState::Planned => planned.push_back(rec),
             ChunkState::Triggered { triggered_at, .. } => waiting.push(Waiting {
-                due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), triggered_at),
+                due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), &key, triggered_at),
                 rec,
                 permit: Some(key.in_flight.enter()),
                 attempt: 0,
@@ -702,7 +703,7 @@ impl ChunkDriver {
                     triggered_at,
                 } => {
                     if !std::mem::take(&mut self.due) {
-                        let wait = poll_wait(&self.ctx.limits(), triggered_at);
+                        let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
                         return Ok(ChunkEnd::Waiting(Box::new(Waiting {
                             due: tokio::time::Instant::now() + wait,
                             rec: self.rec,
@@ -1001,6 +1002,12 @@ impl ChunkDriver {
                 );
                 info!(remote_id, "collection ready");
                 self.attempt = 0;
+                let built = (now - triggered_at).max(0) as u64;
+                let samples = self
+                    .ctx
+                    .store
+                    .record_build_time(&self.run.spec.key, built)?;
+                self.key.learn_builds(&samples);
                 self.rec.download = Download {
                     cursor: start,
                     ..Download::default()
@@ -1165,6 +1172,7 @@ impl ChunkDriver {
                         waited,
                         l.poll_min_interval,
                         l.poll_max_interval,
+                        None,
                         jitter(),
                     ))
                     .await

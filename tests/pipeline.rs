@@ -484,3 +484,44 @@ async fn a_running_daemon_picks_up_renamed_files_and_changed_inputs() {
     daemon.signal(SIGTERM);
     assert_eq!(daemon.wait().await, 0);
 }
+
+/// Polling learns a collector's build time (README "Polling"): once one
+/// build has been seen, later collections of that collector skip the polls
+/// that could only have answered "building", in the same run and, from the
+/// store, in the next process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_learns_the_build_time_and_asks_less() {
+    let h = Harness::new("[defaults]\nbuild_time = \"1500ms\"\n").await;
+    // One collection at a time, so each one can learn from the one before.
+    h.write_config("[limits.keys.\"c_learn01\"]\nmax_in_flight = 1\n");
+    h.write_inputs("a.csv", 3);
+    h.write_job("a.toml", &job("c_learn01", "a.csv", 1));
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    h.write_inputs("b.csv", 1);
+    h.write_job("b.toml", &job("c_learn01", "b.csv", 1));
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+
+    let mut collections = h.emulator.collections();
+    collections.sort_by_key(|c| c.triggered_ms);
+    let polls: Vec<u32> = collections.iter().map(|c| c.status_polls).collect();
+    assert_eq!(polls.len(), 4);
+    // The first build is polled by the tenth rule alone (~30 times at a
+    // 20 ms floor); the others, expected, about a third as often.
+    for (i, &p) in polls.iter().enumerate().skip(1) {
+        assert!(
+            p * 2 <= polls[0],
+            "collection {i} polled {p} times: {polls:?}"
+        );
+    }
+    for c in &collections {
+        let late = c.fetched_ms.expect("fetched") - c.ready_ms;
+        // Never later than the 200 ms cap (+10 % jitter) and the call itself.
+        assert!(
+            late <= 400,
+            "{} fetched {late} ms after ready: {polls:?}",
+            c.id
+        );
+    }
+}

@@ -13,6 +13,7 @@
 //! | `jobs`   | job                     | [`JobRecord`]    |
 //! | `seen`   | job `\0` content sha256 | run_id that content started |
 //! | `meta`   | `last_trigger/` key     | UnixMs of the last trigger intent |
+//! | `meta`   | `build_times/` key      | the last [`BUILD_SAMPLES`] build times, ms, u64 big-endian each |
 //! | `schedules` | job                  | [`ScheduleRecord`] |
 //!
 //! `dedup_key` history lives in `<state_dir>/dedup/<job>/<run_id>.keys`: the
@@ -618,6 +619,45 @@ impl Store {
             .insert(format!("last_trigger/{key}"), &at.to_be_bytes())?;
         Ok(())
     }
+
+    /// The key's most recent build times (ms from trigger to seen ready),
+    /// oldest first: what polling learns from, across restarts and runs.
+    pub fn build_times(&self, key: &str) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .meta
+            .get(format!("build_times/{key}"))?
+            .map(|v| decode_build_times(&v))
+            .unwrap_or_default())
+    }
+
+    /// Adds one build time, keeping the last [`BUILD_SAMPLES`]; returns them.
+    /// Durable with the next flush.
+    pub fn record_build_time(&self, key: &str, ms: u64) -> Result<Vec<u64>, StoreError> {
+        let kept = self
+            .meta
+            .update_and_fetch(format!("build_times/{key}"), |old| {
+                let mut times = old.map(decode_build_times).unwrap_or_default();
+                times.push(ms);
+                let drop = times.len().saturating_sub(BUILD_SAMPLES);
+                Some(
+                    times[drop..]
+                        .iter()
+                        .flat_map(|t| t.to_be_bytes())
+                        .collect::<Vec<u8>>(),
+                )
+            })?;
+        Ok(kept.map(|v| decode_build_times(&v)).unwrap_or_default())
+    }
+}
+
+/// Build times kept per key: enough that one odd build does not decide.
+pub const BUILD_SAMPLES: usize = 8;
+
+fn decode_build_times(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .filter_map(|b| b.try_into().ok().map(u64::from_be_bytes))
+        .collect()
 }
 
 #[cfg(test)]
@@ -754,6 +794,24 @@ mod tests {
             [false, true, false]
         );
         assert_eq!(store.dedup_seen("other", "r1", &[1]).unwrap(), [false]);
+    }
+
+    #[test]
+    fn build_times_keep_the_last_few_per_key_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(store.build_times("c_a").unwrap().is_empty());
+            for ms in 1..=10u64 {
+                store.record_build_time("c_a", ms * 1000).unwrap();
+            }
+            store.record_build_time("c_b", 7).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let kept: Vec<u64> = (3..=10u64).map(|s| s * 1000).collect();
+        assert_eq!(store.build_times("c_a").unwrap(), kept);
+        assert_eq!(store.build_times("c_b").unwrap(), [7]);
     }
 
     #[test]
