@@ -19,7 +19,7 @@ use harvestd::store::Store;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::median;
+use support::{idle_rss, median, rss_mb};
 
 /// `HARVESTD_BENCH_CHUNKS` overrides (at least 10,000).
 fn chunks() -> usize {
@@ -99,59 +99,6 @@ struct Sample {
     rss_mb: f64,
     /// Resident memory once every unfinished chunk has polled (steady).
     steady_mb: f64,
-}
-
-/// VmRSS of a process, MB.
-fn rss_mb(pid: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-/// The daemon's resident memory with nothing to track, for the baseline.
-fn idle_rss(rt: &tokio::runtime::Runtime) -> f64 {
-    let emulator = rt
-        .block_on(Emulator::start(
-            ([127, 0, 0, 1], 0).into(),
-            toml::from_str("").unwrap(),
-        ))
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
-    std::fs::write(
-        dir.path().join("harvestd.toml"),
-        format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harvestd"))
-        .args(["run", "--config"])
-        .arg(dir.path().join("harvestd.toml"))
-        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
-        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
-        .env("HARVESTD_LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    for line in std::io::BufReader::new(stderr)
-        .lines()
-        .map_while(Result::ok)
-    {
-        if line.contains("state loaded; ready") {
-            break;
-        }
-    }
-    let rss = rss_mb(&child.id().to_string());
-    let _ = child.kill();
-    let _ = child.wait();
-    rss
 }
 
 fn one_run(rt: &tokio::runtime::Runtime) -> Sample {

@@ -2,8 +2,9 @@
 //! --once` under GNU time against an emulator.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::BufRead;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use harvestd::emulator::{Emulator, DEMO_BRIGHTDATA_TOKEN};
 
@@ -95,4 +96,69 @@ pub fn run_once_timed(dir: &Path, emulator: &Emulator) -> Timed {
         sys: f[2],
         rss_mb: f[3] / 1024.0,
     }
+}
+
+/// VmRSS of a process, MB.
+pub fn rss_mb(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// The daemon's resident memory with nothing to track, for the baseline.
+pub fn idle_rss(rt: &tokio::runtime::Runtime) -> f64 {
+    let emulator = rt
+        .block_on(Emulator::start(
+            ([127, 0, 0, 1], 0).into(),
+            toml::from_str("").unwrap(),
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
+    std::fs::write(
+        dir.path().join("harvestd.toml"),
+        format!(
+            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harvestd"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("harvestd.toml"))
+        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
+        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
+        .env("HARVESTD_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    for line in std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.contains("state loaded; ready") {
+            break;
+        }
+    }
+    let rss = rss_mb(&child.id().to_string());
+    let _ = child.kill();
+    let _ = child.wait();
+    rss
+}
+
+/// User + system CPU seconds a process has used (`/proc/PID/stat`, in
+/// clock ticks of 1/100 s on Linux).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    (ticks(11) + ticks(12)) / 100.0
 }
