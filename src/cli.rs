@@ -127,7 +127,7 @@ pub fn execute(cli: Cli) -> u8 {
                     return EXIT_CONFIG;
                 }
             };
-            runtime().map_or(EXIT_FAILURE, |rt| {
+            runtime(None).map_or(EXIT_FAILURE, |rt| {
                 rt.block_on(serve_emulator(listen, scenario))
             })
         }
@@ -147,7 +147,7 @@ pub fn execute(cli: Cli) -> u8 {
                 }
             };
             init_logging(config.log_format);
-            let Some(rt) = runtime() else {
+            let Some(rt) = runtime(Some(config.worker_threads as usize)) else {
                 return EXIT_FAILURE;
             };
             rt.block_on(async {
@@ -192,8 +192,14 @@ pub fn execute(cli: Cli) -> u8 {
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// `workers`: async worker threads (the config's `worker_threads`);
+/// `None`: one per core.
+fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| eprintln!("harvestd: cannot start the runtime: {e}"))
@@ -291,7 +297,7 @@ where
         );
         return EXIT_UNREACHABLE;
     };
-    let Some(rt) = runtime() else {
+    let Some(rt) = runtime(Some(1)) else {
         return EXIT_FAILURE;
     };
     let client = reqwest::Client::builder()
