@@ -124,6 +124,13 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
         "the window ended before the builds did"
     );
     let steady_mb = rss_mb(&pid.to_string());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("")
+        .to_string();
+    eprintln!("BENCH steady {steady_mb:.1} MB, {peak}");
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();

@@ -155,13 +155,15 @@ impl KeyLimits {
 
     /// Waits until a trigger may be sent; the slot is taken on return.
     pub async fn trigger_slot(&self) {
-        let slot = {
-            let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = (*next).max(Instant::now());
-            *next = slot + *self.period.lock().unwrap_or_else(|e| e.into_inner());
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
+        tokio::time::sleep_until(self.reserve_trigger_slot()).await;
+    }
+
+    /// Takes the next trigger slot now and says when it comes.
+    pub fn reserve_trigger_slot(&self) -> Instant {
+        let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (*next).max(Instant::now());
+        *next = slot + *self.period.lock().unwrap_or_else(|e| e.into_inner());
+        slot
     }
 }
 

@@ -33,6 +33,8 @@ pub enum WorkerError {
     Transition(#[from] TransitionError),
     #[error("chunk inputs missing from the store for {0}")]
     MissingInputs(String),
+    #[error("chunk record missing from the store: {0}")]
+    MissingChunk(String),
 }
 
 /// How a run's work ended for now.
@@ -52,16 +54,17 @@ enum ChunkEnd {
     Stopped,
     /// Building at the provider: the chunk waits for its next poll in the
     /// run's queue, as data rather than as a task.
-    Waiting(Box<Waiting>),
+    Waiting(Waiting),
 }
 
 /// A collection between two status polls. Thousands of collections spend
-/// nearly all their time here, so a waiting chunk is a record in a queue
-/// (~0.5 KB) instead of a task with a timer (~1.5 KB, and a wake-up per
-/// chunk at shutdown): issue #7, `cargo bench --bench many_collections`.
+/// nearly all their time here, so a waiting chunk is 32 bytes in a queue
+/// (its record stays in the store) instead of a task with a timer (~1.5 KB,
+/// and a wake-up per chunk at shutdown): issue #7,
+/// `cargo bench --bench many_collections`.
 struct Waiting {
     due: tokio::time::Instant,
-    rec: ChunkRecord,
+    index: u32,
     permit: Option<InFlightPermit>,
     /// Consecutive failed attempts, carried over for backoff.
     attempt: u32,
@@ -69,7 +72,7 @@ struct Waiting {
 
 impl Waiting {
     fn order(&self) -> (tokio::time::Instant, u32) {
-        (self.due, self.rec.index)
+        (self.due, self.index)
     }
 }
 
@@ -236,45 +239,76 @@ pub async fn drive_run(
     }
     let run = Arc::new(run);
     let mut tasks = JoinSet::new();
-    let driver = |rec: ChunkRecord, permit: Option<InFlightPermit>, attempt: u32, due: bool| {
-        let span =
-            tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = rec.index);
-        ChunkDriver {
-            ctx: ctx.clone(),
-            stop: stop.clone(),
-            key: key.clone(),
-            run: run.clone(),
-            dir: dir.clone(),
-            rec,
-            attempt,
-            rechecked: false,
-            due,
-        }
-        .drive(permit)
-        .instrument(span)
-    };
-    // Chunks already in flight start at once, whatever the cap; planned ones
-    // get a task only once they hold a place under it, so a run of a
-    // million inputs keeps about `max_in_flight` tasks alive, not one per
-    // chunk. Building collections wait in `waiting` and get a task only for
-    // each poll; at most `max_polling` polls at a time, so a backlog behind
-    // the request rate stays in the queue too.
+    // A task reads its chunk's record when it starts: chunks waiting for a
+    // place, a trigger slot or a poll are kept as an index only, so that
+    // thousands of them hold no strings scattered over the heap (which
+    // kept ~5 KB of pages resident per collection).
+    let driver =
+        |index: u32, permit: Option<InFlightPermit>, attempt: u32, due: bool, slot: bool| {
+            let span =
+                tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = index);
+            let (ctx, stop, key, run, dir) = (
+                ctx.clone(),
+                stop.clone(),
+                key.clone(),
+                run.clone(),
+                dir.clone(),
+            );
+            async move {
+                let rec = ctx
+                    .store
+                    .chunk(&run.job, &run.run_id, index)?
+                    .ok_or_else(|| {
+                        WorkerError::MissingChunk(format!("{}/{}/{index}", run.job, run.run_id))
+                    })?;
+                ChunkDriver {
+                    ctx,
+                    stop,
+                    key,
+                    run,
+                    dir,
+                    rec,
+                    attempt,
+                    rechecked: false,
+                    due,
+                    slot,
+                }
+                .drive(permit)
+                .await
+            }
+            .instrument(span)
+        };
+    // Chunks already in flight start at once, whatever the cap. A planned
+    // one gets a task only once it holds a place under the cap and its
+    // trigger slot has come (`starting`: one chunk at a time waits for its
+    // slot), so a run of a million inputs, or of 10,000 places at 30
+    // triggers a minute, keeps a few tasks alive, not one per chunk.
+    // Building collections wait in `waiting` and get a task only for each
+    // poll; at most `max_polling` polls at a time, so a backlog behind the
+    // request rate stays in the queue too.
     let mut planned = std::collections::VecDeque::new();
+    let mut starting: Option<(u32, InFlightPermit, tokio::time::Instant)> = None;
     let mut waiting = std::collections::BinaryHeap::new();
     let max_polling = (ctx.limits().requests_per_second as usize)
         .saturating_mul(4)
         .max(64);
     for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id)? {
         match rec.state {
-            ChunkState::Planned => planned.push_back(rec),
+            ChunkState::Planned => planned.push_back(rec.index),
             ChunkState::Triggered { triggered_at, .. } => waiting.push(Waiting {
                 due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), &key, triggered_at),
-                rec,
+                index: rec.index,
                 permit: Some(key.in_flight.enter()),
                 attempt: 0,
             }),
             _ => {
-                tasks.spawn(driver(rec, Some(key.in_flight.enter()), 0, false));
+                tasks.spawn(driver(
+                    rec.index,
+                    Some(key.in_flight.enter()),
+                    0,
+                    false,
+                    false,
+                ));
             }
         }
     }
@@ -283,28 +317,34 @@ pub async fn drive_run(
     let mut failure = None;
     loop {
         let going = parked.is_none() && failure.is_none() && !stop.is_cancelled();
-        let may_start = going && !planned.is_empty();
+        let may_start = going && !planned.is_empty() && starting.is_none();
         let may_poll = going && !waiting.is_empty() && tasks.len() < max_polling;
         let next_due = waiting
             .peek()
             .map_or_else(tokio::time::Instant::now, |w: &Waiting| w.due);
+        let slot = starting.as_ref().map(|s| s.2);
         tokio::select! {
             permit = key.in_flight.acquire(), if may_start => {
-                if let Some(rec) = planned.pop_front() {
-                    tasks.spawn(driver(rec, Some(permit), 0, false));
+                if let Some(index) = planned.pop_front() {
+                    starting = Some((index, permit, key.reserve_trigger_slot()));
+                }
+            }
+            _ = tokio::time::sleep_until(slot.unwrap_or_else(tokio::time::Instant::now)), if going && slot.is_some() => {
+                if let Some((index, permit, _)) = starting.take() {
+                    tasks.spawn(driver(index, Some(permit), 0, false, true));
                 }
             }
             _ = tokio::time::sleep_until(next_due), if may_poll => {
                 let now = tokio::time::Instant::now();
                 while tasks.len() < max_polling && waiting.peek().is_some_and(|w| w.due <= now) {
                     if let Some(w) = waiting.pop() {
-                        tasks.spawn(driver(w.rec, w.permit, w.attempt, true));
+                        tasks.spawn(driver(w.index, w.permit, w.attempt, true, false));
                     }
                 }
             }
             Some(joined) = tasks.join_next() => match joined {
                 Ok(Ok(ChunkEnd::Terminal)) => {}
-                Ok(Ok(ChunkEnd::Waiting(w))) => waiting.push(*w),
+                Ok(Ok(ChunkEnd::Waiting(w))) => waiting.push(w),
                 Ok(Ok(ChunkEnd::Parked(why))) => parked = Some(why),
                 Ok(Ok(ChunkEnd::Stopped)) => stopped = true,
                 Ok(Err(e)) => {
@@ -317,11 +357,12 @@ pub async fn drive_run(
                     stopped = true;
                 }
             },
-            _ = stop.cancelled(), if may_start || may_poll => {}
+            _ = stop.cancelled(), if may_start || may_poll || starting.is_some() => {}
             else => break,
         }
     }
-    if (!planned.is_empty() || !waiting.is_empty()) && parked.is_none() && failure.is_none() {
+    let unstarted = !planned.is_empty() || starting.is_some() || !waiting.is_empty();
+    if unstarted && parked.is_none() && failure.is_none() {
         stopped = true;
     }
     if let Some(e) = failure {
@@ -670,6 +711,8 @@ struct ChunkDriver {
     rechecked: bool,
     /// Taken from the waiting queue because its poll is due: poll at once.
     due: bool,
+    /// Started by the run once its trigger slot came: trigger at once.
+    slot: bool,
 }
 
 /// What to do after a call failed.
@@ -704,12 +747,12 @@ impl ChunkDriver {
                 } => {
                     if !std::mem::take(&mut self.due) {
                         let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
-                        return Ok(ChunkEnd::Waiting(Box::new(Waiting {
+                        return Ok(ChunkEnd::Waiting(Waiting {
                             due: tokio::time::Instant::now() + wait,
-                            rec: self.rec,
+                            index: self.rec.index,
                             permit,
                             attempt: self.attempt,
-                        })));
+                        }));
                     }
                     Box::pin(self.poll(&remote_id, triggered_at)).await?
                 }
@@ -740,9 +783,11 @@ impl ChunkDriver {
                 p = self.key.in_flight.acquire() => *permit = Some(p),
             }
         }
-        tokio::select! {
-            _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),
-            _ = self.key.trigger_slot() => {}
+        if !std::mem::take(&mut self.slot) {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),
+                _ = self.key.trigger_slot() => {}
+            }
         }
         self.trigger().await
     }
