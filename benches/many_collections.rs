@@ -53,6 +53,8 @@ struct Sample {
     cpu_share: f64,
     polls_per_second: f64,
     per_collection_kb: f64,
+    steady_mb: f64,
+    peak_mb: f64,
     max_rps: u64,
 }
 
@@ -141,6 +143,8 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
         cpu_share: (cpu1 - cpu0) / elapsed,
         polls_per_second: polled / elapsed,
         per_collection_kb: (steady_mb - idle_mb) * 1024.0 / COLLECTIONS as f64,
+        steady_mb,
+        peak_mb,
         max_rps: emulator.stats().max_requests_per_second,
     }
 }
@@ -157,6 +161,7 @@ fn main() {
          status polls per second           {:.0} (real-time steady rate: {:.0})\n\
          daemon CPU per poll               {:.0} µs\n\
          daemon CPU, share of one core     {:.2} % measured; {:.2} % at real-time rates\n\
+         RSS at steady state (peak)        {:.1} MB ({:.1} MB)\n\
          per tracked collection            {:.2} KB (idle daemon: {idle:.1} MB)\n\
          most requests in any second       {} (requests_per_second = {})",
         scale(),
@@ -165,6 +170,8 @@ fn main() {
         per_poll * 1e6,
         100.0 * m(&|s| s.cpu_share),
         100.0 * per_poll * COLLECTIONS as f64 / 60.0,
+        m(&|s| s.steady_mb),
+        m(&|s| s.peak_mb),
         m(&|s| s.per_collection_kb),
         samples.iter().map(|s| s.max_rps).max().unwrap_or(0),
         (RPS * scale()).round(),

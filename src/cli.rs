@@ -199,6 +199,10 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
     if let Some(n) = workers {
         builder.worker_threads(n);
     }
+    // Blocking work is file writes and store flushes, which queue on the
+    // disk anyway; tokio's default of 512 threads let a burst of 10,000
+    // triggers start hundreds, each leaving its malloc arena behind.
+    builder.max_blocking_threads(32);
     builder
         .enable_all()
         .build()

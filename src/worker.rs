@@ -97,6 +97,9 @@ impl Ord for Waiting {
     }
 }
 
+/// A place among the status polls one run has under way at once.
+type PollSlot = tokio::sync::OwnedSemaphorePermit;
+
 /// How long to wait before polling a collection triggered at `triggered_at`.
 fn poll_wait(limits: &LimitsConfig, key: &KeyLimits, triggered_at: UnixMs) -> Duration {
     let waited = Duration::from_millis((now_ms() - triggered_at).max(0) as u64);
@@ -243,56 +246,61 @@ pub async fn drive_run(
     // place, a trigger slot or a poll are kept as an index only, so that
     // thousands of them hold no strings scattered over the heap (which
     // kept ~5 KB of pages resident per collection).
-    let driver =
-        |index: u32, permit: Option<InFlightPermit>, attempt: u32, due: bool, slot: bool| {
-            let span =
-                tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = index);
-            let (ctx, stop, key, run, dir) = (
-                ctx.clone(),
-                stop.clone(),
-                key.clone(),
-                run.clone(),
-                dir.clone(),
-            );
-            async move {
-                let rec = ctx
-                    .store
-                    .chunk(&run.job, &run.run_id, index)?
-                    .ok_or_else(|| {
-                        WorkerError::MissingChunk(format!("{}/{}/{index}", run.job, run.run_id))
-                    })?;
-                ChunkDriver {
-                    ctx,
-                    stop,
-                    key,
-                    run,
-                    dir,
-                    rec,
-                    attempt,
-                    rechecked: false,
-                    due,
-                    slot,
-                }
-                .drive(permit)
-                .await
+    let driver = |index: u32,
+                  permit: Option<InFlightPermit>,
+                  attempt: u32,
+                  due: Option<PollSlot>,
+                  slot: bool| {
+        let span = tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = index);
+        let (ctx, stop, key, run, dir) = (
+            ctx.clone(),
+            stop.clone(),
+            key.clone(),
+            run.clone(),
+            dir.clone(),
+        );
+        async move {
+            let rec = ctx
+                .store
+                .chunk(&run.job, &run.run_id, index)?
+                .ok_or_else(|| {
+                    WorkerError::MissingChunk(format!("{}/{}/{index}", run.job, run.run_id))
+                })?;
+            ChunkDriver {
+                ctx,
+                stop,
+                key,
+                run,
+                dir,
+                rec,
+                attempt,
+                rechecked: false,
+                due,
+                slot,
             }
-            .instrument(span)
-        };
+            .drive(permit)
+            .await
+        }
+        .instrument(span)
+    };
     // Chunks already in flight start at once, whatever the cap. A planned
     // one gets a task only once it holds a place under the cap and its
     // trigger slot has come (`starting`: one chunk at a time waits for its
     // slot), so a run of a million inputs, or of 10,000 places at 30
     // triggers a minute, keeps a few tasks alive, not one per chunk.
     // Building collections wait in `waiting` and get a task only for each
-    // poll; at most `max_polling` polls at a time, so a backlog behind the
-    // request rate stays in the queue too.
+    // poll, and only while one of `polling`'s few slots is free: a backlog
+    // behind the request rate stays in the queue too, instead of thousands
+    // of tasks queued for the rate (whose memory the allocator then keeps).
     let mut planned = std::collections::VecDeque::new();
     let mut starting: Option<(u32, InFlightPermit, tokio::time::Instant)> = None;
     let mut waiting = std::collections::BinaryHeap::new();
-    let max_polling = (ctx.limits().requests_per_second as usize)
-        .saturating_mul(4)
-        .max(64);
-    for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id)? {
+    // A quarter second of requests, enough to keep the rate busy.
+    let polling = Arc::new(tokio::sync::Semaphore::new(
+        (ctx.limits().requests_per_second as usize / 4).clamp(4, 256),
+    ));
+    for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id) {
+        let rec = rec?;
         match rec.state {
             ChunkState::Planned => planned.push_back(rec.index),
             ChunkState::Triggered { triggered_at, .. } => waiting.push(Waiting {
@@ -306,7 +314,7 @@ pub async fn drive_run(
                     rec.index,
                     Some(key.in_flight.enter()),
                     0,
-                    false,
+                    None,
                     false,
                 ));
             }
@@ -318,7 +326,7 @@ pub async fn drive_run(
     loop {
         let going = parked.is_none() && failure.is_none() && !stop.is_cancelled();
         let may_start = going && !planned.is_empty() && starting.is_none();
-        let may_poll = going && !waiting.is_empty() && tasks.len() < max_polling;
+        let may_poll = going && !waiting.is_empty() && polling.available_permits() > 0;
         let next_due = waiting
             .peek()
             .map_or_else(tokio::time::Instant::now, |w: &Waiting| w.due);
@@ -331,14 +339,17 @@ pub async fn drive_run(
             }
             _ = tokio::time::sleep_until(slot.unwrap_or_else(tokio::time::Instant::now)), if going && slot.is_some() => {
                 if let Some((index, permit, _)) = starting.take() {
-                    tasks.spawn(driver(index, Some(permit), 0, false, true));
+                    tasks.spawn(driver(index, Some(permit), 0, None, true));
                 }
             }
             _ = tokio::time::sleep_until(next_due), if may_poll => {
                 let now = tokio::time::Instant::now();
-                while tasks.len() < max_polling && waiting.peek().is_some_and(|w| w.due <= now) {
+                while waiting.peek().is_some_and(|w| w.due <= now) {
+                    let Ok(poll) = polling.clone().try_acquire_owned() else {
+                        break;
+                    };
                     if let Some(w) = waiting.pop() {
-                        tasks.spawn(driver(w.index, w.permit, w.attempt, true, false));
+                        tasks.spawn(driver(w.index, w.permit, w.attempt, Some(poll), false));
                     }
                 }
             }
@@ -709,8 +720,9 @@ struct ChunkDriver {
     attempt: u32,
     /// An in-doubt chunk not found at the provider is looked for twice.
     rechecked: bool,
-    /// Taken from the waiting queue because its poll is due: poll at once.
-    due: bool,
+    /// Taken from the waiting queue because its poll is due: poll at once,
+    /// holding one of the run's poll slots for that poll only.
+    due: Option<PollSlot>,
     /// Started by the run once its trigger slot came: trigger at once.
     slot: bool,
 }
@@ -745,7 +757,7 @@ impl ChunkDriver {
                     remote_id,
                     triggered_at,
                 } => {
-                    if !std::mem::take(&mut self.due) {
+                    let Some(_poll_slot) = self.due.take() else {
                         let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
                         return Ok(ChunkEnd::Waiting(Waiting {
                             due: tokio::time::Instant::now() + wait,
@@ -753,7 +765,7 @@ impl ChunkDriver {
                             permit,
                             attempt: self.attempt,
                         }));
-                    }
+                    };
                     Box::pin(self.poll(&remote_id, triggered_at)).await?
                 }
                 ChunkState::Ready {

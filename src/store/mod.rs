@@ -513,32 +513,34 @@ impl Store {
 
     /// The run's chunks that are not finished, in order, found through the
     /// open index: a run of 100,000 chunks with 10,000 open resumes by
-    /// reading those 10,000 records, never the finished ones.
+    /// reading those 10,000 records, never the finished ones, and one at a
+    /// time (collecting them first left their memory to the allocator).
     pub fn unfinished_chunks(
         &self,
         job: &str,
         run_id: &str,
-    ) -> Result<Vec<ChunkRecord>, StoreError> {
+    ) -> impl Iterator<Item = Result<ChunkRecord, StoreError>> + '_ {
         let mut prefix = vec![OPEN];
         prefix.extend_from_slice(&run_key(job, run_id));
         prefix.push(0);
-        let mut out = Vec::new();
-        for key in self.chunks.scan_prefix(&prefix).keys() {
-            let key = key?;
-            let Some(index) = key
-                .get(key.len().saturating_sub(4)..)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_be_bytes)
-            else {
-                continue;
-            };
-            if let Some(rec) = self.chunk(job, run_id, index)? {
-                if !rec.state.is_terminal() {
-                    out.push(rec);
+        let (job, run_id) = (job.to_string(), run_id.to_string());
+        self.chunks
+            .scan_prefix(&prefix)
+            .keys()
+            .filter_map(move |key| {
+                let index = match key {
+                    Ok(key) => key
+                        .get(key.len().saturating_sub(4)..)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u32::from_be_bytes)?,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                match self.chunk(&job, &run_id, index) {
+                    Ok(Some(rec)) if !rec.state.is_terminal() => Some(Ok(rec)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
                 }
-            }
-        }
-        Ok(out)
+            })
     }
 
     pub fn chunk_inputs(
@@ -908,8 +910,7 @@ mod tests {
                 .unwrap();
             let open: Vec<u32> = store
                 .unfinished_chunks("j", "r")
-                .unwrap()
-                .iter()
+                .map(|c| c.unwrap())
                 .map(|c| c.index)
                 .collect();
             assert_eq!(open, [0, 3, 6, 9]);
@@ -917,7 +918,7 @@ mod tests {
             let mut rec = store.chunk("j", "r", 3).unwrap().unwrap();
             finish(&mut rec);
             store.put_chunk("j", "r", &rec).unwrap();
-            assert_eq!(store.unfinished_chunks("j", "r").unwrap().len(), 3);
+            assert_eq!(store.unfinished_chunks("j", "r").count(), 3);
             // A store from before the index: the index and its mark gone.
             let stale: Vec<_> = store
                 .chunks
@@ -934,8 +935,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let open: Vec<u32> = store
             .unfinished_chunks("j", "r")
-            .unwrap()
-            .iter()
+            .map(|c| c.unwrap())
             .map(|c| c.index)
             .collect();
         assert_eq!(open, [0, 6, 9], "rebuilt when the old store was opened");
@@ -945,8 +945,8 @@ mod tests {
             "the index is not a chunk"
         );
         store.delete_run("j", "r").unwrap();
-        assert!(store.unfinished_chunks("j", "r").unwrap().is_empty());
-        assert_eq!(store.unfinished_chunks("j", "other").unwrap().len(), 1);
+        assert_eq!(store.unfinished_chunks("j", "r").count(), 0);
+        assert_eq!(store.unfinished_chunks("j", "other").count(), 1);
     }
 
     #[test]
