@@ -127,12 +127,12 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
     );
     let steady_mb = rss_mb(&pid.to_string());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let peak = status
+    let peak_mb = status
         .lines()
-        .find(|l| l.starts_with("VmHWM"))
-        .unwrap_or("")
-        .to_string();
-    eprintln!("BENCH steady {steady_mb:.1} MB, {peak}");
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
