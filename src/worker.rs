@@ -325,6 +325,13 @@ pub async fn drive_run(
     let mut failure = None;
     loop {
         let going = parked.is_none() && failure.is_none() && !stop.is_cancelled();
+        if !going {
+            // Stopping: the chunk waiting for its trigger slot stays planned
+            // (it is, in the store) and gives its place back.
+            if let Some((index, _, _)) = starting.take() {
+                planned.push_front(index);
+            }
+        }
         let may_start = going && !planned.is_empty() && starting.is_none();
         let may_poll = going && !waiting.is_empty() && polling.available_permits() > 0;
         let next_due = waiting
@@ -368,11 +375,11 @@ pub async fn drive_run(
                     stopped = true;
                 }
             },
-            _ = stop.cancelled(), if may_start || may_poll || starting.is_some() => {}
+            _ = stop.cancelled(), if may_start || may_poll || (going && starting.is_some()) => {}
             else => break,
         }
     }
-    let unstarted = !planned.is_empty() || starting.is_some() || !waiting.is_empty();
+    let unstarted = !planned.is_empty() || !waiting.is_empty();
     if unstarted && parked.is_none() && failure.is_none() {
         stopped = true;
     }

@@ -119,3 +119,35 @@ async fn sighup_reloads_the_token_and_refuses_a_bad_config() {
         "nothing failed while blocked"
     );
 }
+
+/// A planned chunk waiting for its trigger slot (one trigger a minute)
+/// does not hold up a shutdown, and stays planned for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_a_chunk_waits_for_its_trigger_slot_exits_at_once() {
+    let h = Harness::new("[defaults]\nbuild_time = \"1h\"\n").await;
+    h.write_config("[limits.keys.\"c_slot0001\"]\ntriggers_per_minute = 1\n");
+    h.write_inputs("in.csv", 10);
+    h.write_job("t.toml", &job("c_slot0001"));
+    let mut d = h.start_daemon().await;
+    h.emulator.wait_for_ledger(1, common::WAIT).await.unwrap();
+    d.wait_for_line("triggered").await;
+    let start = Instant::now();
+    d.signal(SIGTERM);
+    let code = d.wait().await;
+    assert_eq!(code, 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM (shutdown_grace is 10 s)",
+        start.elapsed()
+    );
+    let store = Store::open(&h.path("state")).unwrap();
+    let run = &store.runs().unwrap()[0];
+    let states: Vec<&str> = store
+        .chunks(&run.job, &run.run_id)
+        .unwrap()
+        .iter()
+        .map(|c| c.state.name())
+        .collect();
+    assert_eq!(states, ["triggered", "planned"]);
+    assert_eq!(h.ledger().len(), 1);
+}
