@@ -26,12 +26,12 @@
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
 //! | [`plan`] | run ids, chunk names, chunking (pure) |
 //! | [`chunk`] | the chunk state machine: states carry their data; `next` is pure |
-//! | [`store`] | durable state: typed, versioned records in sled (its only user), chunk inputs and dedup keys in files beside it |
+//! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs and dedup keys in files beside it |
 //! | [`intake`] | which files are jobs, content identity, planning a run into the store |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
-//! | [`limits`] | per-key in-flight and trigger pacing, per-provider rate, 429 brake, blocks, backoff |
+//! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
-//! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting |
+//! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step |
 //! | [`sink`] | atomic files, part files, CSV flattening, final files, manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel |
@@ -64,6 +64,10 @@
 //!   [`failpoint`], and `tests/crash_safety.rs` kills the process at each.
 //! - Blocking file work runs on the blocking pool; no lock is held across
 //!   an `.await`.
+//! - What costs memory per chunk is kept as data, not tasks: a run holds
+//!   chunks that wait for a place, a trigger slot or a poll as indexes
+//!   (the record stays in the store), and a task reads its record when it
+//!   starts a step. Resume reads only the open index's chunks.
 
 pub mod admin;
 pub mod chunk;
