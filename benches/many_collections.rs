@@ -19,31 +19,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-use harvestd::emulator::DEMO_BRIGHTDATA_TOKEN;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{cpu_seconds, idle_rss, median, rss_mb};
+use support::{cpu_seconds, idle_rss, median, micros, rss_mb};
 
 const COLLECTIONS: usize = 10_000;
 const RPS: f64 = 200.0;
 
 fn scale() -> f64 {
-    std::env::var("HARVESTD_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10.0)
+    support::scale(10.0)
 }
 
 fn scaled(secs: f64) -> Duration {
     Duration::from_secs_f64(secs / scale())
-}
-
-fn us(d: Duration) -> String {
-    format!("{}us", d.as_micros())
 }
 
 struct Sample {
@@ -63,7 +54,7 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
         rt,
         &format!(
             "[collectors.c_many]\nbuild_time = \"{}\"\n",
-            us(scaled(1800.0))
+            micros(scaled(1800.0))
         ),
     );
     let inputs: String = (0..COLLECTIONS)
@@ -83,19 +74,12 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
              [limits]\nmax_in_flight = {COLLECTIONS}\ntriggers_per_minute = 6000000\nrequests_per_second = {rps}\n\
              poll_min_interval = \"{1}\"\npoll_max_interval = \"{2}\"\n",
             dir.path().display(),
-            us(scaled(5.0)),
-            us(scaled(60.0)),
+            micros(scaled(5.0)),
+            micros(scaled(60.0)),
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harvestd"))
-        .args(["run", "--config"])
-        .arg(dir.path().join("harvestd.toml"))
-        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
-        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
-        .env("HARVESTD_LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
+    let mut child = support::daemon(dir.path(), &emulator.url(), "warn", &[])
         .spawn()
         .unwrap();
     let pid = child.id();

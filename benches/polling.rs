@@ -21,7 +21,7 @@ use harvestd::emulator::{Collection, DEMO_BRIGHTDATA_TOKEN};
 
 #[path = "support/mod.rs"]
 mod support;
-use support::median;
+use support::{median, micros};
 
 /// (label, real build time in seconds).
 const BUILDS: [(&str, u64); 3] = [("30 s", 30), ("5 min", 300), ("1 h", 3600)];
@@ -30,18 +30,11 @@ const IN_FLIGHT: usize = 4;
 const FIXED_COLLECTIONS: usize = 4;
 
 fn scale() -> f64 {
-    std::env::var("HARVESTD_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120.0)
+    support::scale(120.0)
 }
 
 fn scaled(secs: f64) -> Duration {
     Duration::from_secs_f64(secs / scale())
-}
-
-fn humantime(d: Duration) -> String {
-    format!("{}us", d.as_micros())
 }
 
 /// The fixed poller: triggers, asks `/dca/log` every 5 s (scaled) until
@@ -102,7 +95,7 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
         for who in ["h", "f"] {
             scenario.push_str(&format!(
                 "[collectors.c_{who}{i}]\nbuild_time = \"{}\"\n",
-                humantime(scaled(*secs as f64))
+                micros(scaled(*secs as f64))
             ));
         }
     }
@@ -131,8 +124,8 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
              [limits]\ntriggers_per_minute = 60000\nrequests_per_second = 1000\n\
              poll_min_interval = \"{1}\"\npoll_max_interval = \"{2}\"\n{keys}",
             dir.path().display(),
-            humantime(scaled(5.0)),
-            humantime(scaled(60.0)),
+            micros(scaled(5.0)),
+            micros(scaled(60.0)),
         ),
     )
     .unwrap();

@@ -10,11 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harvestd::chunk::{next, ChunkEvent};
-use harvestd::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN};
+use harvestd::emulator::{Emulator, Scenario};
 use harvestd::store::Store;
 
 #[path = "support/mod.rs"]
@@ -121,17 +121,14 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
     )
     .unwrap();
     let started = Instant::now();
-    let mut child = Command::new("/usr/bin/time")
-        .args(["-f", "BENCH %M", env!("CARGO_BIN_EXE_harvestd"), "run"])
-        .arg("--config")
-        .arg(dir.path().join("harvestd.toml"))
-        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
-        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
-        .env("HARVESTD_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::daemon(
+        dir.path(),
+        &emulator.url(),
+        "info",
+        &["/usr/bin/time", "-f", "BENCH %M"],
+    )
+    .spawn()
+    .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

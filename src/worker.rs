@@ -97,8 +97,9 @@ impl Ord for Waiting {
     }
 }
 
-/// A place among the status polls one run has under way at once.
-type PollSlot = tokio::sync::OwnedSemaphorePermit;
+/// A place among the calls (triggers and status polls) one run has under
+/// way at once.
+type CallSlot = tokio::sync::OwnedSemaphorePermit;
 
 /// How long to wait before polling a collection triggered at `triggered_at`.
 fn poll_wait(limits: &LimitsConfig, key: &KeyLimits, triggered_at: UnixMs) -> Duration {
@@ -249,7 +250,7 @@ pub async fn drive_run(
     let driver = |index: u32,
                   permit: Option<InFlightPermit>,
                   attempt: u32,
-                  due: Option<PollSlot>,
+                  call: Option<CallSlot>,
                   slot: bool| {
         let span = tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = index);
         let (ctx, stop, key, run, dir) = (
@@ -275,7 +276,7 @@ pub async fn drive_run(
                 rec,
                 attempt,
                 rechecked: false,
-                due,
+                call,
                 slot,
             }
             .drive(permit)
@@ -289,14 +290,16 @@ pub async fn drive_run(
     // slot), so a run of a million inputs, or of 10,000 places at 30
     // triggers a minute, keeps a few tasks alive, not one per chunk.
     // Building collections wait in `waiting` and get a task only for each
-    // poll, and only while one of `polling`'s few slots is free: a backlog
-    // behind the request rate stays in the queue too, instead of thousands
-    // of tasks queued for the rate (whose memory the allocator then keeps).
+    // poll. A trigger or a poll starts only while one of `calls`' few slots
+    // is free: a backlog behind the request rate stays in the queues,
+    // instead of thousands of tasks queued for the rate (whose memory the
+    // allocator then keeps: 10,000 triggers at 200 requests a second left
+    // 5.5 KB per collection).
     let mut planned = std::collections::VecDeque::new();
-    let mut starting: Option<(u32, InFlightPermit, tokio::time::Instant)> = None;
+    let mut starting: Option<(u32, InFlightPermit, tokio::time::Instant, CallSlot)> = None;
     let mut waiting = std::collections::BinaryHeap::new();
     // A quarter second of requests, enough to keep the rate busy.
-    let polling = Arc::new(tokio::sync::Semaphore::new(
+    let calls = Arc::new(tokio::sync::Semaphore::new(
         (ctx.limits().requests_per_second as usize / 4).clamp(4, 256),
     ));
     for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id) {
@@ -328,31 +331,32 @@ pub async fn drive_run(
         if !going {
             // Stopping: the chunk waiting for its trigger slot stays planned
             // (it is, in the store) and gives its place back.
-            if let Some((index, _, _)) = starting.take() {
+            if let Some((index, ..)) = starting.take() {
                 planned.push_front(index);
             }
         }
-        let may_start = going && !planned.is_empty() && starting.is_none();
-        let may_poll = going && !waiting.is_empty() && polling.available_permits() > 0;
+        let free_call = calls.available_permits() > 0;
+        let may_start = going && !planned.is_empty() && starting.is_none() && free_call;
+        let may_poll = going && !waiting.is_empty() && free_call;
         let next_due = waiting
             .peek()
             .map_or_else(tokio::time::Instant::now, |w: &Waiting| w.due);
         let slot = starting.as_ref().map(|s| s.2);
         tokio::select! {
             permit = key.in_flight.acquire(), if may_start => {
-                if let Some(index) = planned.pop_front() {
-                    starting = Some((index, permit, key.reserve_trigger_slot()));
+                if let (Ok(call), Some(index)) = (calls.clone().try_acquire_owned(), planned.pop_front()) {
+                    starting = Some((index, permit, key.reserve_trigger_slot(), call));
                 }
             }
             _ = tokio::time::sleep_until(slot.unwrap_or_else(tokio::time::Instant::now)), if going && slot.is_some() => {
-                if let Some((index, permit, _)) = starting.take() {
-                    tasks.spawn(driver(index, Some(permit), 0, None, true));
+                if let Some((index, permit, _, call)) = starting.take() {
+                    tasks.spawn(driver(index, Some(permit), 0, Some(call), true));
                 }
             }
             _ = tokio::time::sleep_until(next_due), if may_poll => {
                 let now = tokio::time::Instant::now();
                 while waiting.peek().is_some_and(|w| w.due <= now) {
-                    let Ok(poll) = polling.clone().try_acquire_owned() else {
+                    let Ok(poll) = calls.clone().try_acquire_owned() else {
                         break;
                     };
                     if let Some(w) = waiting.pop() {
@@ -727,9 +731,10 @@ struct ChunkDriver {
     attempt: u32,
     /// An in-doubt chunk not found at the provider is looked for twice.
     rechecked: bool,
-    /// Taken from the waiting queue because its poll is due: poll at once,
-    /// holding one of the run's poll slots for that poll only.
-    due: Option<PollSlot>,
+    /// One of the run's call slots, held for the first trigger or poll
+    /// only. A chunk taken from the waiting queue holds one because its
+    /// poll is due: it polls at once.
+    call: Option<CallSlot>,
     /// Started by the run once its trigger slot came: trigger at once.
     slot: bool,
 }
@@ -764,7 +769,7 @@ impl ChunkDriver {
                     remote_id,
                     triggered_at,
                 } => {
-                    let Some(_poll_slot) = self.due.take() else {
+                    let Some(call) = self.call.take() else {
                         let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
                         return Ok(ChunkEnd::Waiting(Waiting {
                             due: tokio::time::Instant::now() + wait,
@@ -773,7 +778,7 @@ impl ChunkDriver {
                             attempt: self.attempt,
                         }));
                     };
-                    Box::pin(self.poll(&remote_id, triggered_at)).await?
+                    Box::pin(self.poll(&remote_id, triggered_at, call)).await?
                 }
                 ChunkState::Ready {
                     remote_id,
@@ -796,6 +801,8 @@ impl ChunkDriver {
     /// A planned chunk: takes a place under `max_in_flight` (unless it holds
     /// one) and a trigger slot, then triggers.
     async fn start(&mut self, permit: &mut Option<InFlightPermit>) -> Result<Next, WorkerError> {
+        // The run's call slot, if given, is this trigger's, not a poll's.
+        let call = self.call.take();
         if permit.is_none() {
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),
@@ -808,7 +815,7 @@ impl ChunkDriver {
                 _ = self.key.trigger_slot() => {}
             }
         }
-        self.trigger().await
+        self.trigger(call).await
     }
 
     /// Persists the record as it is and flushes it.
@@ -923,7 +930,8 @@ impl ChunkDriver {
             })
     }
 
-    async fn trigger(&mut self) -> Result<Next, WorkerError> {
+    /// `call`: the run's call slot, given back once the call has answered.
+    async fn trigger(&mut self, call: Option<CallSlot>) -> Result<Next, WorkerError> {
         let inputs = self.inputs()?;
         let at = now_ms();
         self.ctx.store.set_last_trigger(&self.run.spec.key, at)?;
@@ -937,6 +945,7 @@ impl ChunkDriver {
         // Not raced against shutdown: once sent, the answer is awaited so the
         // shutdown itself never leaves the chunk in doubt.
         let result = self.ctx.provider.trigger(&self.call(&inputs)).await;
+        drop(call);
         if result.is_ok() {
             crate::failpoint::crash("after-answer");
         }
@@ -1045,10 +1054,17 @@ impl ChunkDriver {
         }
     }
 
-    /// One status poll (the wait before it is [`poll_wait`], in the run's queue).
-    async fn poll(&mut self, remote_id: &str, triggered_at: UnixMs) -> Result<Next, WorkerError> {
+    /// One status poll (the wait before it is [`poll_wait`], in the run's
+    /// queue). `call`: the run's call slot, given back once answered.
+    async fn poll(
+        &mut self,
+        remote_id: &str,
+        triggered_at: UnixMs,
+        call: CallSlot,
+    ) -> Result<Next, WorkerError> {
         let l = &self.ctx.limits();
         let outcome = self.ctx.provider.poll(&self.run.spec.key, remote_id).await;
+        drop(call);
         if outcome.is_ok() {
             self.ctx
                 .counters

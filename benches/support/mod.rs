@@ -127,13 +127,7 @@ pub fn idle_rss(rt: &tokio::runtime::Runtime) -> f64 {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harvestd"))
-        .args(["run", "--config"])
-        .arg(dir.path().join("harvestd.toml"))
-        .env("HARVESTD_BRIGHTDATA_URL", emulator.url())
-        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
-        .env("HARVESTD_LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
+    let mut child = daemon(dir.path(), &emulator.url(), "info", &[])
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -161,4 +155,40 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Time compression for benchmarks that wait on builds and polls:
+/// `HARVESTD_BENCH_SCALE`, else `default`.
+pub fn scale(default: f64) -> f64 {
+    std::env::var("HARVESTD_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A duration as a config or scenario value.
+pub fn micros(d: std::time::Duration) -> String {
+    format!("{}us", d.as_micros())
+}
+
+/// `harvestd run --config DIR/harvestd.toml` against the emulator at `url`,
+/// JSON logs at `log`, stderr piped; `under`: a wrapper such as GNU time.
+pub fn daemon(dir: &Path, url: &str, log: &str, under: &[&str]) -> Command {
+    let program = env!("CARGO_BIN_EXE_harvestd");
+    let mut c = match under.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    c.args(["run", "--config"])
+        .arg(dir.join("harvestd.toml"))
+        .env("HARVESTD_BRIGHTDATA_URL", url)
+        .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
+        .env("HARVESTD_LOG_FORMAT", "json")
+        .env("RUST_LOG", log)
+        .stderr(Stdio::piped());
+    c
 }
