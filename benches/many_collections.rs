@@ -34,7 +34,7 @@ fn scale() -> f64 {
 }
 
 fn scaled(secs: f64) -> Duration {
-    Duration::from_secs_f64(secs / scale())
+    support::scaled(secs, scale())
 }
 
 struct Sample {

@@ -34,7 +34,7 @@ fn scale() -> f64 {
 }
 
 fn scaled(secs: f64) -> Duration {
-    Duration::from_secs_f64(secs / scale())
+    support::scaled(secs, scale())
 }
 
 /// The fixed poller: triggers, asks `/dca/log` every 5 s (scaled) until
@@ -59,12 +59,7 @@ async fn fixed_poller(url: String, collector: String) {
     let id = answer["collection_id"].as_str().unwrap().to_string();
     loop {
         tokio::time::sleep(scaled(5.0)).await;
-        let log = client
-            .get(format!("{url}/dca/log/{id}"))
-            .header("Authorization", &auth)
-            .send()
-            .await
-            .unwrap();
+        let log = get(&client, &format!("{url}/dca/log/{id}")).await;
         if !log.status().is_success() {
             continue;
         }
@@ -74,14 +69,18 @@ async fn fixed_poller(url: String, collector: String) {
             break;
         }
     }
-    let data = client
-        .get(format!("{url}/dca/dataset?id={id}"))
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let data = get(&client, &format!("{url}/dca/dataset?id={id}")).await;
     assert!(data.status().is_success());
     data.bytes().await.unwrap();
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {
+    client
+        .get(url)
+        .header("Authorization", format!("Bearer {DEMO_BRIGHTDATA_TOKEN}"))
+        .send()
+        .await
+        .unwrap()
 }
 
 /// One build's collections: (harvestd's in trigger order, the fixed poller's).

@@ -276,7 +276,7 @@ pub async fn drive_run(
                 rec,
                 attempt,
                 rechecked: false,
-                call,
+                call_slot: call,
                 slot,
             }
             .drive(permit)
@@ -734,7 +734,7 @@ struct ChunkDriver {
     /// One of the run's call slots, held for the first trigger or poll
     /// only. A chunk taken from the waiting queue holds one because its
     /// poll is due: it polls at once.
-    call: Option<CallSlot>,
+    call_slot: Option<CallSlot>,
     /// Started by the run once its trigger slot came: trigger at once.
     slot: bool,
 }
@@ -769,7 +769,7 @@ impl ChunkDriver {
                     remote_id,
                     triggered_at,
                 } => {
-                    let Some(call) = self.call.take() else {
+                    let Some(call) = self.call_slot.take() else {
                         let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
                         return Ok(ChunkEnd::Waiting(Waiting {
                             due: tokio::time::Instant::now() + wait,
@@ -802,7 +802,7 @@ impl ChunkDriver {
     /// one) and a trigger slot, then triggers.
     async fn start(&mut self, permit: &mut Option<InFlightPermit>) -> Result<Next, WorkerError> {
         // The run's call slot, if given, is this trigger's, not a poll's.
-        let call = self.call.take();
+        let call = self.call_slot.take();
         if permit.is_none() {
             tokio::select! {
                 _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),

@@ -166,6 +166,11 @@ pub fn scale(default: f64) -> f64 {
         .unwrap_or(default)
 }
 
+/// `secs` of real time, compressed by `scale`.
+pub fn scaled(secs: f64, scale: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(secs / scale)
+}
+
 /// A duration as a config or scenario value.
 pub fn micros(d: std::time::Duration) -> String {
     format!("{}us", d.as_micros())
