@@ -1,6 +1,11 @@
-//! Arguments → the library → exit code. Nothing else lives here.
+//! Arguments → the library → exit code, on jemalloc. Nothing else lives here.
 
 use clap::Parser;
+
+// jemalloc: see Cargo.toml (memory per tracked collection).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
     harvestd::failpoint::setup();
