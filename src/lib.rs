@@ -19,7 +19,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it |
+//! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it (and sets jemalloc as the allocator) |
 //! | [`logging`] | text on a TTY, flat JSON lines (span fields included) otherwise |
 //! | [`config`] | daemon configuration: file → environment → flags; tokens that never print |
 //! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers |
@@ -29,9 +29,9 @@
 //! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs and dedup keys in files beside it |
 //! | [`intake`] | which files are jobs, content identity, planning a run into the store |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
-//! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (first come first served), 429 brake, blocks; backoff and poll intervals |
+//! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
-//! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step |
+//! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together |
 //! | [`sink`] | atomic files, part files, CSV flattening, final files, manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel |

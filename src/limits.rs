@@ -242,6 +242,24 @@ struct GateState {
     total_429: u64,
 }
 
+/// The request rate: bursts of up to a twentieth of `rps` (50 ms of
+/// requests), refilled at `rps - burst + 1` a second, so that no second,
+/// wherever it starts, holds more than `rps` calls (the burst, then one
+/// call every `1 / rate` for the rest of the second). Polls that come due
+/// close together then go out in one wake-up of the worker instead of one
+/// each, 5 ms apart: a wake-up is most of what a poll costs.
+fn request_quota(rps: u32) -> Quota {
+    let rps = rps.max(1);
+    let burst = (rps / 20).max(1);
+    let rate = NonZeroU32::new(rps - burst + 1).unwrap_or(NonZeroU32::MIN);
+    // The period rounded up: `Quota::per_second(19)` rounds 1/19 s down, and
+    // 19 periods then fit in less than a second, which lets a 20th call in.
+    let period = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(rate.get())));
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(rate))
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+}
+
 /// Every call to one provider passes here: the request rate, pauses after
 /// 429, the brake, and blocks (401/402/403, no token).
 pub struct ProviderGate {
@@ -258,10 +276,8 @@ pub struct ProviderGate {
 
 impl ProviderGate {
     pub fn new(config: &LimitsConfig) -> Arc<ProviderGate> {
-        let rps = NonZeroU32::new(config.requests_per_second).unwrap_or(NonZeroU32::MIN);
         Arc::new(ProviderGate {
-            // Burst 1 here too: "no burst above requests_per_second".
-            rate: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
+            rate: RateLimiter::direct(request_quota(config.requests_per_second)),
             turn: tokio::sync::Mutex::new(()),
             clock: governor::clock::DefaultClock::default(),
             state: Mutex::new(GateState {
@@ -397,6 +413,50 @@ impl ProviderGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Calls due together go out at once (a twentieth of the rate), and a
+    /// caller that sends as fast as the quota lets it never gets more than
+    /// `requests_per_second` calls into any second, wherever it starts.
+    #[test]
+    fn request_rate_bursts_but_no_second_holds_more_than_the_limit() {
+        use governor::clock::{Clock, FakeRelativeClock};
+        for rps in [1, 5, 19, 20, 100, 200, 2000] {
+            let clock = FakeRelativeClock::default();
+            let limiter = RateLimiter::direct_with_clock(request_quota(rps), &clock);
+            let burst = (rps / 20).max(1) as usize;
+            let mut sent = Vec::new();
+            while sent.len() < 3 * rps as usize + burst {
+                match limiter.check() {
+                    Ok(()) => sent.push(Duration::from(clock.now())),
+                    Err(not_until) => clock.advance(not_until.wait_time_from(clock.now())),
+                }
+            }
+            assert!(
+                sent[burst - 1] == sent[0],
+                "rps {rps}: the first {burst} calls go out at once: {:?}",
+                &sent[..burst]
+            );
+            for (i, start) in sent.iter().enumerate() {
+                let in_second = sent[i..]
+                    .iter()
+                    .take_while(|t| **t < *start + Duration::from_secs(1))
+                    .count();
+                assert!(
+                    in_second <= rps as usize,
+                    "rps {rps}: {in_second} calls in the second from {start:?}"
+                );
+            }
+            // The limit is not wasted: sustained, at least 95 % of it.
+            let sustained = sent
+                .iter()
+                .filter(|t| (Duration::from_secs(1)..Duration::from_secs(3)).contains(*t))
+                .count();
+            assert!(
+                sustained as f64 >= 0.95 * 2.0 * f64::from(rps),
+                "rps {rps}: {sustained} calls in 2 s"
+            );
+        }
+    }
 
     #[test]
     fn backoff_is_bounded_full_jitter() {

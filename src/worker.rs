@@ -302,6 +302,12 @@ pub async fn drive_run(
     let calls = Arc::new(tokio::sync::Semaphore::new(
         (ctx.limits().requests_per_second as usize / 4).clamp(4, 256),
     ));
+    // A poll may be up to 50 ms late (1 % of `poll_min_interval` if less),
+    // so that polls coming due close together start in one wake-up and go
+    // out in one burst of the request rate (50 ms of requests, see
+    // `limits::request_quota`): 10,000 collections are then ~20 wake-ups
+    // a second, not ~170.
+    let coalesce = (ctx.limits().poll_min_interval / 100).min(Duration::from_millis(50));
     for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id) {
         let rec = rec?;
         match rec.state {
@@ -353,7 +359,7 @@ pub async fn drive_run(
                     tasks.spawn(driver(index, Some(permit), 0, Some(call), true));
                 }
             }
-            _ = tokio::time::sleep_until(next_due), if may_poll => {
+            _ = tokio::time::sleep_until(next_due + coalesce), if may_poll => {
                 let now = tokio::time::Instant::now();
                 while waiting.peek().is_some_and(|w| w.due <= now) {
                     let Ok(poll) = calls.clone().try_acquire_owned() else {
