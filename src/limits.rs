@@ -242,15 +242,26 @@ struct GateState {
     total_429: u64,
 }
 
-/// The request rate: bursts of up to a twentieth of `rps` (50 ms of
-/// requests), refilled at `rps - burst + 1` a second, so that no second,
-/// wherever it starts, holds more than `rps` calls (the burst, then one
-/// call every `1 / rate` for the rest of the second). Polls that come due
-/// close together then go out in one wake-up of the worker instead of one
-/// each, 5 ms apart: a wake-up is most of what a poll costs.
+/// How much of the request rate may go out at once; the worker starts
+/// polls due within this long of each other together, so that they fit
+/// in one burst.
+pub const BURST_WINDOW: Duration = Duration::from_millis(50);
+
+/// Calls that may go out at once: `BURST_WINDOW` of requests, at least 1.
+fn request_burst(rps: u32) -> u32 {
+    let window_ms = BURST_WINDOW.as_millis() as u64;
+    (u64::from(rps) * window_ms / 1000).max(1) as u32
+}
+
+/// The request rate: bursts of [`request_burst`], refilled at
+/// `rps - burst + 1` a second, so that no second, wherever it starts,
+/// holds more than `rps` calls (the burst, then one call every `1 / rate`
+/// for the rest of the second). Polls that come due close together then
+/// go out in one wake-up of the worker instead of one each, 5 ms apart: a
+/// wake-up is most of what a poll costs.
 fn request_quota(rps: u32) -> Quota {
     let rps = rps.max(1);
-    let burst = (rps / 20).max(1);
+    let burst = request_burst(rps);
     let rate = NonZeroU32::new(rps - burst + 1).unwrap_or(NonZeroU32::MIN);
     // The period rounded up: `Quota::per_second(19)` rounds 1/19 s down, and
     // 19 periods then fit in less than a second, which lets a 20th call in.
@@ -423,7 +434,7 @@ mod tests {
         for rps in [1, 5, 19, 20, 100, 200, 2000] {
             let clock = FakeRelativeClock::default();
             let limiter = RateLimiter::direct_with_clock(request_quota(rps), &clock);
-            let burst = (rps / 20).max(1) as usize;
+            let burst = request_burst(rps) as usize;
             let mut sent = Vec::new();
             while sent.len() < 3 * rps as usize + burst {
                 match limiter.check() {

@@ -302,12 +302,11 @@ pub async fn drive_run(
     let calls = Arc::new(tokio::sync::Semaphore::new(
         (ctx.limits().requests_per_second as usize / 4).clamp(4, 256),
     ));
-    // A poll may be up to 50 ms late (1 % of `poll_min_interval` if less),
-    // so that polls coming due close together start in one wake-up and go
-    // out in one burst of the request rate (50 ms of requests, see
-    // `limits::request_quota`): 10,000 collections are then ~20 wake-ups
-    // a second, not ~170.
-    let coalesce = (ctx.limits().poll_min_interval / 100).min(Duration::from_millis(50));
+    // A poll may be up to `BURST_WINDOW` (50 ms) late, or 1 % of
+    // `poll_min_interval` if less, so that polls coming due close together
+    // start in one wake-up and go out in one burst of the request rate:
+    // 10,000 collections are then ~20 wake-ups a second, not ~170.
+    let coalesce = (ctx.limits().poll_min_interval / 100).min(crate::limits::BURST_WINDOW);
     for rec in ctx.store.unfinished_chunks(&run.job, &run.run_id) {
         let rec = rec?;
         match rec.state {
