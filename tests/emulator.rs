@@ -234,3 +234,43 @@ async fn cancel_answers_plain_ok() {
     let log: Value = serde_json::from_str(&get(&e, &format!("/dca/log/{id}")).await.text).unwrap();
     assert_eq!(log["Status"], "canceled");
 }
+
+#[tokio::test]
+async fn a_dataset_of_many_rows_per_input_streams_whole_and_in_order() {
+    // 3 inputs × 700 rows of ~1 KB: over 2 MB, several of the emulator's
+    // frames, one input's rows crossing frame boundaries; every 3rd input
+    // is one error row instead.
+    let e = emulator(
+        "[defaults]\nbuild_time = \"0s\"\nrows_per_input = 700\nrow_bytes = 1000\nerror_every = 3\n",
+    )
+    .await;
+    let t = call(
+        reqwest::Method::POST,
+        format!("{}/dca/trigger?collector=c_many00001", e.url()),
+        Some(&bearer()),
+        Some(json!([{"url": "https://a"}, {"url": "https://b"}, {"url": "https://c"}])),
+    )
+    .await;
+    let id = serde_json::from_str::<Value>(&t.text).unwrap()["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = get(&e, &format!("/dca/dataset?id={id}&format=json")).await;
+    assert_eq!(body.status, 200);
+    let rows: Vec<Value> = serde_json::from_str(&body.text).unwrap();
+    assert_eq!(rows.len(), 700 + 700 + 1);
+    let titles: Vec<&str> = rows[..1400]
+        .iter()
+        .map(|r| r["title"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..2)
+        .flat_map(|i| (0..700).map(move |r| format!("Result {i}.{r}")))
+        .collect();
+    assert_eq!(titles, want);
+    assert_eq!(rows[700]["input"]["url"], "https://b");
+    assert!(rows[..1400]
+        .iter()
+        .all(|r| (990..=1010).contains(&r.to_string().len())));
+    assert_eq!(rows[1400]["error_code"], "dead_page");
+    assert_eq!(rows[1400]["input"]["url"], "https://c");
+}

@@ -1,10 +1,10 @@
 //! Scraper Studio batch API (`/dca/…`) as brightdata.md §2 and §5 describe
 //! it: trigger, job log, dataset, job listing, cancel.
 
+use std::io::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Frame, Incoming};
@@ -382,38 +382,49 @@ impl Served {
 }
 
 /// Streams the dataset as a JSON array, rows made from the inputs as the
-/// body is sent, so hundreds of megabytes never sit in memory.
+/// body is sent, in frames of about 256 KB, so hundreds of megabytes never
+/// sit in memory (even when one input has a million rows).
 fn rows_body(
     inputs: Arc<Vec<Map<String, Value>>>,
     scenario: CollectorScenario,
     job_id: String,
     served: Served,
 ) -> Reply {
-    const BATCH: usize = 64;
+    const FRAME: usize = 256 * 1024;
     let total = if scenario.zero_rows { 0 } else { inputs.len() };
-    let batches = total.div_ceil(BATCH);
-    // Frame 0 is "[", frames 1..=batches the rows, the last "]": a cut or a
-    // stall always falls inside the array.
+    let mut rows = RowMaker {
+        inputs,
+        scenario,
+        job_id: Value::String(job_id).to_string(),
+        next: (0, 0),
+        current: None,
+    };
+    // Frame 0 is "[", then frames of rows, the last "]": a cut or a stall
+    // always falls inside the array.
+    let mut frame = 0usize;
     let mut first = true;
-    let stream = futures::stream::iter(0..batches + 2).map(move |frame| {
-        let mut out = Vec::new();
+    let mut ended = false;
+    let stream = futures::stream::poll_fn(move |_| {
+        if ended {
+            return std::task::Poll::Ready(None);
+        }
+        let mut out = Vec::with_capacity(FRAME + 4096);
         if frame == 0 {
             out.push(b'[');
-        } else if frame == batches + 1 {
-            out.extend_from_slice(b"]");
-            served.done();
-        } else {
-            let start = (frame - 1) * BATCH;
-            for i in start..(start + BATCH).min(total) {
-                for row in rows_for(&inputs[i], i, &scenario, &job_id) {
-                    if !std::mem::take(&mut first) {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(row.as_bytes());
+        } else if rows.more(total) {
+            while out.len() < FRAME && rows.more(total) {
+                if !std::mem::take(&mut first) {
+                    out.push(b',');
                 }
+                rows.write_next(&mut out);
             }
+        } else {
+            out.push(b']');
+            served.done();
+            ended = true;
         }
-        Ok::<_, std::io::Error>(Frame::data(Bytes::from(out)))
+        frame += 1;
+        std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Frame::data(Bytes::from(out)))))
     });
     let mut response = http::Response::new(http_body_util::combinators::BoxBody::new(
         http_body_util::StreamBody::new(stream),
@@ -425,45 +436,87 @@ fn rows_body(
     Reply::Response(response)
 }
 
-/// The JSON text of an input's rows, padded to `row_bytes`.
-fn rows_for(
-    input: &Map<String, Value>,
-    i: usize,
-    s: &CollectorScenario,
-    job_id: &str,
-) -> Vec<String> {
-    if s.error_every > 0 && (i as u64 + 1).is_multiple_of(u64::from(s.error_every)) {
-        return vec![json!({
-            "input": input,
-            "error": "Page returned 404 (dead page)",
-            "error_code": "dead_page",
-            "status_code": 404,
-        })
-        .to_string()];
+/// Makes a dataset's rows one at a time: `rows_per_input` rows per input
+/// (or one error row, every `error_every`th input), each padded to
+/// `row_bytes`.
+struct RowMaker {
+    inputs: Arc<Vec<Map<String, Value>>>,
+    scenario: CollectorScenario,
+    /// The collection id as JSON text.
+    job_id: String,
+    /// (input, row of that input) to make next.
+    next: (usize, u32),
+    /// The JSON text of the current input and of its `url`.
+    current: Option<(usize, String, String)>,
+}
+
+impl RowMaker {
+    fn is_error(&self, i: usize) -> bool {
+        let every = self.scenario.error_every;
+        every > 0 && (i as u64 + 1).is_multiple_of(u64::from(every))
     }
-    // The row is written as text around the parts that vary, so a
-    // benchmark's gigabyte streams at the network's pace, not the emulator's.
-    let input_json = Value::Object(input.clone()).to_string();
-    let url_json = input.get("url").cloned().unwrap_or(Value::Null).to_string();
-    let job_json = Value::String(job_id.to_string()).to_string();
-    (0..s.rows_per_input)
-        .map(|r| {
-            let mut text = format!(
-                "{{\"input\":{input_json},\"url\":{url_json},\"title\":\"Result {i}.{r}\",\"rank\":{},\
-                 \"about\":{{\"updated_on\":\"2026-11-01\",\"collection\":{job_json}}},\
-                 \"tags\":[\"emulated\",\"scraper_studio\"]}}",
-                r + 1
-            );
-            if s.row_bytes > text.len() + 12 {
-                let pad = s.row_bytes - text.len() - 12;
-                text.pop();
-                text.push_str(",\"body\":\"");
-                text.extend(std::iter::repeat_n('x', pad));
-                text.push_str("\"}");
-            }
-            text
-        })
-        .collect()
+
+    /// Whether a row is left among the first `total` inputs.
+    fn more(&mut self, total: usize) -> bool {
+        while self.next.0 < total
+            && self.scenario.rows_per_input == 0
+            && !self.is_error(self.next.0)
+        {
+            self.next = (self.next.0 + 1, 0);
+        }
+        self.next.0 < total
+    }
+
+    /// Appends the next row's JSON text to `out` and moves on.
+    fn write_next(&mut self, out: &mut Vec<u8>) {
+        let (i, r) = self.next;
+        let s = &self.scenario;
+        let input = &self.inputs[i];
+        if self.is_error(i) {
+            let row = json!({
+                "input": input,
+                "error": "Page returned 404 (dead page)",
+                "error_code": "dead_page",
+                "status_code": 404,
+            });
+            out.extend_from_slice(row.to_string().as_bytes());
+            self.next = (i + 1, 0);
+            return;
+        }
+        if self.current.as_ref().map(|c| c.0) != Some(i) {
+            let input_json = Value::Object(input.clone()).to_string();
+            let url_json = input.get("url").cloned().unwrap_or(Value::Null).to_string();
+            self.current = Some((i, input_json, url_json));
+        }
+        let Some((_, input_json, url_json)) = &self.current else {
+            return;
+        };
+        // The row is written as text around the parts that vary, so a
+        // benchmark's gigabyte streams at the network's pace, not the
+        // emulator's.
+        let start = out.len();
+        let _ = write!(
+            out,
+            "{{\"input\":{input_json},\"url\":{url_json},\"title\":\"Result {i}.{r}\",\"rank\":{},\
+             \"about\":{{\"updated_on\":\"2026-11-01\",\"collection\":{}}},\
+             \"tags\":[\"emulated\",\"scraper_studio\"]}}",
+            r + 1,
+            self.job_id,
+        );
+        let len = out.len() - start;
+        if s.row_bytes > len + 12 {
+            let pad = s.row_bytes - len - 12;
+            out.pop();
+            out.extend_from_slice(b",\"body\":\"");
+            out.resize(out.len() + pad, b'x');
+            out.extend_from_slice(b"\"}");
+        }
+        self.next = if r + 1 < s.rows_per_input {
+            (i, r + 1)
+        } else {
+            (i + 1, 0)
+        };
+    }
 }
 
 fn listing(state: &State, req: &Request<Incoming>) -> Reply {
