@@ -22,6 +22,7 @@ use crate::provider::{
     CallError, DownloadOutcome, Found, PollOutcome, Provider, TriggerCall, Triggered,
 };
 use crate::sink::manifest::{timestamp, Manifest, ManifestChunk};
+use crate::sink::outputs::Part;
 use crate::sink::part::PartWriter;
 use crate::store::{ChunkRecord, Download, RunRecord, RunState, Store, StoreError};
 
@@ -434,23 +435,10 @@ async fn finalize(
     let finished_at = now_ms();
     let mut attempt = 0;
     loop {
-        let (run_c, dir_c, chunks_c, parts) = (
-            run.clone(),
-            dir.to_path_buf(),
-            chunks.clone(),
-            downloaded.clone(),
-        );
+        let (run_c, dir_c, chunks_c) = (run.clone(), dir.to_path_buf(), chunks.clone());
         let store = ctx.store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            write_outputs(
-                &store,
-                &run_c,
-                &dir_c,
-                &chunks_c,
-                &parts,
-                state,
-                finished_at,
-            )
+            write_outputs(&store, &run_c, &dir_c, &chunks_c, state, finished_at)
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
@@ -587,17 +575,25 @@ fn write_outputs(
     run: &RunRecord,
     dir: &Path,
     chunks: &[ChunkRecord],
-    parts: &[u32],
     state: RunState,
     finished_at: UnixMs,
 ) -> std::io::Result<(u64, u64)> {
     crate::sink::create_dir_durable(dir)?;
+    let parts: Vec<Part<'_>> = chunks
+        .iter()
+        .filter(|c| matches!(c.state, ChunkState::Downloaded { .. }))
+        .map(|c| Part {
+            index: c.index,
+            columns: c.download.columns.as_deref(),
+        })
+        .collect();
     // A previous attempt's _SUCCESS must not outlive a rewrite.
     let success = dir.join("_SUCCESS");
     // Incremental output: this run's keys against earlier complete runs'.
     let dedup = match &run.spec.dedup_key {
         Some(key) => {
-            let hashes = crate::sink::dedup::run_hashes(dir, parts, key)?;
+            let indices: Vec<u32> = parts.iter().map(|p| p.index).collect();
+            let hashes = crate::sink::dedup::run_hashes(dir, &indices, key)?;
             let seen = store
                 .dedup_seen(&run.job, &run.run_id, &hashes)
                 .map_err(std::io::Error::other)?;
@@ -618,7 +614,7 @@ fn write_outputs(
         dir,
         &run.spec.formats,
         run.spec.escape_formulas,
-        parts,
+        &parts,
         new_rows.as_ref(),
     )?;
     let rows = outputs
@@ -1215,6 +1211,7 @@ impl ChunkDriver {
         match outcome {
             Ok(DownloadOutcome::Saved { next }) => {
                 let (rows, error_rows) = (part.rows, part.error_rows);
+                let columns = std::mem::take(&mut part.columns).into_names();
                 let committed = tokio::task::spawn_blocking(move || part.commit())
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
@@ -1227,6 +1224,7 @@ impl ChunkDriver {
                 self.attempt = 0;
                 self.rec.last_error = None;
                 let d = &mut self.rec.download;
+                d.add_page_columns(columns);
                 d.pages += 1;
                 d.rows += rows;
                 d.error_rows += error_rows;

@@ -66,13 +66,31 @@ pub fn flatten_raw(
     escape_formulas: bool,
     cell: &mut impl FnMut(&str, &str),
 ) -> serde_json::Result<bool> {
+    walk_raw(raw, Some(escape_formulas), cell)
+}
+
+/// The columns [`flatten_raw`] would give `raw`'s cells, in the same order,
+/// without making the cells' text (no numbers formatted, no arrays
+/// re-encoded): what the CSV header needs. Says whether it is an error row;
+/// invalid JSON is an error.
+pub fn columns_raw(raw: &[u8], column: &mut impl FnMut(&str)) -> serde_json::Result<bool> {
+    walk_raw(raw, None, &mut |name, _| column(name))
+}
+
+/// `escape`: `Some(escape_formulas)` to make the cells' text, `None` for
+/// the columns alone (every cell's text is then empty).
+fn walk_raw(
+    raw: &[u8],
+    escape: Option<bool>,
+    cell: &mut impl FnMut(&str, &str),
+) -> serde_json::Result<bool> {
     let mut de = serde_json::Deserializer::from_slice(raw);
     let mut path = String::new();
     let mut error = false;
     serde::de::DeserializeSeed::deserialize(
         Walk {
             path: &mut path,
-            escape: escape_formulas,
+            escape,
             cell,
             error: Some(&mut error),
         },
@@ -85,7 +103,8 @@ pub fn flatten_raw(
 /// Walks one value at `path`; `error` is set only for the top level.
 struct Walk<'a, F> {
     path: &'a mut String,
-    escape: bool,
+    /// See [`walk_raw`].
+    escape: Option<bool>,
     cell: &'a mut F,
     error: Option<&'a mut bool>,
 }
@@ -99,6 +118,15 @@ impl<F: FnMut(&str, &str)> Walk<'_, F> {
             self.path.as_str()
         };
         (self.cell)(column, text);
+    }
+
+    /// A number leaf; its text is made only when cells are wanted.
+    fn number(&mut self, text: impl FnOnce() -> String) {
+        if self.escape.is_some() {
+            self.leaf(&text());
+        } else {
+            self.leaf("");
+        }
     }
 }
 
@@ -124,22 +152,22 @@ impl<'de, F: FnMut(&str, &str)> serde::de::Visitor<'de> for Walk<'_, F> {
     }
 
     fn visit_i64<E>(mut self, v: i64) -> Result<bool, E> {
-        self.leaf(&v.to_string());
+        self.number(|| v.to_string());
         Ok(false)
     }
 
     fn visit_u64<E>(mut self, v: u64) -> Result<bool, E> {
-        self.leaf(&v.to_string());
+        self.number(|| v.to_string());
         Ok(false)
     }
 
     fn visit_f64<E>(mut self, v: f64) -> Result<bool, E> {
-        self.leaf(&Value::from(v).to_string());
+        self.number(|| Value::from(v).to_string());
         Ok(false)
     }
 
     fn visit_str<E>(mut self, v: &str) -> Result<bool, E> {
-        if self.escape && starts_like_formula(v) {
+        if self.escape == Some(true) && starts_like_formula(v) {
             self.leaf(&format!("'{v}"));
         } else {
             self.leaf(v);
@@ -153,6 +181,11 @@ impl<'de, F: FnMut(&str, &str)> serde::de::Visitor<'de> for Walk<'_, F> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<bool, A::Error> {
+        if self.escape.is_none() {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            self.leaf("");
+            return Ok(false);
+        }
         // Arrays are one cell of compact JSON, as in `flatten`.
         let mut items = Vec::new();
         while let Some(v) = seq.next_element::<Value>()? {
@@ -316,8 +349,15 @@ mod tests {
                     super::super::is_error_row(row.as_bytes()).unwrap(),
                     "{row}"
                 );
+                // The header's walk finds the same columns, in order.
+                let mut columns = Vec::new();
+                let shape_error =
+                    columns_raw(row.as_bytes(), &mut |c| columns.push(c.to_string())).unwrap();
+                let names: Vec<String> = got.into_iter().map(|(k, _)| k).collect();
+                assert_eq!((columns, shape_error), (names, error), "{row}");
             }
         }
+        assert!(columns_raw(br#"{"a":[1,"#, &mut |_| {}).is_err());
         assert!(flatten_raw(br#"{"a":"#, true, &mut |_, _| {}).is_err());
         assert!(flatten_raw(br#"{"a":1} x"#, true, &mut |_, _| {}).is_err());
     }

@@ -3,6 +3,7 @@
 //! sees half a file, and a crash leaves either the old file or the new one.
 //! All of this is blocking IO; async callers use `spawn_blocking`.
 
+pub mod columns;
 pub mod dedup;
 pub mod flatten;
 pub mod manifest;

@@ -1,8 +1,9 @@
 //! The run's final files from its part files: `data.csv|json|ndjson` and
-//! `errors.ndjson`, streamed row by row in chunk order. The CSV header is the
-//! union of all keys in first-seen order, so CSV takes a first pass over the
-//! parts that keeps only the column names. Each pass parses a row once,
-//! flattening it as it goes ([`flatten_raw`]).
+//! `errors.ndjson`, streamed row by row in chunk order, in one pass that
+//! parses each row once, flattening it as it goes ([`flatten_raw`]). The
+//! CSV header, the union of all keys in first-seen order, comes first: from
+//! the columns each part's download recorded ([`Columns`]), or, for a part
+//! saved without them, a first walk over that part.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
@@ -12,6 +13,7 @@ use indexmap::IndexSet;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::columns::{ColumnCache, Columns};
 use super::dedup::NewRows;
 use super::flatten::flatten_raw;
 use super::part::part_path;
@@ -55,47 +57,20 @@ pub(crate) fn for_each_row(
     Ok(())
 }
 
-/// Finds columns in the header, remembering the previous row's columns in
-/// order: a dataset's rows mostly share one shape, so most lookups become a
-/// string comparison instead of a hash.
-#[derive(Default)]
-struct ColumnCache {
-    last: Vec<(String, Option<usize>)>,
-    k: usize,
-}
-
-impl ColumnCache {
-    fn start_row(&mut self) {
-        self.k = 0;
-    }
-
-    /// The header's index of the row's next cell, `column`.
-    fn index(&mut self, header: &IndexSet<String>, column: &str) -> Option<usize> {
-        let k = self.k;
-        self.k += 1;
-        if let Some((name, i)) = self.last.get(k) {
-            if name == column {
-                return *i;
-            }
-        }
-        let i = header.get_index_of(column);
-        self.last.truncate(k);
-        self.last.push((column.to_string(), i));
-        i
-    }
-
-    /// The header grew: what was missing may be there now.
-    fn forget(&mut self) {
-        self.last.clear();
-    }
-}
-
 fn parse(raw: &[u8]) -> io::Result<Value> {
     serde_json::from_slice(raw).map_err(invalid)
 }
 
 fn invalid(e: serde_json::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// One chunk's part file, and the columns its download recorded (`None`
+/// for a part saved before they were).
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    pub index: u32,
+    pub columns: Option<&'a [String]>,
 }
 
 /// Writes the final files into `run_dir`; returns them for the manifest.
@@ -105,33 +80,23 @@ pub fn write(
     run_dir: &Path,
     formats: &[OutputFormat],
     escape_formulas: bool,
-    parts: &[u32],
+    parts: &[Part<'_>],
     new_rows: Option<&NewRows<'_>>,
 ) -> io::Result<Vec<OutputFile>> {
     let want = |f| formats.contains(&f);
     let mut header: IndexSet<String> = IndexSet::new();
     if want(OutputFormat::Csv) {
-        // The columns of error rows are collected too, then forgotten: one
-        // pass decides both, and error rows are few.
-        let mut columns: Vec<String> = Vec::new();
-        let mut cache = ColumnCache::default();
-        for_each_row(run_dir, parts, |raw| {
-            columns.clear();
-            cache.start_row();
-            // Cells' text is not needed here: no formula escaping.
-            let is_error = flatten_raw(raw, false, &mut |column, _| {
-                if cache.index(&header, column).is_none() {
-                    columns.push(column.to_string());
-                }
-            })
-            .map_err(invalid)?;
-            if !is_error && !columns.is_empty() {
-                header.extend(columns.drain(..));
-                cache.forget();
+        let mut columns = Columns::default();
+        for part in parts {
+            match part.columns {
+                Some(known) => columns.extend(known),
+                None => for_each_row(run_dir, &[part.index], |raw| columns.add_row(raw).map(drop))?,
             }
-            Ok(())
-        })?;
+        }
+        header = columns.into_names();
     }
+    let parts: Vec<u32> = parts.iter().map(|p| p.index).collect();
+    let parts = parts.as_slice();
 
     let mut json = want(OutputFormat::Json)
         .then(|| AtomicFile::create(&run_dir.join(OutputFormat::Json.file_name())))
@@ -270,20 +235,32 @@ mod tests {
     fn parts_become_final_files() {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path();
-        // Chunk 0 came in two pages, chunk 1 in one.
+        // Chunk 0 came in two pages, chunk 1 in one; each download records
+        // its pages' columns as the worker does.
+        let mut recorded = [
+            crate::store::Download::default(),
+            crate::store::Download::default(),
+        ];
+        let mut save = |mut page: PartWriter, chunk: usize| {
+            let d = &mut recorded[chunk];
+            d.add_page_columns(std::mem::take(&mut page.columns).into_names());
+            d.pages += 1;
+            page.commit().unwrap();
+        };
         let mut p0 = PartWriter::create(run, 0, 0).unwrap();
         p0.row(br#"{"url":"a","about":{"n":1}}"#).unwrap();
         assert_eq!((p0.rows, p0.error_rows), (1, 0));
-        p0.commit().unwrap();
+        save(p0, 0);
         let mut p0 = PartWriter::create(run, 0, 1).unwrap();
         p0.row(br#"{"input":{"url":"b"},"error":"dead","error_code":"dead_page"}"#)
             .unwrap();
-        assert_eq!((p0.rows, p0.error_rows), (0, 1));
-        p0.commit().unwrap();
+        p0.row(br#"{"url":"a2","extra":true}"#).unwrap();
+        assert_eq!((p0.rows, p0.error_rows), (1, 1));
+        save(p0, 0);
         let mut p1 = PartWriter::create(run, 1, 0).unwrap();
         p1.row(br#"{"url":"c","title":"=1+1","about":{"n":2}}"#)
             .unwrap();
-        p1.commit().unwrap();
+        save(p1, 1);
         for (chunk, pages) in [(0, 2), (1, 1)] {
             crate::sink::part::join_pages(run, chunk, pages).unwrap();
             // Joining again after a crash finds the work done.
@@ -292,22 +269,39 @@ mod tests {
         }
 
         let all = [OutputFormat::Csv, OutputFormat::Json, OutputFormat::Ndjson];
-        let files = write(run, &all, true, &[0, 1], None).unwrap();
+        let parts = |known: bool| -> Vec<Part<'_>> {
+            (0..2)
+                .map(|i| Part {
+                    index: i,
+                    columns: recorded[i as usize].columns.as_deref().filter(|_| known),
+                })
+                .collect()
+        };
+        // Parts saved before columns were recorded are walked for them:
+        // the same files either way.
+        let walked = write(run, &all, true, &parts(false), None).unwrap();
+        let walked_csv = std::fs::read_to_string(run.join("data.csv")).unwrap();
+        let files = write(run, &all, true, &parts(true), None).unwrap();
+        assert_eq!(files, walked);
         let names: Vec<_> = files.iter().map(|f| (f.file.as_str(), f.rows)).collect();
         assert_eq!(
             names,
             [
-                ("data.csv", 2),
-                ("data.json", 2),
-                ("data.ndjson", 2),
+                ("data.csv", 3),
+                ("data.json", 3),
+                ("data.ndjson", 3),
                 ("errors.ndjson", 1)
             ]
         );
         let csv = std::fs::read_to_string(run.join("data.csv")).unwrap();
-        assert_eq!(csv, "url,about.n,title\na,1,\nc,2,'=1+1\n");
+        assert_eq!(csv, walked_csv);
+        assert_eq!(
+            csv,
+            "url,about.n,extra,title\na,1,,\na2,,true,\nc,2,,'=1+1\n"
+        );
         let json: Vec<Value> =
             serde_json::from_slice(&std::fs::read(run.join("data.json")).unwrap()).unwrap();
-        assert_eq!(json[1]["title"], "=1+1", "JSON is never altered");
+        assert_eq!(json[2]["title"], "=1+1", "JSON is never altered");
         let errors = std::fs::read_to_string(run.join("errors.ndjson")).unwrap();
         assert!(errors.contains("dead_page") && errors.lines().count() == 1);
 

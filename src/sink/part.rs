@@ -5,7 +5,8 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::{is_error_row, AtomicFile, Written};
+use super::columns::Columns;
+use super::{AtomicFile, Written};
 use crate::provider::RowSink;
 
 pub fn parts_dir(run_dir: &Path) -> PathBuf {
@@ -56,11 +57,14 @@ pub fn join_pages(run_dir: &Path, index: u32, pages: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives one chunk's rows; counts data and error rows as they pass.
+/// Receives one chunk's rows; counts data and error rows as they pass and
+/// collects the data rows' CSV columns (one walk of each row decides both,
+/// and checks that it is JSON).
 pub struct PartWriter {
     file: AtomicFile,
     pub rows: u64,
     pub error_rows: u64,
+    pub columns: Columns,
 }
 
 impl PartWriter {
@@ -71,6 +75,7 @@ impl PartWriter {
             file: AtomicFile::create_part(&page_path(run_dir, index, page))?,
             rows: 0,
             error_rows: 0,
+            columns: Columns::default(),
         })
     }
 
@@ -83,7 +88,7 @@ impl PartWriter {
 impl RowSink for PartWriter {
     fn row(&mut self, raw: &[u8]) -> io::Result<()> {
         crate::failpoint::io_error("part-write")?;
-        if is_error_row(raw)? {
+        if self.columns.add_row(raw)? {
             self.error_rows += 1;
         } else {
             self.rows += 1;

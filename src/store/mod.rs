@@ -30,6 +30,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexSet;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::chunk::{ChunkState, UnixMs};
@@ -144,6 +145,26 @@ pub struct Download {
     pub error_rows: u64,
     /// Every page is saved; only joining them into the part file remains.
     pub fetched: bool,
+    /// The CSV columns of the saved pages' data rows, in first-seen order;
+    /// `None` when a page was saved without them (by an older version),
+    /// and the final files then walk the part for them.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+}
+
+impl Download {
+    /// Records a saved page's columns, before it is counted in `pages`.
+    pub fn add_page_columns(&mut self, page: IndexSet<String>) {
+        self.columns = match (self.pages, self.columns.take()) {
+            (0, _) => Some(page.into_iter().collect()),
+            (_, Some(known)) => {
+                let mut all: IndexSet<String> = known.into_iter().collect();
+                all.extend(page);
+                Some(all.into_iter().collect())
+            }
+            (_, None) => None,
+        };
+    }
 }
 
 impl ChunkRecord {
