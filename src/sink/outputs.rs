@@ -17,7 +17,7 @@ use super::columns::{ColumnCache, Columns};
 use super::dedup::NewRows;
 use super::flatten::flatten_raw;
 use super::part::part_path;
-use super::{is_error_row, AtomicFile};
+use super::{is_error_row, AtomicFile, DropBehind};
 use crate::spec::OutputFormat;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -42,10 +42,19 @@ pub(crate) fn for_each_row(
             File::open(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
         );
+        // Parts are read once per pass, front to back: what is read goes
+        // from the page cache as it would when written.
+        let mut behind = DropBehind::default();
+        let mut at = 0u64;
         loop {
             line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
                 break;
+            }
+            at += n as u64;
+            if behind.due(at) {
+                behind.advance(reader.get_ref(), at);
             }
             let raw = line.strip_suffix(b"\n").unwrap_or(&line);
             if raw.is_empty() {
