@@ -33,12 +33,7 @@ impl Columns {
                 new.push(column.to_string());
             }
         })
-        .map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("row is not valid JSON: {e}"),
-            )
-        })?;
+        .map_err(super::invalid)?;
         if !is_error && !new.is_empty() {
             names.extend(new.drain(..));
             cache.forget();

@@ -104,7 +104,7 @@ pub fn is_error_row(raw: &[u8]) -> io::Result<bool> {
     Ok(probe.error.is_some() || probe.error_code.is_some())
 }
 
-fn invalid(e: serde_json::Error) -> io::Error {
+pub(crate) fn invalid(e: serde_json::Error) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("row is not valid JSON: {e}"),
