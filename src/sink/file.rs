@@ -120,14 +120,19 @@ impl AtomicFile {
     /// file's first block), and takes an empty one.
     fn block_full(&mut self) -> io::Result<()> {
         if let Output::Here(_) = self.out {
-            let Output::Here(blocks) = std::mem::replace(&mut self.out, Output::Gone) else {
-                unreachable!("matched above")
-            };
-            self.out = blocks.into_thread()?;
+            if let Output::Here(blocks) = std::mem::replace(&mut self.out, Output::Gone) {
+                self.out = blocks.into_thread();
+            }
         }
-        let full = std::mem::replace(&mut self.buf, AlignedBuf::new_empty());
-        match &self.out {
+        match &mut self.out {
+            // No thread could be started: this one writes.
+            Output::Here(blocks) => {
+                blocks.write(self.buf.data(), false)?;
+                self.buf.clear();
+                Ok(())
+            }
             Output::Thread { blocks, spare, .. } => {
+                let full = std::mem::replace(&mut self.buf, AlignedBuf::new_empty());
                 if blocks.send(full).is_err() {
                     // The writer stopped at an error: that error is the answer.
                     return Err(self
@@ -140,9 +145,7 @@ impl AtomicFile {
                 self.buf = spare.try_recv().unwrap_or_else(|_| AlignedBuf::new());
                 Ok(())
             }
-            Output::Here(_) | Output::Gone => {
-                Err(io::Error::other("the file's writer thread stopped"))
-            }
+            Output::Gone => Err(io::Error::other("the file's writer thread stopped")),
         }
     }
 
@@ -238,11 +241,13 @@ enum Direct {
 }
 
 impl Blocks {
-    /// A writer thread that takes blocks until the sender closes; falls
-    /// back to writing here when no thread can be started.
-    fn into_thread(self) -> io::Result<Output> {
+    /// A writer thread that takes blocks until the sender closes; or, when
+    /// no thread can be started, these blocks back to be written here.
+    fn into_thread(self) -> Output {
         let (blocks_tx, blocks_rx) = mpsc::sync_channel::<AlignedBuf>(1);
         let (spare_tx, spare_rx) = mpsc::channel();
+        // The Blocks go to the thread once it runs, not with the closure:
+        // a failed spawn would drop the closure, and the file with it.
         let (give, take) = mpsc::sync_channel(1);
         let started = std::thread::Builder::new()
             .name("harvestd-write".into())
@@ -259,18 +264,17 @@ impl Blocks {
                 }
                 Ok(blocks)
             });
-        match started {
-            Ok(writer) => {
-                give.send(self)
-                    .map_err(|_| io::Error::other("the file's writer thread stopped"))?;
-                Ok(Output::Thread {
-                    blocks: blocks_tx,
-                    spare: spare_rx,
-                    writer,
-                })
-            }
-            // No thread: this one writes.
-            Err(_) => Ok(Output::Here(self)),
+        let Ok(writer) = started else {
+            return Output::Here(self);
+        };
+        match give.send(self) {
+            Ok(()) => Output::Thread {
+                blocks: blocks_tx,
+                spare: spare_rx,
+                writer,
+            },
+            // The thread ended before taking them: they come back.
+            Err(mpsc::SendError(blocks)) => Output::Here(blocks),
         }
     }
 
