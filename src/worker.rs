@@ -59,9 +59,9 @@ enum ChunkEnd {
 }
 
 /// A collection between two status polls. Thousands of collections spend
-/// nearly all their time here, so a waiting chunk is 32 bytes in a queue
-/// (its record stays in the store) instead of a task with a timer (~1.5 KB,
-/// and a wake-up per chunk at shutdown): issue #7,
+/// nearly all their time here, so a waiting chunk is 56 bytes in a queue
+/// and its remote id (its record stays in the store) instead of a task with
+/// a timer (~1.5 KB, and a wake-up per chunk at shutdown): issue #7,
 /// `cargo bench --bench many_collections`.
 struct Waiting {
     due: tokio::time::Instant,
@@ -69,6 +69,48 @@ struct Waiting {
     permit: Option<InFlightPermit>,
     /// Consecutive failed attempts, carried over for backoff.
     attempt: u32,
+    /// What a status poll needs: the poll that finds the collection still
+    /// building (nearly all of them) then reads and decodes nothing from
+    /// the store, which was a tenth of the daemon's CPU per poll. ~40
+    /// bytes more per collection.
+    polled: Polled,
+}
+
+/// The collection a waiting chunk polls.
+#[derive(Clone)]
+struct Polled {
+    remote_id: Box<str>,
+    triggered_at: UnixMs,
+}
+
+/// What the run gives a chunk's task when it starts one.
+struct Start {
+    index: u32,
+    /// Its place under `max_in_flight`, if it holds one.
+    permit: Option<InFlightPermit>,
+    attempt: u32,
+    /// A call slot for its first trigger or poll.
+    call: Option<CallSlot>,
+    /// Its trigger slot has come: trigger at once.
+    slot: bool,
+    /// Taken from the waiting queue: its poll is due.
+    polled: Option<Polled>,
+}
+
+/// One status poll, holding `call` while it is under way; notes a
+/// successful one for `/healthz`.
+async fn status_poll(
+    ctx: &Context,
+    key: &str,
+    remote_id: &str,
+    call: Option<CallSlot>,
+) -> Result<PollOutcome, CallError> {
+    let outcome = ctx.provider.poll(key, remote_id).await;
+    drop(call);
+    if outcome.is_ok() {
+        ctx.counters.last_poll_ok.store(now_ms(), Ordering::Relaxed);
+    }
+    outcome
 }
 
 impl Waiting {
@@ -245,14 +287,12 @@ pub async fn drive_run(
     let run = Arc::new(run);
     let mut tasks = JoinSet::new();
     // A task reads its chunk's record when it starts: chunks waiting for a
-    // place, a trigger slot or a poll are kept as an index only, so that
-    // thousands of them hold no strings scattered over the heap (which
-    // kept ~5 KB of pages resident per collection).
-    let driver = |index: u32,
-                  permit: Option<InFlightPermit>,
-                  attempt: u32,
-                  call: Option<CallSlot>,
-                  slot: bool| {
+    // place, a trigger slot or a poll are kept as an index only (and a
+    // waiting one with its remote id), so that thousands of them hold no
+    // records scattered over the heap (which kept ~5 KB of pages resident
+    // per collection).
+    let driver = |start: Start| {
+        let index = start.index;
         let span = tracing::info_span!("chunk", job = %run.job, run = %run.run_id, chunk = index);
         let (ctx, stop, key, run, dir) = (
             ctx.clone(),
@@ -262,12 +302,42 @@ pub async fn drive_run(
             dir.clone(),
         );
         async move {
+            let Start {
+                permit,
+                attempt,
+                mut call,
+                slot,
+                polled,
+                ..
+            } = start;
+            let mut answer = None;
+            if let (Some(p), Some(_)) = (&polled, &call) {
+                if !stop.is_cancelled() && ctx.gate.blocked().is_none() {
+                    let outcome = status_poll(&ctx, &run.spec.key, &p.remote_id, call.take()).await;
+                    if let Ok(PollOutcome::Building) = outcome {
+                        let due = poll_wait(&ctx.limits(), &key, p.triggered_at);
+                        return Ok(ChunkEnd::Waiting(Waiting {
+                            due: tokio::time::Instant::now() + due,
+                            index,
+                            permit,
+                            attempt: 0,
+                            polled: p.clone(),
+                        }));
+                    }
+                    answer = Some(outcome);
+                }
+            }
             let rec = ctx
                 .store
                 .chunk(&run.job, &run.run_id, index)?
                 .ok_or_else(|| {
                     WorkerError::MissingChunk(format!("{}/{}/{index}", run.job, run.run_id))
                 })?;
+            // The answer is this record's only while it still waits for it.
+            let answer = answer.filter(|_| {
+                matches!((&rec.state, &polled), (ChunkState::Triggered { remote_id, .. }, Some(p))
+                    if *remote_id == *p.remote_id)
+            });
             ChunkDriver {
                 ctx,
                 stop,
@@ -279,6 +349,7 @@ pub async fn drive_run(
                 rechecked: false,
                 call_slot: call,
                 slot,
+                answer,
             }
             .drive(permit)
             .await
@@ -312,20 +383,28 @@ pub async fn drive_run(
         let rec = rec?;
         match rec.state {
             ChunkState::Planned => planned.push_back(rec.index),
-            ChunkState::Triggered { triggered_at, .. } => waiting.push(Waiting {
+            ChunkState::Triggered {
+                triggered_at,
+                remote_id,
+            } => waiting.push(Waiting {
                 due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), &key, triggered_at),
                 index: rec.index,
                 permit: Some(key.in_flight.enter()),
                 attempt: 0,
+                polled: Polled {
+                    remote_id: remote_id.into(),
+                    triggered_at,
+                },
             }),
             _ => {
-                tasks.spawn(driver(
-                    rec.index,
-                    Some(key.in_flight.enter()),
-                    0,
-                    None,
-                    false,
-                ));
+                tasks.spawn(driver(Start {
+                    index: rec.index,
+                    permit: Some(key.in_flight.enter()),
+                    attempt: 0,
+                    call: None,
+                    slot: false,
+                    polled: None,
+                }));
             }
         }
     }
@@ -356,7 +435,14 @@ pub async fn drive_run(
             }
             _ = tokio::time::sleep_until(slot.unwrap_or_else(tokio::time::Instant::now)), if going && slot.is_some() => {
                 if let Some((index, permit, _, call)) = starting.take() {
-                    tasks.spawn(driver(index, Some(permit), 0, Some(call), true));
+                    tasks.spawn(driver(Start {
+                        index,
+                        permit: Some(permit),
+                        attempt: 0,
+                        call: Some(call),
+                        slot: true,
+                        polled: None,
+                    }));
                 }
             }
             _ = tokio::time::sleep_until(next_due + coalesce), if may_poll => {
@@ -366,7 +452,14 @@ pub async fn drive_run(
                         break;
                     };
                     if let Some(w) = waiting.pop() {
-                        tasks.spawn(driver(w.index, w.permit, w.attempt, Some(poll), false));
+                        tasks.spawn(driver(Start {
+                            index: w.index,
+                            permit: w.permit,
+                            attempt: w.attempt,
+                            call: Some(poll),
+                            slot: false,
+                            polled: Some(w.polled),
+                        }));
                     }
                 }
             }
@@ -738,6 +831,9 @@ struct ChunkDriver {
     call_slot: Option<CallSlot>,
     /// Started by the run once its trigger slot came: trigger at once.
     slot: bool,
+    /// The answer to a status poll already made for this record (one that
+    /// changes something: see [`Waiting::polled`]).
+    answer: Option<Result<PollOutcome, CallError>>,
 }
 
 /// What to do after a call failed.
@@ -770,16 +866,32 @@ impl ChunkDriver {
                     remote_id,
                     triggered_at,
                 } => {
-                    let Some(call) = self.call_slot.take() else {
-                        let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
-                        return Ok(ChunkEnd::Waiting(Waiting {
-                            due: tokio::time::Instant::now() + wait,
-                            index: self.rec.index,
-                            permit,
-                            attempt: self.attempt,
-                        }));
+                    let answer = match (self.answer.take(), self.call_slot.take()) {
+                        (Some(answer), _) => answer,
+                        (None, Some(call)) => {
+                            Box::pin(status_poll(
+                                &self.ctx,
+                                &self.run.spec.key,
+                                &remote_id,
+                                Some(call),
+                            ))
+                            .await
+                        }
+                        (None, None) => {
+                            let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
+                            return Ok(ChunkEnd::Waiting(Waiting {
+                                due: tokio::time::Instant::now() + wait,
+                                index: self.rec.index,
+                                permit,
+                                attempt: self.attempt,
+                                polled: Polled {
+                                    remote_id: remote_id.into(),
+                                    triggered_at,
+                                },
+                            }));
+                        }
                     };
-                    Box::pin(self.poll(&remote_id, triggered_at, call)).await?
+                    Box::pin(self.polled(&remote_id, triggered_at, answer)).await?
                 }
                 ChunkState::Ready {
                     remote_id,
@@ -1055,23 +1167,15 @@ impl ChunkDriver {
         }
     }
 
-    /// One status poll (the wait before it is [`poll_wait`], in the run's
-    /// queue). `call`: the run's call slot, given back once answered.
-    async fn poll(
+    /// Acts on a status poll's answer (the wait before the poll is
+    /// [`poll_wait`], in the run's queue).
+    async fn polled(
         &mut self,
         remote_id: &str,
         triggered_at: UnixMs,
-        call: CallSlot,
+        outcome: Result<PollOutcome, CallError>,
     ) -> Result<Next, WorkerError> {
         let l = &self.ctx.limits();
-        let outcome = self.ctx.provider.poll(&self.run.spec.key, remote_id).await;
-        drop(call);
-        if outcome.is_ok() {
-            self.ctx
-                .counters
-                .last_poll_ok
-                .store(now_ms(), Ordering::Relaxed);
-        }
         match outcome {
             Ok(PollOutcome::Building) => self.attempt = 0,
             Ok(PollOutcome::Ready { expires_at, start }) => {
