@@ -328,6 +328,19 @@ impl Config {
                 "limits.poll_min_interval is longer than limits.poll_max_interval".into(),
             ));
         }
+        for (name, url) in [
+            ("providers.brightdata.base_url", self.brightdata_url()),
+            ("providers.firecrawl.base_url", self.firecrawl_url()),
+        ] {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name}: '{url}' is not an http(s) URL such as https://api.example.com"
+                    )))
+                }
+            }
+        }
         if self.admin_listen != "off" {
             let addr: std::net::SocketAddr = self.admin_listen.parse().map_err(|_| {
                 ConfigError::Invalid(format!(
@@ -475,6 +488,26 @@ mod tests {
         };
         assert!(c.validate().is_err());
         c.admin_listen = "off".into();
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_provider_base_url_must_be_an_http_url() {
+        assert!(Config::default().validate().is_ok(), "the real APIs' URLs");
+        let env = MapEnv(HashMap::from([(
+            "HARVESTD_FIRECRAWL_URL",
+            "127.0.0.1:8991",
+        )]));
+        let err = Config::load(None, &env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("providers.firecrawl.base_url") && err.contains("127.0.0.1:8991"),
+            "{err}"
+        );
+        let mut c = Config::default();
+        c.providers.brightdata.base_url = Some("http://127.0.0.1:8991/prefix".into());
         assert!(c.validate().is_ok());
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use reqwest::header::HeaderValue;
 use reqwest::{Method, Response};
 
 use super::CallError;
@@ -20,18 +21,24 @@ use crate::limits::ProviderGate;
 /// Calls by (endpoint, status class), for metrics.
 #[derive(Default)]
 pub struct CallStats {
-    counts: Mutex<BTreeMap<(&'static str, String), u64>>,
+    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
+/// The status classes counted, by the status code's first digit (1 to 5;
+/// anything else is "other").
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 impl CallStats {
-    fn count(&self, endpoint: &'static str, class: &str) {
+    fn count(&self, endpoint: &'static str, class: &'static str) {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        *c.entry((endpoint, class.to_string())).or_default() += 1;
+        *c.entry((endpoint, class)).or_default() += 1;
     }
 
     pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
         let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.iter().map(|((e, s), n)| (*e, s.clone(), *n)).collect()
+        c.iter()
+            .map(|((e, s), n)| (*e, s.to_string(), *n))
+            .collect()
     }
 }
 
@@ -39,10 +46,14 @@ pub struct Http {
     /// The provider's name, for messages.
     name: &'static str,
     client: reqwest::Client,
-    base: String,
-    /// The token and its generation, bumped at every change: an auth
-    /// refusal of an older token says nothing about the current one.
-    token: RwLock<(u64, Option<Token>)>,
+    /// The provider's base URL, parsed once: parsing the whole URL (host
+    /// name rules included) for every call was 4 % of the daemon's CPU
+    /// polling 10,000 collections. Each call only sets the path.
+    base: reqwest::Url,
+    /// The token's generation, bumped at every change (an auth refusal of
+    /// an older token says nothing about the current one), and its
+    /// `Authorization` header, made once.
+    token: RwLock<(u64, Option<HeaderValue>)>,
     pub gate: Arc<ProviderGate>,
     pub timeout: Duration,
     pub stats: CallStats,
@@ -76,8 +87,8 @@ impl Http {
         Http {
             name,
             client,
-            base: base.trim_end_matches('/').to_string(),
-            token: RwLock::new((0, token)),
+            base: parse_base(base),
+            token: RwLock::new((0, token.as_ref().and_then(authorization))),
             gate,
             timeout,
             stats: CallStats::default(),
@@ -108,7 +119,15 @@ impl Http {
 
     pub fn set_token(&self, token: Option<Token>) {
         let mut t = self.token.write().unwrap_or_else(|e| e.into_inner());
-        *t = (t.0 + 1, token);
+        *t = (t.0 + 1, token.as_ref().and_then(authorization));
+    }
+
+    /// The base URL with `path` after its own path.
+    fn url(&self, path: &str) -> reqwest::Url {
+        let mut url = self.base.clone();
+        let joined = format!("{}{path}", self.base.path().trim_end_matches('/'));
+        url.set_path(&joined);
+        url
     }
 
     /// Blocks the provider, saying so once.
@@ -149,7 +168,7 @@ impl Http {
             .read()
             .map(|t| (t.0, t.1.clone()))
             .unwrap_or((0, None));
-        let Some(token) = token else {
+        let Some(authorization) = token else {
             let message = "no API token configured".to_string();
             self.block(format!("{}: {message}", self.name));
             return Err(CallError::Blocked { status: 0, message });
@@ -157,8 +176,8 @@ impl Http {
         self.gate.admit().await;
         let mut request = self
             .client
-            .request(method, format!("{}{}", self.base, path))
-            .bearer_auth(token.expose())
+            .request(method, self.url(path))
+            .header(reqwest::header::AUTHORIZATION, authorization)
             .query(query);
         for (name, value) in headers {
             request = request.header(*name, value);
@@ -191,8 +210,9 @@ impl Http {
         }
         self.note_clock(&response);
         let status = response.status();
+        let class = CLASSES.get(usize::from(status.as_u16() / 100).wrapping_sub(1));
         self.stats
-            .count(endpoint, &format!("{}xx", status.as_u16() / 100));
+            .count(endpoint, class.copied().unwrap_or("other"));
         match status.as_u16() {
             429 => {
                 let header_wait = response
@@ -281,6 +301,23 @@ impl Http {
     }
 }
 
+/// A provider's base URL, which `Config::validate` has checked; one that
+/// still does not parse is logged and every call then fails to connect.
+fn parse_base(base: &str) -> reqwest::Url {
+    reqwest::Url::parse(base).unwrap_or_else(|e| {
+        tracing::error!(base, error = %e, "provider base URL does not parse");
+        reqwest::Url::parse("http://invalid.invalid/").expect("a valid URL")
+    })
+}
+
+/// The `Authorization` header for a token, marked sensitive so that it is
+/// never logged. `None` for a token no header can carry.
+fn authorization(token: &Token) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose())).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// Reads a small body as text, keeping at most 64 KiB (error bodies and
 /// status answers); a cut or stalled body is transient.
 pub async fn read_small(response: Response) -> Result<String, CallError> {
@@ -359,6 +396,41 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A base URL with a path of its own (a proxy's prefix) keeps it, and
+    /// the token goes in a header marked sensitive.
+    #[test]
+    fn calls_go_under_the_base_url_with_the_token() {
+        let gate = ProviderGate::new(&crate::config::LimitsConfig::default());
+        for base in ["http://127.0.0.1:9/api", "http://127.0.0.1:9/api/"] {
+            let http = Http::new(
+                "test",
+                base,
+                Some(Token::new("t0k")),
+                gate.clone(),
+                Duration::from_secs(1),
+            );
+            assert_eq!(
+                http.url("/dca/log/j_1").as_str(),
+                "http://127.0.0.1:9/api/dca/log/j_1"
+            );
+            let token = http.token.read().unwrap();
+            let header = token.1.as_ref().unwrap();
+            assert_eq!(header.to_str().unwrap(), "Bearer t0k");
+            assert!(header.is_sensitive());
+        }
+        let http = Http::new(
+            "test",
+            "https://api.example.com",
+            None,
+            gate,
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            http.url("/datasets/v3/progress/s_1").as_str(),
+            "https://api.example.com/datasets/v3/progress/s_1"
+        );
+    }
 
     #[test]
     fn retry_after_forms() {
