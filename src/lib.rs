@@ -29,7 +29,7 @@
 //! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs and dedup keys in files beside it |
 //! | [`intake`] | which files are jobs, content identity, planning a run into the store |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
-//! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
+//! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, manifest |
@@ -65,9 +65,11 @@
 //! - Blocking file work runs on the blocking pool; no lock is held across
 //!   an `.await`.
 //! - What costs memory per chunk is kept as data, not tasks: a run holds
-//!   chunks that wait for a place, a trigger slot or a poll as indexes
-//!   (the record stays in the store), and a task reads its record when it
-//!   starts a step. Resume reads only the open index's chunks.
+//!   chunks that wait for a place or a trigger slot as indexes and those
+//!   waiting for a poll as index and remote id (the record stays in the
+//!   store); a task reads its record when it starts a step, and a poll
+//!   only when the answer changes something. Resume reads only the open
+//!   index's chunks.
 
 pub mod admin;
 pub mod chunk;
