@@ -32,17 +32,6 @@ struct Sample {
     yardstick: f64,
 }
 
-/// VmHWM of a process, MB: its peak resident memory so far.
-fn peak_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
     // Builds never finish within the run: only planning and triggering count.
     let (emulator, dir, jobs) = support::setup(rt, "[collectors.c_huge]\nbuild_time = \"30m\"\n");
@@ -69,32 +58,16 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
         "provider = \"scraper_studio\"\ncollector = \"c_huge\"\ninputs_file = \"huge.txt\"\nchunk_size = 1000\n",
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("harvestd.toml"),
-        format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
+    support::write_config(dir.path(), "");
     let started = Instant::now();
     let mut child = support::daemon(dir.path(), &emulator.url(), "warn", &[])
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        // Drained so the daemon never blocks on a full pipe; warnings are shown.
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            eprintln!("{line}");
-        }
-    });
+    support::drain_stderr(&mut child);
     rt.block_on(emulator.wait_for_ledger(1, Duration::from_secs(120)))
         .expect("a first trigger");
     let first_trigger = started.elapsed().as_secs_f64();
-    let peak_mb = peak_mb(child.id());
+    let peak_mb = support::peak_mb(&child.id().to_string());
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

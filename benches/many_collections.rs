@@ -22,7 +22,6 @@
 //! `cargo bench --bench many_collections [-- RUNS]` (default 3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::BufRead;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -92,16 +91,7 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        // Drained so the daemon never blocks on a full pipe; warnings are shown.
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            eprintln!("{line}");
-        }
-    });
+    support::drain_stderr(&mut child);
     rt.block_on(emulator.wait_for_ledger(COLLECTIONS, Duration::from_secs(600)))
         .expect("every collection triggered");
     let all_triggered = Instant::now();
@@ -121,13 +111,7 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
         "the window ended before the builds did"
     );
     let steady_mb = rss_mb(&pid.to_string());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let peak_mb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
+    let peak_mb = support::peak_mb(&pid.to_string());
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();

@@ -100,13 +100,50 @@ pub fn run_once_timed(dir: &Path, emulator: &Emulator) -> Timed {
 
 /// VmRSS of a process, MB.
 pub fn rss_mb(pid: &str) -> f64 {
+    status_mb(pid, "VmRSS:")
+}
+
+/// VmHWM of a process, MB: its peak resident memory so far.
+pub fn peak_mb(pid: &str) -> f64 {
+    status_mb(pid, "VmHWM:")
+}
+
+/// A memory figure from `/proc/PID/status` (given in kB), MB.
+fn status_mb(pid: &str, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+/// `DIR/harvestd.toml` with the jobs, state and output directories under
+/// `dir`, no admin server, then `extra`.
+pub fn write_config(dir: &Path, extra: &str) {
+    std::fs::write(
+        dir.join("harvestd.toml"),
+        format!(
+            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n{extra}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// Shows a daemon's stderr as it comes, so that it never blocks on a full
+/// pipe and its warnings are seen.
+pub fn drain_stderr(child: &mut std::process::Child) {
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{line}");
+        }
+    });
 }
 
 /// The daemon's resident memory with nothing to track, for the baseline.
@@ -119,14 +156,7 @@ pub fn idle_rss(rt: &tokio::runtime::Runtime) -> f64 {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
-    std::fs::write(
-        dir.path().join("harvestd.toml"),
-        format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
+    write_config(dir.path(), "");
     let mut child = daemon(dir.path(), &emulator.url(), "info", &[])
         .spawn()
         .unwrap();
