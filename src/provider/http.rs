@@ -48,12 +48,14 @@ pub struct Http {
     client: reqwest::Client,
     /// The provider's base URL, parsed once: parsing the whole URL (host
     /// name rules included) for every call was 4 % of the daemon's CPU
-    /// polling 10,000 collections. Each call only sets the path.
-    base: reqwest::Url,
+    /// polling 10,000 collections. Each call only sets the path. `Err`
+    /// (why not) only for a URL that `Config::validate` has not seen.
+    base: Result<reqwest::Url, String>,
     /// The token's generation, bumped at every change (an auth refusal of
     /// an older token says nothing about the current one), and its
-    /// `Authorization` header, made once.
-    token: RwLock<(u64, Option<HeaderValue>)>,
+    /// `Authorization` header, made once (`Err`: why the token cannot be
+    /// sent).
+    token: RwLock<(u64, Option<Result<HeaderValue, String>>)>,
     pub gate: Arc<ProviderGate>,
     pub timeout: Duration,
     pub stats: CallStats,
@@ -87,8 +89,9 @@ impl Http {
         Http {
             name,
             client,
-            base: parse_base(base),
-            token: RwLock::new((0, token.as_ref().and_then(authorization))),
+            base: reqwest::Url::parse(base)
+                .map_err(|e| format!("the base URL '{base}' does not parse: {e}")),
+            token: RwLock::new((0, token.as_ref().map(authorization))),
             gate,
             timeout,
             stats: CallStats::default(),
@@ -119,15 +122,15 @@ impl Http {
 
     pub fn set_token(&self, token: Option<Token>) {
         let mut t = self.token.write().unwrap_or_else(|e| e.into_inner());
-        *t = (t.0 + 1, token.as_ref().and_then(authorization));
+        *t = (t.0 + 1, token.as_ref().map(authorization));
     }
 
     /// The base URL with `path` after its own path.
-    fn url(&self, path: &str) -> reqwest::Url {
-        let mut url = self.base.clone();
-        let joined = format!("{}{path}", self.base.path().trim_end_matches('/'));
+    fn url(&self, path: &str) -> Result<reqwest::Url, String> {
+        let mut url = self.base.clone()?;
+        let joined = format!("{}{path}", url.path().trim_end_matches('/'));
         url.set_path(&joined);
-        url
+        Ok(url)
     }
 
     /// Blocks the provider, saying so once.
@@ -168,15 +171,21 @@ impl Http {
             .read()
             .map(|t| (t.0, t.1.clone()))
             .unwrap_or((0, None));
-        let Some(authorization) = token else {
-            let message = "no API token configured".to_string();
-            self.block(format!("{}: {message}", self.name));
-            return Err(CallError::Blocked { status: 0, message });
+        let ready = match token {
+            None => Err("no API token configured".to_string()),
+            Some(authorization) => authorization.and_then(|a| Ok((a, self.url(path)?))),
+        };
+        let (authorization, url) = match ready {
+            Ok(ready) => ready,
+            Err(message) => {
+                self.block(format!("{}: {message}", self.name));
+                return Err(CallError::Blocked { status: 0, message });
+            }
         };
         self.gate.admit().await;
         let mut request = self
             .client
-            .request(method, self.url(path))
+            .request(method, url)
             .header(reqwest::header::AUTHORIZATION, authorization)
             .query(query);
         for (name, value) in headers {
@@ -301,21 +310,13 @@ impl Http {
     }
 }
 
-/// A provider's base URL, which `Config::validate` has checked; one that
-/// still does not parse is logged and every call then fails to connect.
-fn parse_base(base: &str) -> reqwest::Url {
-    reqwest::Url::parse(base).unwrap_or_else(|e| {
-        tracing::error!(base, error = %e, "provider base URL does not parse");
-        reqwest::Url::parse("http://invalid.invalid/").expect("a valid URL")
-    })
-}
-
 /// The `Authorization` header for a token, marked sensitive so that it is
-/// never logged. `None` for a token no header can carry.
-fn authorization(token: &Token) -> Option<HeaderValue> {
-    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose())).ok()?;
+/// never logged; `Err` says why a token cannot be sent (never the token).
+fn authorization(token: &Token) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| "the API token has characters an HTTP header cannot carry".to_string())?;
     value.set_sensitive(true);
-    Some(value)
+    Ok(value)
 }
 
 /// Reads a small body as text, keeping at most 64 KiB (error bodies and
@@ -411,11 +412,11 @@ mod tests {
                 Duration::from_secs(1),
             );
             assert_eq!(
-                http.url("/dca/log/j_1").as_str(),
+                http.url("/dca/log/j_1").unwrap().as_str(),
                 "http://127.0.0.1:9/api/dca/log/j_1"
             );
             let token = http.token.read().unwrap();
-            let header = token.1.as_ref().unwrap();
+            let header = token.1.as_ref().unwrap().as_ref().unwrap();
             assert_eq!(header.to_str().unwrap(), "Bearer t0k");
             assert!(header.is_sensitive());
         }
@@ -427,9 +428,43 @@ mod tests {
             Duration::from_secs(1),
         );
         assert_eq!(
-            http.url("/datasets/v3/progress/s_1").as_str(),
+            http.url("/datasets/v3/progress/s_1").unwrap().as_str(),
             "https://api.example.com/datasets/v3/progress/s_1"
         );
+    }
+
+    /// A token no header can carry, or a base URL that does not parse,
+    /// blocks the provider with the reason (and without the token).
+    #[tokio::test]
+    async fn an_unsendable_token_or_base_url_blocks_with_the_reason() {
+        let limits = crate::config::LimitsConfig::default();
+        let bad_token = Http::new(
+            "test",
+            "http://127.0.0.1:9",
+            Some(Token::new("t0k\nx")),
+            ProviderGate::new(&limits),
+            Duration::from_secs(1),
+        );
+        let bad_base = Http::new(
+            "test",
+            "127.0.0.1:9",
+            Some(Token::new("t0k")),
+            ProviderGate::new(&limits),
+            Duration::from_secs(1),
+        );
+        for (http, why) in [(bad_token, "HTTP header"), (bad_base, "base URL")] {
+            let err = http
+                .send("dca_log", Method::GET, "/dca/log/j_1", &[], None)
+                .await;
+            let Err(CallError::Blocked { status: 0, message }) = err else {
+                panic!("not blocked: {err:?}");
+            };
+            assert!(
+                message.contains(why) && !message.contains("t0k"),
+                "{message}"
+            );
+            assert!(http.gate.blocked().is_some_and(|b| b.reason.contains(why)));
+        }
     }
 
     #[test]
