@@ -114,6 +114,24 @@ async fn status_poll(
 }
 
 impl Waiting {
+    /// Waits for the collection's next poll, due after [`poll_wait`].
+    fn next_poll(
+        ctx: &Context,
+        key: &KeyLimits,
+        index: u32,
+        permit: Option<InFlightPermit>,
+        attempt: u32,
+        polled: Polled,
+    ) -> Waiting {
+        Waiting {
+            due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), key, polled.triggered_at),
+            index,
+            permit,
+            attempt,
+            polled,
+        }
+    }
+
     fn order(&self) -> (tokio::time::Instant, u32) {
         (self.due, self.index)
     }
@@ -315,14 +333,8 @@ pub async fn drive_run(
                 if !stop.is_cancelled() && ctx.gate.blocked().is_none() {
                     let outcome = status_poll(&ctx, &run.spec.key, &p.remote_id, call.take()).await;
                     if let Ok(PollOutcome::Building) = outcome {
-                        let due = poll_wait(&ctx.limits(), &key, p.triggered_at);
-                        return Ok(ChunkEnd::Waiting(Waiting {
-                            due: tokio::time::Instant::now() + due,
-                            index,
-                            permit,
-                            attempt: 0,
-                            polled: p.clone(),
-                        }));
+                        let next = Waiting::next_poll(&ctx, &key, index, permit, 0, p.clone());
+                        return Ok(ChunkEnd::Waiting(next));
                     }
                     answer = Some(outcome);
                 }
@@ -386,16 +398,17 @@ pub async fn drive_run(
             ChunkState::Triggered {
                 triggered_at,
                 remote_id,
-            } => waiting.push(Waiting {
-                due: tokio::time::Instant::now() + poll_wait(&ctx.limits(), &key, triggered_at),
-                index: rec.index,
-                permit: Some(key.in_flight.enter()),
-                attempt: 0,
-                polled: Polled {
+            } => waiting.push(Waiting::next_poll(
+                &ctx,
+                &key,
+                rec.index,
+                Some(key.in_flight.enter()),
+                0,
+                Polled {
                     remote_id: remote_id.into(),
                     triggered_at,
                 },
-            }),
+            )),
             _ => {
                 tasks.spawn(driver(Start {
                     index: rec.index,
@@ -878,20 +891,20 @@ impl ChunkDriver {
                             .await
                         }
                         (None, None) => {
-                            let wait = poll_wait(&self.ctx.limits(), &self.key, triggered_at);
-                            return Ok(ChunkEnd::Waiting(Waiting {
-                                due: tokio::time::Instant::now() + wait,
-                                index: self.rec.index,
+                            return Ok(ChunkEnd::Waiting(Waiting::next_poll(
+                                &self.ctx,
+                                &self.key,
+                                self.rec.index,
                                 permit,
-                                attempt: self.attempt,
-                                polled: Polled {
+                                self.attempt,
+                                Polled {
                                     remote_id: remote_id.into(),
                                     triggered_at,
                                 },
-                            }));
+                            )));
                         }
                     };
-                    Box::pin(self.polled(&remote_id, triggered_at, answer)).await?
+                    Box::pin(self.on_answer(&remote_id, triggered_at, answer)).await?
                 }
                 ChunkState::Ready {
                     remote_id,
@@ -1169,7 +1182,7 @@ impl ChunkDriver {
 
     /// Acts on a status poll's answer (the wait before the poll is
     /// [`poll_wait`], in the run's queue).
-    async fn polled(
+    async fn on_answer(
         &mut self,
         remote_id: &str,
         triggered_at: UnixMs,

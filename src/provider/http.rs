@@ -398,19 +398,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    /// An `Http` for `base` with `token` and a gate of its own.
+    fn http(base: &str, token: Option<&str>) -> Http {
+        let gate = ProviderGate::new(&crate::config::LimitsConfig::default());
+        Http::new(
+            "test",
+            base,
+            token.map(Token::new),
+            gate,
+            Duration::from_secs(1),
+        )
+    }
+
     /// A base URL with a path of its own (a proxy's prefix) keeps it, and
     /// the token goes in a header marked sensitive.
     #[test]
     fn calls_go_under_the_base_url_with_the_token() {
-        let gate = ProviderGate::new(&crate::config::LimitsConfig::default());
         for base in ["http://127.0.0.1:9/api", "http://127.0.0.1:9/api/"] {
-            let http = Http::new(
-                "test",
-                base,
-                Some(Token::new("t0k")),
-                gate.clone(),
-                Duration::from_secs(1),
-            );
+            let http = http(base, Some("t0k"));
             assert_eq!(
                 http.url("/dca/log/j_1").unwrap().as_str(),
                 "http://127.0.0.1:9/api/dca/log/j_1"
@@ -420,15 +425,11 @@ mod tests {
             assert_eq!(header.to_str().unwrap(), "Bearer t0k");
             assert!(header.is_sensitive());
         }
-        let http = Http::new(
-            "test",
-            "https://api.example.com",
-            None,
-            gate,
-            Duration::from_secs(1),
-        );
         assert_eq!(
-            http.url("/datasets/v3/progress/s_1").unwrap().as_str(),
+            http("https://api.example.com", None)
+                .url("/datasets/v3/progress/s_1")
+                .unwrap()
+                .as_str(),
             "https://api.example.com/datasets/v3/progress/s_1"
         );
     }
@@ -437,21 +438,8 @@ mod tests {
     /// blocks the provider with the reason (and without the token).
     #[tokio::test]
     async fn an_unsendable_token_or_base_url_blocks_with_the_reason() {
-        let limits = crate::config::LimitsConfig::default();
-        let bad_token = Http::new(
-            "test",
-            "http://127.0.0.1:9",
-            Some(Token::new("t0k\nx")),
-            ProviderGate::new(&limits),
-            Duration::from_secs(1),
-        );
-        let bad_base = Http::new(
-            "test",
-            "127.0.0.1:9",
-            Some(Token::new("t0k")),
-            ProviderGate::new(&limits),
-            Duration::from_secs(1),
-        );
+        let bad_token = http("http://127.0.0.1:9", Some("t0k\nx"));
+        let bad_base = http("127.0.0.1:9", Some("t0k"));
         for (http, why) in [(bad_token, "HTTP header"), (bad_base, "base URL")] {
             let err = http
                 .send("dca_log", Method::GET, "/dca/log/j_1", &[], None)
