@@ -305,13 +305,34 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("db"))
             // Records are small and read mostly at start; a small cache keeps
             // memory flat (1M-input benchmark: 23 MB peak with 2 MiB, 26 MB
             // with 8 MiB, same speed).
-            .cache_capacity(2 * 1024 * 1024)
-            .open()?;
+            .cache_capacity(2 * 1024 * 1024);
+        // sled 0.34 lets go of its file lock from a background thread some
+        // time after the last handle is dropped (spacejam/sled#1234,
+        // #1289), so opening a store just closed in the same process can
+        // find the lock still held. The daemon holds the state directory's
+        // own lock (`harvestd.lock`) before it opens the store, so there a
+        // held sled lock is only ever that: it is tried again for up to 2 s.
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut pause = Duration::from_millis(5);
+        let db = loop {
+            match config.open() {
+                // sled words the error itself, as an `Other` I/O error.
+                Err(sled::Error::Io(e))
+                    if e.to_string().starts_with("could not acquire lock")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                opened => break opened?,
+            }
+        };
         let store = Store {
             runs: db.open_tree("runs")?,
             chunks: db.open_tree("chunks")?,
