@@ -50,6 +50,16 @@ fn leaf(value: &Value, escape: bool) -> String {
     }
 }
 
+/// A header cell: column names come from scraped keys, as untrusted as
+/// the values, so they are escaped the same way.
+pub fn header_cell(name: &str, escape: bool) -> std::borrow::Cow<'_, str> {
+    if escape && starts_like_formula(name) {
+        std::borrow::Cow::Owned(format!("'{name}"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 fn starts_like_formula(s: &str) -> bool {
     matches!(
         s.as_bytes().first(),

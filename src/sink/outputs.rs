@@ -104,6 +104,11 @@ pub fn write(
         }
         header = columns.into_names();
     }
+    let header_row: Vec<_> = header
+        .iter()
+        .map(|name| super::flatten::header_cell(name, escape_formulas))
+        .collect();
+    let header_row = header_row.iter().map(|c| c.as_bytes());
     let parts: Vec<u32> = parts.iter().map(|p| p.index).collect();
     let parts = parts.as_slice();
 
@@ -118,7 +123,8 @@ pub fn write(
             let file = AtomicFile::create(&run_dir.join(OutputFormat::Csv.file_name()))?;
             let mut w = csv::WriterBuilder::new().from_writer(file);
             if !header.is_empty() {
-                w.write_record(&header).map_err(io::Error::other)?;
+                w.write_record(header_row.clone())
+                    .map_err(io::Error::other)?;
             }
             Ok(w)
         })
@@ -132,7 +138,8 @@ pub fn write(
             let mut w = csv::WriterBuilder::new()
                 .from_writer(AtomicFile::create(&run_dir.join("new.csv"))?);
             if !header.is_empty() {
-                w.write_record(&header).map_err(io::Error::other)?;
+                w.write_record(header_row.clone())
+                    .map_err(io::Error::other)?;
             }
             Some(w)
         }
@@ -313,6 +320,34 @@ mod tests {
         assert_eq!(json[2]["title"], "=1+1", "JSON is never altered");
         let errors = std::fs::read_to_string(run.join("errors.ndjson")).unwrap();
         assert!(errors.contains("dead_page") && errors.lines().count() == 1);
+
+        // Column names are scraped text too: header cells that a
+        // spreadsheet would run are escaped like values; JSON keeps them.
+        let keys = tempfile::tempdir().unwrap();
+        let mut p = PartWriter::create(keys.path(), 0, 0).unwrap();
+        p.row(br#"{"=HYPERLINK(\"http://evil.example\",\"click\")":1,"@SUM(A1)":2,"nested":{"=cmd|' /C calc'!A0":3},"-x":"-y"}"#)
+            .unwrap();
+        p.commit().unwrap();
+        crate::sink::part::join_pages(keys.path(), 0, 1).unwrap();
+        let one = [Part {
+            index: 0,
+            columns: None,
+        }];
+        write(keys.path(), &all, true, &one, None).unwrap();
+        let csv = std::fs::read_to_string(keys.path().join("data.csv")).unwrap();
+        assert_eq!(
+            csv.lines().next().unwrap(),
+            r#""'=HYPERLINK(""http://evil.example"",""click"")",'@SUM(A1),nested.=cmd|' /C calc'!A0,'-x"#
+        );
+        assert_eq!(csv.lines().nth(1).unwrap(), "1,2,3,'-y");
+        let json = std::fs::read_to_string(keys.path().join("data.json")).unwrap();
+        assert!(json.contains(r#""=HYPERLINK("#) && json.contains(r#""@SUM(A1)""#));
+        write(keys.path(), &all, false, &one, None).unwrap();
+        let raw = std::fs::read_to_string(keys.path().join("data.csv")).unwrap();
+        assert!(
+            raw.starts_with(r#""=HYPERLINK("#),
+            "escape_formulas = false: {raw}"
+        );
 
         // Zero rows: valid empty files.
         let empty = tempfile::tempdir().unwrap();
