@@ -37,6 +37,11 @@ pub struct Config {
     /// How often the jobs directory is rescanned even without file events.
     #[serde(with = "humantime_serde")]
     pub rescan_interval: Duration,
+    /// A job is planned only once its job file and inputs file have not
+    /// changed for this long, so a file still being written in place never
+    /// starts a run for a partial version.
+    #[serde(with = "humantime_serde")]
+    pub intake_settle: Duration,
     /// Threads running the daemon's async work (file writes and fsyncs run
     /// on tokio's blocking pool besides). 1 by default: the work is waiting
     /// on the network, and a second thread costs more in cross-thread
@@ -151,6 +156,7 @@ impl Default for Config {
             log_format: None,
             shutdown_grace: Duration::from_secs(20),
             rescan_interval: Duration::from_secs(10),
+            intake_settle: Duration::from_secs(2),
             worker_threads: 1,
             providers: Providers::default(),
             limits: LimitsConfig::default(),

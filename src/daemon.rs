@@ -17,6 +17,7 @@ use crate::config::{
     find_token, Config, ConfigError, Env, Token, BRIGHTDATA_TOKEN_VARS, FIRECRAWL_TOKEN_VARS,
 };
 use crate::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN, DEMO_FIRECRAWL_TOKEN};
+use crate::intake::Settled;
 use crate::limits::{KeyedLimits, ProviderGate};
 use crate::provider::firecrawl::Firecrawl;
 use crate::provider::http::Http;
@@ -252,6 +253,14 @@ struct Supervisor {
     once: bool,
     /// Live bars (`run --once` on a terminal).
     bars: Option<crate::progress::Bars>,
+    /// Which jobs are settling, being read, or dealt with.
+    watch: crate::intake::Watch,
+    /// Jobs being read and planned, one blocking task each.
+    intake: JoinSet<(crate::intake::Sighting, Result<Settled, StoreError>)>,
+    /// Job files whose current content is invalid.
+    invalid: HashSet<String>,
+    /// Files in the jobs directory whose names cannot be jobs' (not UTF-8).
+    bad_names: HashSet<String>,
 }
 
 impl Supervisor {
@@ -283,6 +292,10 @@ impl Supervisor {
     fn record(&mut self, (job, run_id, result): RunResult) -> Result<(), DaemonError> {
         let id = (job.clone(), run_id.clone());
         self.active.remove(&id);
+        // Content that arrived while this run was in progress starts now.
+        if !self.stop.is_cancelled() {
+            self.start_settled();
+        }
         let outcome = result?;
         if self.cancelling.remove(&id) && !self.stop.is_cancelled() {
             // Stopped for a cancel: now cancel it (drive_run sees the flag).
@@ -311,20 +324,100 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Looks at the jobs directory (cheap: job files read, inputs files
+    /// only stat'ed), then hands every job that has settled to a task of
+    /// its own.
     async fn scan(&mut self) -> Result<(), DaemonError> {
-        let (dir, store) = (self.config.jobs_dir.clone(), self.store.clone());
-        let scan = tokio::task::spawn_blocking(move || {
-            crate::intake::scan(&dir, &store, worker::now_ms())
-        })
-        .await
-        .map_err(|e| DaemonError::Io(e.to_string()))??;
-        self.summary.invalid_jobs = scan.invalid.len();
-        for run in scan.new_runs {
-            self.spawn(run);
+        let dir = self.config.jobs_dir.clone();
+        let look = tokio::task::spawn_blocking(move || crate::intake::look(&dir))
+            .await
+            .map_err(|e| DaemonError::Io(e.to_string()))?;
+        let mut bad_names = HashSet::new();
+        for (shown, problem) in look.bad_names {
+            bad_names.insert(shown.clone());
+            if !self.bad_names.contains(&shown) {
+                error!(job = %shown, problem = %problem, "not a job file name; rename the file");
+                let mut record = crate::store::JobRecord::new(
+                    shown,
+                    String::new(),
+                    vec![problem],
+                    worker::now_ms(),
+                );
+                record.stamp = None;
+                self.store.put_job(&record)?;
+            }
         }
+        if look.listed {
+            self.bad_names = bad_names;
+        }
+        self.summary.invalid_jobs = self.invalid.len() + self.bad_names.len();
+        let scheduled: Vec<_> = look
+            .jobs
+            .iter()
+            .filter_map(|s| s.schedule.clone().map(|(r, j)| (s.name.clone(), r, j)))
+            .collect();
+        self.watch
+            .observe(look.jobs, look.listed, tokio::time::Instant::now());
+        self.start_settled();
         if !self.once {
-            self.sync_schedules(scan.scheduled, scan.listed).await?;
+            self.sync_schedules(scheduled, look.listed).await?;
         }
+        Ok(())
+    }
+
+    /// Starts reading every job that has settled and has no run in progress.
+    fn start_settled(&mut self) {
+        let active = &self.active;
+        let ready = self
+            .watch
+            .take_ready(tokio::time::Instant::now(), worker::now_ms(), |job| {
+                active.keys().any(|(j, _)| j == job)
+            });
+        for sighting in ready {
+            let store = self.store.clone();
+            self.intake.spawn_blocking(move || {
+                let settled = crate::intake::settle(&store, &sighting, worker::now_ms());
+                (sighting, settled)
+            });
+        }
+    }
+
+    /// A job has been read: start its run, or note why not.
+    async fn settled(
+        &mut self,
+        (sighting, settled): (crate::intake::Sighting, Result<Settled, StoreError>),
+    ) -> Result<(), DaemonError> {
+        let now = tokio::time::Instant::now();
+        let name = sighting.name.clone();
+        // Counted by file: `a.toml` and `a.json` are two problems.
+        let file = sighting.path.display().to_string();
+        match settled {
+            Ok(Settled::Planned(run)) => {
+                self.watch.finished(&sighting, None, now);
+                self.invalid.remove(&file);
+                self.spawn(*run);
+            }
+            Ok(Settled::Known) => {
+                self.watch.finished(&sighting, None, now);
+                self.invalid.remove(&file);
+            }
+            Ok(Settled::Invalid(_)) => {
+                self.watch.finished(&sighting, None, now);
+                self.invalid.insert(file);
+            }
+            Ok(Settled::Changed) => {
+                // Look again at once for the new stamp; it then settles anew.
+                self.watch.finished(&sighting, Some(Duration::ZERO), now);
+                self.scan().await?;
+            }
+            Err(e) if self.once => return Err(e.into()),
+            Err(e) => {
+                error!(job = %name, error = %e, "cannot plan the job; trying again in 30 s");
+                self.watch
+                    .finished(&sighting, Some(Duration::from_secs(30)), now);
+            }
+        }
+        self.summary.invalid_jobs = self.invalid.len() + self.bad_names.len();
         Ok(())
     }
 
@@ -541,6 +634,7 @@ impl Supervisor {
         new.admin_listen = old.admin_listen.clone();
         new.providers.brightdata.base_url = old.providers.brightdata.base_url.clone();
         new.providers.firecrawl.base_url = old.providers.firecrawl.base_url.clone();
+        self.watch.set_settle(new.intake_settle);
         self.config = new;
         Ok(())
     }
@@ -714,6 +808,7 @@ pub async fn run(
         brightdata_token,
         firecrawl_token,
     );
+    let settle = config.intake_settle;
     let mut sup = Supervisor {
         keys: Arc::new(KeyedLimits::new(config.limits.clone())),
         config,
@@ -727,6 +822,10 @@ pub async fn run(
         once: options.once,
         bars: (options.once && std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .then(crate::progress::Bars::new),
+        watch: crate::intake::Watch::new(settle),
+        intake: JoinSet::new(),
+        invalid: HashSet::new(),
+        bad_names: HashSet::new(),
     };
 
     let (commands_tx, mut commands) = tokio::sync::mpsc::channel(16);
@@ -794,9 +893,13 @@ pub async fn run(
     let mut watcher =
         (!options.once).then(|| Watcher::new(&sup.config.jobs_dir, sup.config.rescan_interval));
     loop {
-        if options.once && sup.runs.is_empty() {
+        if options.once && sup.runs.is_empty() && sup.intake.is_empty() && !sup.watch.has_waiting()
+        {
             break;
         }
+        let settle_due = sup
+            .watch
+            .next_due(tokio::time::Instant::now(), worker::now_ms());
         tokio::select! {
             signal = signals.recv() => match signal {
                 Some(Signal::Shutdown) | None => {
@@ -829,6 +932,14 @@ pub async fn run(
             _ = sleep_until_ms(sup.next_wake()) => {
                 sup.fire_due().await?;
             }
+            // A job has been quiet for intake_settle: look once more, then read it.
+            _ = async { match settle_due { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                sup.scan().await?;
+            }
+            Some(joined) = sup.intake.join_next() => match joined {
+                Ok(settled) => sup.settled(settled).await?,
+                Err(e) => error!(error = %e, "job intake task panicked"),
+            },
             Some(command) = commands.recv() => sup.command(command).await?,
             // The watchdog is fed from the event loop itself: a stuck loop
             // stops feeding it and systemd restarts the daemon.

@@ -26,6 +26,7 @@
 //! | `part-write` (error) | writing a row to a part page fails with ENOSPC |
 //! | `output-write` (error) | a write to a final file fails with ENOSPC |
 //! | `store-flush` (error) | a sled flush fails |
+//! | `plan-write` (error) | writing a planned chunk's inputs fails with ENOSPC |
 
 /// Reads `FAILPOINTS`; call once at start. The guard is kept for the
 /// process's life.

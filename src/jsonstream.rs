@@ -71,6 +71,11 @@ impl ArraySplitter {
         self.offset
     }
 
+    /// Bytes of the element being gathered (held until it completes).
+    pub fn pending_len(&self) -> usize {
+        self.element.len()
+    }
+
     /// Whether the closing `]` has been seen.
     pub fn is_done(&self) -> bool {
         self.at == At::Done

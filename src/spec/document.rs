@@ -23,12 +23,25 @@ pub struct Document {
     fields: Map<String, Value>,
 }
 
-/// Reads a job file, refusing what is not a regular file or is too large.
-pub fn read_job_file(path: &Path) -> Result<Vec<u8>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
+/// Reads a job file, refusing what is not a regular file, is too large, or
+/// is a link leading out of its directory (a link in the jobs directory to
+/// a secret must not have the secret quoted back in a parse error). Returns
+/// the bytes and the metadata of the file read.
+pub fn read_job_file(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), String> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or("is not a file name")?;
+    let file = super::confine::open_beneath(dir, Path::new(name)).map_err(|e| match e {
+        super::confine::ConfineError::Outside(_) => {
+            "is a link leading outside the jobs directory; job files must be inside it".to_string()
+        }
+        super::confine::ConfineError::NotRegular(_) => "not a regular file".to_string(),
+        super::confine::ConfineError::Io { error, .. } => format!("cannot read: {error}"),
+        other => other.to_string(),
+    })?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > MAX_JOB_FILE_BYTES {
         return Err(format!(
             "is {} bytes; job files are limited to {MAX_JOB_FILE_BYTES} (put inputs in an inputs_file)",
@@ -36,10 +49,10 @@ pub fn read_job_file(path: &Path) -> Result<Vec<u8>, String> {
         ));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_JOB_FILE_BYTES + 1).read_to_end(&mut bytes))
+    file.take(MAX_JOB_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read: {e}"))?;
-    Ok(bytes)
+    Ok((bytes, meta))
 }
 
 impl Document {

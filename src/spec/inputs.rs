@@ -1,13 +1,12 @@
 //! Input files, read as a stream of rows with their line numbers: memory
 //! holds one row at a time, whatever the file's size.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::ProviderKind;
+use super::{InputsFile, ProviderKind};
 use crate::jsonstream::ArraySplitter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,61 +60,96 @@ fn at(line: usize, message: impl Into<String>) -> ReadError {
     }
 }
 
+/// The longest line (`.txt`, `.ndjson`) or record (`.csv` row, `.json`
+/// element) an inputs file may have. Reading holds at most about this much
+/// of a file at once, whatever its size, so a file without newlines cannot
+/// take the daemon's memory.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+fn too_long(line: usize, what: &str) -> ReadError {
+    at(
+        line,
+        format!("{what} is longer than 1 MiB (the limit for one input); is this the right file?"),
+    )
+}
+
+/// Passes every byte read through `on_bytes` (the content hash is taken in
+/// the same pass that plans, so what is planned is what was hashed) and
+/// counts them.
+struct Tee<R, F> {
+    inner: R,
+    on_bytes: F,
+    read: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read, F: FnMut(&[u8])> Read for Tee<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_bytes)(&buf[..n]);
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
 /// Calls `row` with each input and its line; returns the number of rows.
+/// Every byte of the file passes through `on_bytes` as it is read.
 /// `row` returning `Err(())` stops the reading with [`ReadError::Stopped`].
 pub fn for_each(
-    path: &Path,
+    file: &InputsFile,
+    on_bytes: impl FnMut(&[u8]),
     mut row: impl FnMut(usize, &Map<String, Value>) -> Result<(), ()>,
 ) -> Result<u64, ReadError> {
-    let format = InputFormat::from_path(path)
-        .ok_or_else(|| ReadError::Open(format!("{}: unknown inputs file type", path.display())))?;
-    let meta =
-        std::fs::metadata(path).map_err(|e| ReadError::Open(format!("{}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(ReadError::Open(format!(
-            "{}: not a regular file",
-            path.display()
-        )));
-    }
-    let file = File::open(path).map_err(|e| ReadError::Open(format!("{}: {e}", path.display())))?;
-    let reader = BufReader::with_capacity(256 * 1024, file);
+    let shown = file.path().display().to_string();
+    let format = InputFormat::from_path(&file.name)
+        .ok_or_else(|| ReadError::Open(format!("{shown}: unknown inputs file type")))?;
+    let opened = file.open().map_err(|e| ReadError::Open(e.to_string()))?;
+    let read = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let tee = Tee {
+        inner: opened,
+        on_bytes,
+        read: read.clone(),
+    };
     let mut count = 0u64;
     let mut emit = |line: usize, map: &Map<String, Value>| {
         count += 1;
         row(line, map).map_err(|()| ReadError::Stopped)
     };
     match format {
-        InputFormat::Csv => read_csv(reader, &mut emit)?,
-        InputFormat::Ndjson => {
-            read_lines(
-                reader,
-                &mut emit,
-                |line, text| match super::document::parse_json(text) {
-                    Ok(Value::Object(map)) => Ok(Some(map)),
-                    Ok(other) => Err(at(
-                        line,
-                        format!("expected a JSON object, found {}", super::type_name(&other)),
-                    )),
-                    Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
-                },
-            )?
-        }
-        InputFormat::Txt => read_lines(reader, &mut emit, |_, text| {
-            if text.starts_with('#') {
-                return Ok(None);
-            }
-            let mut map = Map::new();
-            map.insert("url".into(), Value::String(text.to_string()));
-            Ok(Some(map))
-        })?,
-        InputFormat::Json => read_json_array(reader, &mut emit)?,
+        InputFormat::Csv => read_csv(tee, &read, &mut emit)?,
+        InputFormat::Ndjson => read_lines(
+            BufReader::with_capacity(256 * 1024, tee),
+            &mut emit,
+            |line, text| match super::document::parse_json(text) {
+                Ok(Value::Object(map)) => Ok(Some(map)),
+                Ok(other) => Err(at(
+                    line,
+                    format!("expected a JSON object, found {}", super::type_name(&other)),
+                )),
+                Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
+            },
+        )?,
+        InputFormat::Txt => read_lines(
+            BufReader::with_capacity(256 * 1024, tee),
+            &mut emit,
+            |_, text| {
+                if text.starts_with('#') {
+                    return Ok(None);
+                }
+                let mut map = Map::new();
+                map.insert("url".into(), Value::String(text.to_string()));
+                Ok(Some(map))
+            },
+        )?,
+        InputFormat::Json => read_json_array(BufReader::with_capacity(256 * 1024, tee), &mut emit)?,
     }
     Ok(count)
 }
 
 type Emit<'a> = dyn FnMut(usize, &Map<String, Value>) -> Result<(), ReadError> + 'a;
 
-/// Calls `each(line_number, bytes)` for every line, newline included.
+/// Calls `each(line_number, bytes)` for every line, newline included. A
+/// line longer than [`MAX_RECORD_BYTES`] is an error, found before more of
+/// it than that is held.
 fn for_each_line(
     mut reader: impl BufRead,
     mut each: impl FnMut(usize, &[u8]) -> Result<(), ReadError>,
@@ -124,10 +158,27 @@ fn for_each_line(
     let mut line = 0usize;
     loop {
         buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| at(line + 1, format!("read error: {e}")))?;
-        if n == 0 {
+        let complete = loop {
+            let available = reader
+                .fill_buf()
+                .map_err(|e| at(line + 1, format!("read error: {e}")))?;
+            if available.is_empty() {
+                break false;
+            }
+            let (take, done) = match memchr::memchr(b'\n', available) {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            if buf.len() + take > MAX_RECORD_BYTES + 1 {
+                return Err(too_long(line + 1, "the line"));
+            }
+            buf.extend_from_slice(&available[..take]);
+            reader.consume(take);
+            if done {
+                break true;
+            }
+        };
+        if buf.is_empty() && !complete {
             return Ok(line);
         }
         line += 1;
@@ -159,10 +210,51 @@ fn read_lines(
     .map(|_| ())
 }
 
-fn read_csv(reader: impl std::io::Read, emit: &mut Emit<'_>) -> Result<(), ReadError> {
+/// The error a capped CSV reader raises; found again in [`csv_error`].
+#[derive(Debug)]
+struct RecordTooLong;
+
+impl std::fmt::Display for RecordTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("record longer than 1 MiB")
+    }
+}
+
+impl std::error::Error for RecordTooLong {}
+
+/// Fails the read once more than [`MAX_RECORD_BYTES`] (and the CSV
+/// reader's small buffer) have been read since the last record ended: a
+/// quoted field that never closes cannot grow the record without bound.
+struct CappedSinceRecord<R> {
+    inner: R,
+    read: std::rc::Rc<std::cell::Cell<u64>>,
+    record_end: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for CappedSinceRecord<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let since = self.read.get().saturating_sub(self.record_end.get());
+        if since > (MAX_RECORD_BYTES + 64 * 1024) as u64 {
+            return Err(std::io::Error::other(RecordTooLong));
+        }
+        self.inner.read(buf)
+    }
+}
+
+fn read_csv(
+    reader: impl Read,
+    read: &std::rc::Rc<std::cell::Cell<u64>>,
+    emit: &mut Emit<'_>,
+) -> Result<(), ReadError> {
+    let record_end = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let capped = CappedSinceRecord {
+        inner: reader,
+        read: read.clone(),
+        record_end: record_end.clone(),
+    };
     let mut csv = csv::ReaderBuilder::new()
         .flexible(false)
-        .from_reader(reader);
+        .from_reader(capped);
     let headers = csv
         .headers()
         .map_err(|e| csv_error(&e, 1))?
@@ -182,11 +274,17 @@ fn read_csv(reader: impl std::io::Read, emit: &mut Emit<'_>) -> Result<(), ReadE
         ));
     }
     let mut record = csv::StringRecord::new();
+    let mut last_line = 1usize;
     loop {
+        record_end.set(csv.position().byte());
         match csv.read_record(&mut record) {
             Ok(false) => return Ok(()),
             Ok(true) => {
                 let line = record.position().map_or(0, |p| p.line() as usize);
+                last_line = line;
+                if record.as_slice().len() > MAX_RECORD_BYTES {
+                    return Err(too_long(line, "the row"));
+                }
                 let map: Map<String, Value> = headers
                     .iter()
                     .zip(record.iter())
@@ -194,7 +292,7 @@ fn read_csv(reader: impl std::io::Read, emit: &mut Emit<'_>) -> Result<(), ReadE
                     .collect();
                 emit(line, &map)?;
             }
-            Err(e) => return Err(csv_error(&e, 0)),
+            Err(e) => return Err(csv_error(&e, last_line + 1)),
         }
     }
 }
@@ -202,6 +300,13 @@ fn read_csv(reader: impl std::io::Read, emit: &mut Emit<'_>) -> Result<(), ReadE
 fn csv_error(e: &csv::Error, fallback_line: usize) -> ReadError {
     let line = e.position().map_or(fallback_line, |p| p.line() as usize);
     let message = match e.kind() {
+        csv::ErrorKind::Io(io)
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<RecordTooLong>().is_some()) =>
+        {
+            return too_long(line, "the row");
+        }
         csv::ErrorKind::UnequalLengths {
             expected_len, len, ..
         } => format!("row has {len} fields; the header has {expected_len}"),
@@ -211,31 +316,53 @@ fn csv_error(e: &csv::Error, fallback_line: usize) -> ReadError {
     at(line, message)
 }
 
-fn read_json_array(reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), ReadError> {
+fn read_json_array(mut reader: impl BufRead, emit: &mut Emit<'_>) -> Result<(), ReadError> {
+    // Fed in the reader's blocks, cut at newlines only to count lines: a
+    // minified array on one line is fine, one element over the cap is not.
     let mut splitter = ArraySplitter::new();
-    let lines = for_each_line(reader, |line, buf| {
-        splitter
-            .feed(buf, |element| {
-                let parsed = std::str::from_utf8(element)
-                    .map_err(|e| e.to_string())
-                    .and_then(|text| super::document::parse_json(text).map_err(|e| e.to_string()));
-                match parsed {
-                    Ok(Value::Object(map)) => emit(line, &map),
-                    Ok(other) => Err(at(
-                        line,
-                        format!("expected a JSON object, found {}", super::type_name(&other)),
-                    )),
-                    Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
-                }
-            })
-            .map_err(|e| match e {
-                Ok(err) => err,
-                Err(split) => at(line, split.to_string()),
-            })
-    })?;
-    splitter
-        .finish()
-        .map_err(|e| at(lines.max(1), e.to_string()))
+    let mut line = 1usize;
+    loop {
+        let block = reader
+            .fill_buf()
+            .map_err(|e| at(line, format!("read error: {e}")))?;
+        if block.is_empty() {
+            break;
+        }
+        let n = block.len();
+        for segment in block.split_inclusive(|&b| b == b'\n') {
+            splitter
+                .feed(segment, |element| {
+                    if element.len() > MAX_RECORD_BYTES {
+                        return Err(too_long(line, "the element"));
+                    }
+                    let parsed = std::str::from_utf8(element)
+                        .map_err(|e| e.to_string())
+                        .and_then(|text| {
+                            super::document::parse_json(text).map_err(|e| e.to_string())
+                        });
+                    match parsed {
+                        Ok(Value::Object(map)) => emit(line, &map),
+                        Ok(other) => Err(at(
+                            line,
+                            format!("expected a JSON object, found {}", super::type_name(&other)),
+                        )),
+                        Err(e) => Err(at(line, format!("invalid JSON: {e}"))),
+                    }
+                })
+                .map_err(|e| match e {
+                    Ok(err) => err,
+                    Err(split) => at(line, split.to_string()),
+                })?;
+            if splitter.pending_len() > MAX_RECORD_BYTES {
+                return Err(too_long(line, "the element"));
+            }
+            if segment.ends_with(b"\n") {
+                line += 1;
+            }
+        }
+        reader.consume(n);
+    }
+    splitter.finish().map_err(|e| at(line, e.to_string()))
 }
 
 /// Finds inputs given twice. An identical input is an identical collection

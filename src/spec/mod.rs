@@ -2,6 +2,7 @@
 //! [`JobSpec`], or a list of every [`Problem`] found, each with file, line and
 //! field. No IO beyond reading the job file and its inputs file.
 
+pub mod confine;
 pub mod document;
 pub mod inputs;
 
@@ -72,8 +73,36 @@ pub enum ApiVersion {
 pub enum InputSource {
     /// `inputs = [...]` in the job file.
     Inline(Vec<Map<String, Value>>),
-    /// `inputs_file`, resolved against the job file's directory.
-    File(PathBuf),
+    /// `inputs_file`, inside the job file's directory.
+    File(InputsFile),
+}
+
+/// An `inputs_file`: the name as the job file wrote it and the directory it
+/// must stay inside (the job file's). Opened only through [`open`](Self::open),
+/// which refuses anything that resolves outside that directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputsFile {
+    pub dir: PathBuf,
+    pub name: PathBuf,
+}
+
+impl InputsFile {
+    pub fn new(dir: impl Into<PathBuf>, name: impl Into<PathBuf>) -> InputsFile {
+        InputsFile {
+            dir: dir.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The path for messages: the directory joined with the name.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// Opens the file for reading if it is a regular file inside `dir`.
+    pub fn open(&self) -> Result<std::fs::File, confine::ConfineError> {
+        confine::open_beneath(&self.dir, &self.name)
+    }
 }
 
 /// A checked job definition. Stored with each run, so a run can finish after
@@ -151,6 +180,26 @@ const RESERVED_STUDIO_PARAMS: &[&str] = &["collector", "name"];
 
 pub const MAX_CHUNK_SIZE: u32 = 5000;
 
+/// Renders a file name for people: UTF-8 as it is, other bytes as `\xNN`.
+pub fn render_name(name: &std::ffi::OsStr) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let mut out = String::new();
+        for chunk in name.as_bytes().utf8_chunks() {
+            out.push_str(chunk.valid());
+            for b in chunk.invalid() {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out
+    }
+    #[cfg(not(unix))]
+    {
+        name.to_string_lossy().into_owned()
+    }
+}
+
 /// Whether `name` is a valid job name: `[a-z0-9][a-z0-9._-]{0,63}`.
 pub fn is_valid_job_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -183,21 +232,34 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
             )])
         }
     };
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default()
-        .to_string();
+    let stem = path.file_stem().unwrap_or_default();
+    let name = stem.to_str().map(str::to_string);
     let doc = Document::parse(kind, text)
         .map_err(|(line, message)| vec![problem(line, None, message)])?;
     let mut problems = Vec::new();
-    if !is_valid_job_name(&name) {
-        problems.push(problem(
-            None,
-            None,
-            format!("job name '{name}' (the file name) must match [a-z0-9][a-z0-9._-]{{0,63}}"),
-        ));
-    }
+    let name = match name {
+        Some(name) => {
+            if !is_valid_job_name(&name) {
+                problems.push(problem(
+                    None,
+                    None,
+                    format!(
+                        "job name '{name}' (the file name) must match [a-z0-9][a-z0-9._-]{{0,63}}"
+                    ),
+                ));
+            }
+            name
+        }
+        None => {
+            let shown = render_name(stem);
+            problems.push(problem(
+                None,
+                None,
+                format!("job name '{shown}' (the file name) is not valid UTF-8; it must match [a-z0-9][a-z0-9._-]{{0,63}}"),
+            ));
+            shown
+        }
+    };
     for (key, line) in doc.keys() {
         if !FIELDS.contains(&key.as_str()) {
             let hint = document::suggest(&key, FIELDS)
@@ -303,9 +365,16 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
             }
         },
         (None, Some(_)) => checker.string("inputs_file", true).and_then(|f| {
-            let resolved = path.parent().unwrap_or(Path::new(".")).join(&f);
-            match inputs::InputFormat::from_path(&resolved) {
-                Some(_) => Some(InputSource::File(resolved)),
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if let Err(e) = confine::check_name(&f) {
+                checker.report("inputs_file", e.to_string());
+                return None;
+            }
+            match inputs::InputFormat::from_path(Path::new(&f)) {
+                Some(_) => Some(InputSource::File(InputsFile::new(dir, f))),
                 None => {
                     checker.report(
                         "inputs_file",
@@ -384,7 +453,7 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<JobSpec, Vec<Problem>> {
 /// Reads the whole job: the job file and its inputs file, collecting every
 /// problem. Returns the spec and the number of inputs.
 pub fn load(path: &Path) -> Result<(JobSpec, u64), Vec<Problem>> {
-    let text = document::read_job_file(path).map_err(|message| {
+    let (text, _) = document::read_job_file(path).map_err(|message| {
         vec![Problem {
             file: path.display().to_string(),
             line: None,
@@ -404,30 +473,36 @@ pub fn check_inputs(spec: &JobSpec, job_path: &Path) -> Result<u64, Vec<Problem>
         InputSource::File(file) => {
             let mut problems = Vec::new();
             let mut duplicates = inputs::Duplicates::default();
-            let count = inputs::for_each(file, |line, row| {
-                let checked = inputs::check_row(row, Some(spec.provider)).and_then(|()| {
-                    match duplicates.earlier(line, row) {
-                        Some(first) => Err(inputs::duplicate_message(first)),
-                        None => Ok(()),
+            let shown = file.path().display().to_string();
+            let count = inputs::for_each(
+                file,
+                |_| {},
+                |line, row| {
+                    let checked =
+                        inputs::check_row(row, Some(spec.provider)).and_then(|()| match duplicates
+                            .earlier(line, row)
+                        {
+                            Some(first) => Err(inputs::duplicate_message(first)),
+                            None => Ok(()),
+                        });
+                    if let Err(message) = checked {
+                        problems.push(Problem {
+                            file: shown.clone(),
+                            line: Some(line),
+                            field: None,
+                            message,
+                        });
+                        // Past 20 problems, the file is wrong in a general way.
+                        if problems.len() >= 20 {
+                            return Err(());
+                        }
                     }
-                });
-                if let Err(message) = checked {
-                    problems.push(Problem {
-                        file: file.display().to_string(),
-                        line: Some(line),
-                        field: None,
-                        message,
-                    });
-                    // Past 20 problems, the file is wrong in a general way.
-                    if problems.len() >= 20 {
-                        return Err(());
-                    }
-                }
-                Ok(())
-            });
+                    Ok(())
+                },
+            );
             match &count {
                 Ok(0) => problems.push(Problem {
-                    file: file.display().to_string(),
+                    file: shown.clone(),
                     line: None,
                     field: None,
                     message: "the inputs file holds no inputs".into(),
@@ -437,7 +512,7 @@ pub fn check_inputs(spec: &JobSpec, job_path: &Path) -> Result<u64, Vec<Problem>
                     file: if matches!(e, inputs::ReadError::Open(_)) {
                         job_path.display().to_string()
                     } else {
-                        file.display().to_string()
+                        shown.clone()
                     },
                     line: e.line(),
                     field: matches!(e, inputs::ReadError::Open(_)).then(|| "inputs_file".into()),

@@ -26,7 +26,10 @@ deadline = "2h"
     assert_eq!(spec.name, "speakers");
     assert_eq!(spec.key, "c_lq7x2mbo1gv6pky9d");
     assert_eq!(spec.chunk_size, 500);
-    assert_eq!(spec.inputs, InputSource::File("jobs/speakers.csv".into()));
+    assert_eq!(
+        spec.inputs,
+        InputSource::File(InputsFile::new("jobs", "speakers.csv"))
+    );
     assert_eq!(
         spec.schedule,
         Some(Schedule::Every(Duration::from_secs(6 * 3600)))
@@ -171,10 +174,14 @@ fn input_files_of_every_kind() {
     );
     for f in ["a.csv", "b.ndjson", "c.json", "d.txt"] {
         let mut urls = Vec::new();
-        let n = inputs::for_each(&d.join(f), |_, row| {
-            urls.push(row["url"].as_str().unwrap().to_string());
-            Ok(())
-        })
+        let n = inputs::for_each(
+            &InputsFile::new(d, f),
+            |_| {},
+            |_, row| {
+                urls.push(row["url"].as_str().unwrap().to_string());
+                Ok(())
+            },
+        )
         .unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(n, 2, "{f}");
         assert_eq!(urls, ["https://a.example", "https://b.example"], "{f}");
@@ -224,9 +231,89 @@ fn input_file_problems_name_the_line() {
         ),
     ];
     for (name, body, line, needle) in cases {
-        let p = write(d, name, body);
-        let err = inputs::for_each(&p, |_, _| Ok(())).unwrap_err();
+        write(d, name, body);
+        let err = inputs::for_each(&InputsFile::new(d, name), |_| {}, |_, _| Ok(())).unwrap_err();
         assert_eq!(err.line(), Some(*line), "{name}: {err}");
         assert!(err.to_string().contains(needle), "{name}: {err}");
     }
+}
+
+#[test]
+fn a_line_or_record_over_one_mebibyte_is_refused_by_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let long = "x".repeat(inputs::MAX_RECORD_BYTES + 10);
+    let cases: Vec<(&str, String, usize, &str)> = vec![
+        (
+            "nl.txt",
+            format!("https://a.example\nhttps://{long}"),
+            2,
+            "the line is longer than 1 MiB",
+        ),
+        (
+            "nl.ndjson",
+            format!("{{\"url\":\"https://a.example\"}}\n{{\"url\":\"{long}\"}}\n"),
+            2,
+            "the line is longer than 1 MiB",
+        ),
+        (
+            "quote.csv",
+            format!(
+                "url\nhttps://a.example\n\"{}",
+                "y\n".repeat(inputs::MAX_RECORD_BYTES)
+            ),
+            3,
+            "the row is longer than 1 MiB",
+        ),
+        (
+            "row.csv",
+            format!("url,name\nhttps://a.example,A\nhttps://b.example,{long}\n"),
+            3,
+            "the row is longer than 1 MiB",
+        ),
+        (
+            "el.json",
+            format!("[{{\"url\":\"https://a.example\"}},\n{{\"url\":\"{long}\"}}]"),
+            2,
+            "the element is longer than 1 MiB",
+        ),
+    ];
+    for (name, body, line, needle) in cases {
+        write(d, name, body.as_bytes());
+        let mut rows = 0;
+        let err = inputs::for_each(
+            &InputsFile::new(d, name),
+            |_| {},
+            |_, _| {
+                rows += 1;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.line(), Some(line), "{name}: {err}");
+        assert!(err.to_string().contains(needle), "{name}: {err}");
+        assert_eq!(rows, 1, "{name}: the row before it was read");
+    }
+    // A minified array on one line is fine: the cap is per element.
+    let many: Vec<String> = (0..40_000)
+        .map(|i| format!("{{\"url\":\"https://a.example/{i}\"}}"))
+        .collect();
+    write(d, "one.json", format!("[{}]", many.join(",")).as_bytes());
+    let n = inputs::for_each(&InputsFile::new(d, "one.json"), |_| {}, |_, _| Ok(())).unwrap();
+    assert_eq!(n, 40_000);
+}
+
+#[test]
+fn every_byte_read_passes_through_the_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = b"url\nhttps://a.example\nhttps://b.example\n";
+    write(dir.path(), "h.csv", body);
+    let mut seen = Vec::new();
+    inputs::for_each(
+        &InputsFile::new(dir.path(), "h.csv"),
+        |b| seen.extend_from_slice(b),
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(seen, body);
 }

@@ -194,6 +194,11 @@ pub struct JobRecord {
     pub problems: Vec<String>,
     pub last_run: Option<String>,
     pub seen_at: UnixMs,
+    /// The files' identity (inode, size, change times) when this content
+    /// was dealt with: while it stays the same, nothing is read again.
+    /// Absent in records from before it was kept.
+    #[serde(default)]
+    pub stamp: Option<String>,
 }
 
 impl JobRecord {
@@ -210,6 +215,7 @@ impl JobRecord {
             problems,
             last_run: None,
             seen_at,
+            stamp: None,
         }
     }
 }
@@ -513,6 +519,7 @@ impl Store {
         let path = self.inputs_path(job, run_id, chunk.index);
         let tmp = path.with_extension("ndjson.tmp");
         let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
+        crate::failpoint::io_error("plan-write").map_err(io_error(&tmp))?;
         file.write_all(inputs_ndjson).map_err(io_error(&tmp))?;
         file.sync_all().map_err(io_error(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_error(&path))?;

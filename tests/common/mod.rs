@@ -30,6 +30,7 @@ pub const FAST_LIMITS: &str = r#"
 admin_listen = "off"
 shutdown_grace = "10s"
 rescan_interval = "200ms"
+intake_settle = "100ms"
 [limits]
 max_in_flight = 10
 triggers_per_minute = 60000
