@@ -115,7 +115,7 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
     .unwrap();
     std::fs::write(
         dir.path().join("harvestd.toml"),
-        "admin_listen = \"off\"\n[limits]\npoll_min_interval = \"100ms\"\npoll_max_interval = \"200ms\"\n",
+        "admin_listen = \"off\"\nintake_settle = \"0s\"\n[limits]\npoll_min_interval = \"100ms\"\npoll_max_interval = \"200ms\"\n",
     )
     .unwrap();
     let t = support::run_once_timed(dir.path(), &emulator);

@@ -78,7 +78,7 @@ fn one_run(rt: &tokio::runtime::Runtime, idle_mb: f64) -> Sample {
     std::fs::write(
         dir.path().join("harvestd.toml"),
         format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n\
+            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\nintake_settle = \"0s\"\n\
              [limits]\nmax_in_flight = {COLLECTIONS}\ntriggers_per_minute = 6000000\nrequests_per_second = {rps}\n\
              poll_min_interval = \"{1}\"\npoll_max_interval = \"{2}\"\n",
             dir.path().display(),

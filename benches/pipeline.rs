@@ -46,7 +46,7 @@ fn one_run(rt: &tokio::runtime::Runtime, inputs: usize) -> Sample {
     // Etiquette limits raised so the figure measures harvestd, not its pacing.
     std::fs::write(
         dir.path().join("harvestd.toml"),
-        "admin_listen = \"off\"\n[limits]\nmax_in_flight = 10\ntriggers_per_minute = 6000\n\
+        "admin_listen = \"off\"\nintake_settle = \"0s\"\n[limits]\nmax_in_flight = 10\ntriggers_per_minute = 6000\n\
          requests_per_second = 200\npoll_min_interval = \"100ms\"\npoll_max_interval = \"500ms\"\n",
     )
     .unwrap();

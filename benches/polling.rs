@@ -119,7 +119,7 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
     std::fs::write(
         dir.path().join("harvestd.toml"),
         format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n\
+            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\nintake_settle = \"0s\"\n\
              [limits]\ntriggers_per_minute = 60000\nrequests_per_second = 1000\n\
              poll_min_interval = \"{1}\"\npoll_max_interval = \"{2}\"\n{keys}",
             dir.path().display(),

@@ -113,7 +113,7 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
     std::fs::write(
         dir.path().join("harvestd.toml"),
         format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n\
+            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\nintake_settle = \"0s\"\n\
              [limits]\nmax_in_flight = {UNFINISHED}\nrequests_per_second = 500\npoll_min_interval = \"1s\"\n\
              not_found_grace = \"1h\"\n",
             dir.path().display()

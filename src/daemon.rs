@@ -382,11 +382,13 @@ impl Supervisor {
         }
     }
 
-    /// A job has been read: start its run, or note why not.
+    /// A job has been read: start its run, or note why not. Says whether a
+    /// run started.
     async fn settled(
         &mut self,
         (sighting, settled): (crate::intake::Sighting, Result<Settled, StoreError>),
-    ) -> Result<(), DaemonError> {
+    ) -> Result<bool, DaemonError> {
+        let mut started = false;
         let now = tokio::time::Instant::now();
         let name = sighting.name.clone();
         // Counted by file: `a.toml` and `a.json` are two problems.
@@ -396,6 +398,7 @@ impl Supervisor {
                 self.watch.finished(&sighting, None, now);
                 self.invalid.remove(&file);
                 self.spawn(*run);
+                started = true;
             }
             Ok(Settled::Known) => {
                 self.watch.finished(&sighting, None, now);
@@ -418,7 +421,7 @@ impl Supervisor {
             }
         }
         self.summary.invalid_jobs = self.invalid.len() + self.bad_names.len();
-        Ok(())
+        Ok(started)
     }
 
     /// Stored schedules follow the job files: new or edited ones take effect
@@ -937,7 +940,12 @@ pub async fn run(
                 sup.scan().await?;
             }
             Some(joined) = sup.intake.join_next() => match joined {
-                Ok(settled) => sup.settled(settled).await?,
+                Ok(settled) => {
+                    if sup.settled(settled).await? {
+                        // A new run shows its progress from its start.
+                        progress_tick.reset_immediately();
+                    }
+                }
                 Err(e) => error!(error = %e, "job intake task panicked"),
             },
             Some(command) = commands.recv() => sup.command(command).await?,

@@ -120,12 +120,14 @@ fn status_mb(pid: &str, field: &str) -> f64 {
 }
 
 /// `DIR/harvestd.toml` with the jobs, state and output directories under
-/// `dir`, no admin server, then `extra`.
+/// `dir`, no admin server, then `extra`. Job files are planned at once
+/// (`intake_settle = "0s"`): the benchmarks write them before the daemon
+/// starts and measure its work, not the wait a user sets.
 pub fn write_config(dir: &Path, extra: &str) {
     std::fs::write(
         dir.join("harvestd.toml"),
         format!(
-            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\n{extra}",
+            "jobs_dir = \"{0}/jobs\"\nstate_dir = \"{0}/state\"\noutput_dir = \"{0}/out\"\nadmin_listen = \"off\"\nintake_settle = \"0s\"\n{extra}",
             dir.display()
         ),
     )

@@ -93,7 +93,7 @@ fn open_impl(dir: &Path, name: &Path, shown: &str) -> Result<File, ConfineError>
         Err(rustix::io::Errno::XDEV) => Err(ConfineError::Outside(shown.to_string())),
         // ENOSYS: a kernel before 5.6; EPERM/EACCES from a seccomp filter
         // that does not know the call. Fall back to resolve-then-compare.
-        Err(rustix::io::Errno::NOSYS) => open_checked(dir, name, shown),
+        Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => open_checked(dir, name, shown),
         Err(e) => Err(io_error(shown, e.into())),
     }
 }
