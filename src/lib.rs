@@ -3,8 +3,8 @@
 //! Users drop job files into a directory; harvestd splits their inputs into
 //! chunks, triggers one collection per chunk, remembers every remote id in
 //! sled, polls until each dataset is ready, and writes it to CSV / JSON /
-//! NDJSON long before the provider deletes it. The contract is
-//! `../shared/SPEC.md`; this is the map of the code.
+//! NDJSON long before the provider deletes it. The user-facing reference is
+//! `docs/` (README.md lists it); this is the map of the code.
 //!
 //! ## Data flow
 //!
