@@ -108,8 +108,8 @@ fn main() {
     let m = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
     println!(
         "{} MB inputs file without a newline (median of {runs}):\n\
-         validate: peak RSS {:.1} MB, {:.2} s   (a one-input job: {:.1} MB, {:.2} s)\n\
-         daemon: a good job beside it triggered after {:.2} s   (alone: {:.2} s)",
+         validate: peak RSS {:.1} MB, {:.3} s   (a one-input job: {:.1} MB, {:.3} s)\n\
+         daemon: a good job beside it triggered after {:.3} s   (alone: {:.3} s)",
         bytes() >> 20,
         m(&big, |s| s.1),
         m(&big, |s| s.0),
