@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 use super::http::{one_line, read_small, Http};
 use super::{
-    accepted, input_lines, parse_time, CallError, Cursor, DownloadOutcome, Found, PollOutcome,
-    Provider, RowSink, TriggerCall, Triggered,
+    accepted, check_remote_id, id_segment, input_lines, parse_time, CallError, Cursor,
+    DownloadOutcome, Found, PollOutcome, Provider, RowSink, TriggerCall, Triggered,
 };
 use crate::chunk::UnixMs;
 use crate::spec::{ApiVersion, ProviderKind};
@@ -30,6 +30,10 @@ const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// A page holds at most ~10 MiB of documents, but a single oversize
 /// document still comes alone: allow well beyond.
 const MAX_PAGE: usize = 256 * 1024 * 1024;
+
+/// A status answer carries one document (`limit=1`), which may be a large
+/// page's HTML: more room than Bright Data's 1 MiB, still bounded.
+const STATUS_MAX: usize = 16 * 1024 * 1024;
 
 pub struct Firecrawl {
     http: Http,
@@ -104,22 +108,27 @@ impl Firecrawl {
                 idempotency_key(call.name, call.attempt),
             ));
         }
-        let response = self
+        let (status, text) = self
             .http
-            .send_with(
-                self.ep("batch"),
-                Method::POST,
-                self.base(),
-                &[],
-                Some((
-                    "application/json",
-                    Bytes::from(Value::Object(body).to_string()),
-                )),
-                &headers,
-            )
+            .whole(self.ep("batch"), async {
+                let response = self
+                    .http
+                    .send_with(
+                        self.ep("batch"),
+                        Method::POST,
+                        self.base(),
+                        &[],
+                        Some((
+                            "application/json",
+                            Bytes::from(Value::Object(body).to_string()),
+                        )),
+                        &headers,
+                    )
+                    .await?;
+                let status = response.status().as_u16();
+                Ok((status, read_small(response).await?))
+            })
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
         if status == 409 {
             return Ok(Err(format!(
                 "Firecrawl says this chunk's batch exists (idempotency key already used: {}) but does not give its id back",
@@ -136,6 +145,11 @@ impl Firecrawl {
             .ok_or_else(|| {
                 CallError::Protocol(format!("batch answer has no id: {}", one_line(&text)))
             })?;
+        if let Err(why) = check_remote_id(id) {
+            // The batch exists but its id cannot be used safely: unreadable
+            // for a trigger (in doubt), unreachable when settling one.
+            return Ok(Err(why));
+        }
         let rejected = answer
             .get("invalidURLs")
             .and_then(Value::as_array)
@@ -202,7 +216,7 @@ impl Firecrawl {
         let text = match self
             .fetch(
                 "errors",
-                &format!("{}/{remote_id}/errors", self.base()),
+                &format!("{}/{}/errors", self.base(), id_segment(remote_id)?),
                 &[],
             )
             .await?
@@ -341,9 +355,9 @@ impl Provider for Firecrawl {
             .http
             .get_text(
                 self.ep("status"),
-                &format!("{}/{remote_id}", self.base()),
+                &format!("{}/{}", self.base(), id_segment(remote_id)?),
                 &[("limit", "1".to_string())],
-                MAX_PAGE,
+                STATUS_MAX,
             )
             .await?;
         match gone(status, &text) {
@@ -393,7 +407,7 @@ impl Provider for Firecrawl {
             .and_then(|c| c.get("skip"))
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let path = format!("{}/{remote_id}", self.base());
+        let path = format!("{}/{}", self.base(), id_segment(remote_id)?);
         let text = match self
             .fetch("status", &path, &[("skip", skip.to_string())])
             .await?
@@ -411,7 +425,7 @@ impl Provider for Firecrawl {
         for doc in page.data {
             row(doc, sink)?;
         }
-        let end = skip + returned;
+        let end = skip.saturating_add(returned);
         let next = match page.next.as_deref() {
             // Followed by its skip, against our own base URL: `next` may
             // name another scheme or host (§1.3, issue #930).
@@ -447,7 +461,7 @@ impl Provider for Firecrawl {
             .call(
                 self.ep("cancel"),
                 Method::DELETE,
-                &format!("{}/{remote_id}", self.base()),
+                &format!("{}/{}", self.base(), id_segment(remote_id)?),
                 &[],
                 None,
             )

@@ -68,8 +68,11 @@ pub struct Http {
 /// The endpoints that create a collection (for the `after-send` fail point).
 const TRIGGERS: &[&str] = &["dca_trigger", "v3_trigger", "v1_batch", "v2_batch"];
 
-/// Reads at most this much of an error body or status answer.
+/// Reads at most this much of an error body or a trigger answer.
 const SMALL_BODY: usize = 64 * 1024;
+
+/// A status answer larger than this is a transient error (SPEC §7).
+pub const STATUS_MAX: usize = 1024 * 1024;
 
 impl Http {
     pub fn new(
@@ -275,8 +278,9 @@ impl Http {
 
 impl Http {
     /// A GET whose answer may be large (a listing, a result page), read
-    /// whole up to `max` bytes: a bigger one is a protocol error, because a
-    /// cut answer proves nothing.
+    /// whole up to `max` bytes: a bigger one is a transient error (a status
+    /// answer over 1 MiB, an endless body), because a cut answer proves
+    /// nothing. The whole call, body included, is bounded by the timeout.
     pub async fn get_text(
         &self,
         endpoint: &'static str,
@@ -284,18 +288,23 @@ impl Http {
         query: &[(&str, String)],
         max: usize,
     ) -> Result<(u16, String), CallError> {
-        let response = self.send(endpoint, Method::GET, path, query, None).await?;
-        let status = response.status().as_u16();
-        let (text, dropped) = read_text(response, max).await?;
-        if dropped {
-            return Err(CallError::Protocol(format!(
-                "{endpoint}: answer larger than {max} bytes"
-            )));
-        }
-        Ok((status, text))
+        self.whole(endpoint, async {
+            let response = self.send(endpoint, Method::GET, path, query, None).await?;
+            let status = response.status().as_u16();
+            let (text, dropped) = read_text(response, max).await?;
+            if dropped {
+                return Err(CallError::Transient {
+                    detail: format!("{endpoint}: answer larger than {max} bytes"),
+                    sent: true,
+                });
+            }
+            Ok((status, text))
+        })
+        .await
     }
 
-    /// [`Http::send`], then the answer's status and small body.
+    /// [`Http::send`], then the answer's status and small body, all within
+    /// the timeout.
     pub async fn call(
         &self,
         endpoint: &'static str,
@@ -304,9 +313,35 @@ impl Http {
         query: &[(&str, String)],
         body: Option<(&'static str, Bytes)>,
     ) -> Result<(u16, String), CallError> {
-        let response = self.send(endpoint, method, path, query, body).await?;
-        let status = response.status().as_u16();
-        Ok((status, read_small(response).await?))
+        self.whole(endpoint, async {
+            let response = self.send(endpoint, method, path, query, body).await?;
+            let status = response.status().as_u16();
+            Ok((status, read_small(response).await?))
+        })
+        .await
+    }
+
+    /// Runs a whole call (headers and body) within `request_timeout`: a
+    /// body that trickles or never ends is a transient error, not a hang.
+    pub async fn whole<T>(
+        &self,
+        endpoint: &'static str,
+        call: impl std::future::Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        let limit = self.gate.config().request_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stats.count(endpoint, "timeout");
+                Err(CallError::Transient {
+                    detail: format!(
+                        "{endpoint}: the answer took longer than limits.request_timeout ({})",
+                        humantime::format_duration(limit)
+                    ),
+                    sent: true,
+                })
+            }
+        }
     }
 }
 
@@ -326,21 +361,24 @@ pub async fn read_small(response: Response) -> Result<String, CallError> {
 }
 
 /// Reads a body as text, keeping at most `max` bytes; also says whether
-/// anything was dropped. A cut or stalled body is transient.
+/// anything was dropped. Reading stops at `max`: the rest of a larger (or
+/// endless) body is never read, and the connection is dropped with it. A
+/// cut or stalled body is transient.
 pub async fn read_text(response: Response, max: usize) -> Result<(String, bool), CallError> {
     let mut stream = response.bytes_stream();
     let mut buf = Vec::new();
-    let mut dropped = false;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| CallError::Transient {
             detail: format!("reading the answer: {}", error_chain(&e)),
             sent: true,
         })?;
         let room = max.saturating_sub(buf.len());
-        dropped |= piece.len() > room;
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
+        if piece.len() > room {
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), true));
+        }
     }
-    Ok((String::from_utf8_lossy(&buf).into_owned(), dropped))
+    Ok((String::from_utf8_lossy(&buf).into_owned(), false))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -354,7 +392,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     // but at least a second, as the date only has second resolution.
     Some(
         when.duration_since(SystemTime::now())
-            .map(|d| d + Duration::from_secs(1))
+            .map(|d| d.saturating_add(Duration::from_secs(1)))
             .unwrap_or(Duration::from_secs(1)),
     )
 }
