@@ -105,7 +105,16 @@ async fn status_poll(
     remote_id: &str,
     call: Option<CallSlot>,
 ) -> Result<PollOutcome, CallError> {
-    let outcome = ctx.provider.poll(key, remote_id).await;
+    // A poll is a read: at shutdown it is given up rather than waited for
+    // (an endless answer would otherwise hold SIGTERM for the whole
+    // request_timeout). The caller sees `stop` and ends the chunk.
+    let outcome = tokio::select! {
+        outcome = ctx.provider.poll(key, remote_id) => outcome,
+        _ = ctx.stop.cancelled() => Err(CallError::Transient {
+            detail: "shutting down".into(),
+            sent: true,
+        }),
+    };
     drop(call);
     if outcome.is_ok() {
         ctx.counters.last_poll_ok.store(now_ms(), Ordering::Relaxed);
@@ -334,6 +343,9 @@ pub async fn drive_run(
             if let (Some(p), Some(_)) = (&polled, &call) {
                 if !stop.is_cancelled() && ctx.gate.blocked().is_none() {
                     let outcome = status_poll(&ctx, &run.spec.key, &p.remote_id, call.take()).await;
+                    if stop.is_cancelled() {
+                        return Ok(ChunkEnd::Stopped);
+                    }
                     if let Ok(PollOutcome::Building) = outcome {
                         let next = Waiting::next_poll(&ctx, &key, index, permit, 0, p.clone());
                         return Ok(ChunkEnd::Waiting(next));
@@ -913,6 +925,9 @@ impl ChunkDriver {
                             )));
                         }
                     };
+                    if self.stop.is_cancelled() {
+                        return Ok(ChunkEnd::Stopped);
+                    }
                     Box::pin(self.on_answer(&remote_id, triggered_at, answer)).await?
                 }
                 ChunkState::Ready {
