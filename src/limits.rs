@@ -549,6 +549,40 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// No wait a provider asks for, however large, panics the gate or
+        /// pauses it past `retry_after_cap` (or the brake); and backoff and
+        /// poll intervals stay within their bounds for any input.
+        #[test]
+        fn provider_waits_never_overflow_and_stay_capped(
+            secs in proptest::prelude::any::<u64>(),
+            nanos in 0u32..1_000_000_000,
+            attempt in proptest::prelude::any::<u32>(),
+            waited in proptest::prelude::any::<u64>(),
+            unit in proptest::prelude::any::<f64>(),
+        ) {
+            let config = LimitsConfig::default();
+            let gate = ProviderGate::new(&config);
+            let asked = Duration::new(secs, nanos);
+            let pause = gate.rate_limited(Some(asked));
+            let most = config.retry_after_cap.max(config.brake_pause_max);
+            proptest::prop_assert!(pause <= most, "{pause:?}");
+            let shown = gate.paused().map(|p| p.left).unwrap_or_default();
+            proptest::prop_assert!(shown <= most);
+            let b = backoff(attempt, config.backoff_base, config.backoff_cap, unit);
+            proptest::prop_assert!(b <= config.backoff_cap);
+            let p = poll_interval(
+                Duration::from_millis(waited),
+                config.poll_min_interval,
+                config.poll_max_interval,
+                Some(Duration::from_millis(waited)),
+                unit,
+            );
+            proptest::prop_assert!(p >= config.poll_min_interval);
+            proptest::prop_assert!(p <= config.poll_max_interval.mul_f64(1.1));
+        }
+    }
+
     #[test]
     fn backoff_is_bounded_full_jitter() {
         let base = Duration::from_secs(1);

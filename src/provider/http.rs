@@ -463,6 +463,15 @@ mod tests {
             assert_eq!(header.to_str().unwrap(), "Bearer t0k");
             assert!(header.is_sensitive());
         }
+        // An id's segment stays one segment: no step up to another path.
+        let hostile = crate::provider::id_segment("../../../admin/x").unwrap();
+        assert_eq!(
+            http("http://127.0.0.1:9/api", None)
+                .url(&format!("/dca/log/{hostile}"))
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:9/api/dca/log/..%2F..%2F..%2Fadmin%2Fx"
+        );
         assert_eq!(
             http("https://api.example.com", None)
                 .url("/datasets/v3/progress/s_1")
