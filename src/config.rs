@@ -81,22 +81,27 @@ pub struct LimitsConfig {
     pub triggers_per_minute: u32,
     /// All calls to one provider.
     pub requests_per_second: u32,
+    /// The shortest wait between two status polls of one collection.
     #[serde(with = "humantime_serde")]
     pub poll_min_interval: Duration,
+    /// The longest wait between two status polls of one collection.
     #[serde(with = "humantime_serde")]
     pub poll_max_interval: Duration,
     /// First retry delay after a 5xx, timeout or reset (full jitter).
     #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
+    /// The longest retry delay; the backoff doubles up to it.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
     /// Answers 429 within `brake_window` that pause the whole provider.
     pub brake_after_429: u32,
+    /// The window in which `brake_after_429` answers 429 engage the brake.
     #[serde(with = "humantime_serde")]
     pub brake_window: Duration,
     /// First provider-wide pause; doubles up to `brake_pause_max`.
     #[serde(with = "humantime_serde")]
     pub brake_pause: Duration,
+    /// The longest provider-wide pause of the brake.
     #[serde(with = "humantime_serde")]
     pub brake_pause_max: Duration,
     /// Pause after a 429 that names no wait.
@@ -135,7 +140,7 @@ pub struct LimitsConfig {
     /// memory. Bytes, or a size such as `"64MiB"`.
     #[serde(deserialize_with = "byte_size")]
     pub max_row_bytes: u64,
-    /// Free space the output (or staging) and state filesystems must keep:
+    /// Free space the output and state filesystems must keep:
     /// below it, downloads wait (the chunk stays ready) and are tried again
     /// every few seconds. Bytes, or a size such as `"1GiB"`; 0 turns the
     /// check off.
@@ -145,10 +150,14 @@ pub struct LimitsConfig {
     /// (Bright Data; Firecrawl uses `firecrawl_expiry_warn`).
     #[serde(with = "humantime_serde")]
     pub expiry_warn: Duration,
+    /// Log an error (and show `error` in status) when a ready Bright Data
+    /// dataset is unsaved with this little time left.
     #[serde(with = "humantime_serde")]
     pub expiry_error: Duration,
+    /// `expiry_warn` for Firecrawl, whose results live 24 hours.
     #[serde(with = "humantime_serde")]
     pub firecrawl_expiry_warn: Duration,
+    /// `expiry_error` for Firecrawl.
     #[serde(with = "humantime_serde")]
     pub firecrawl_expiry_error: Duration,
     /// Web Scraper API snapshots with more records than this are fetched

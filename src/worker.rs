@@ -1519,7 +1519,7 @@ impl ChunkDriver {
     }
 
     /// Why a download must wait for disk space now, if it must: the output
-    /// (or staging) or state filesystem has less than `min_free_space`.
+    /// or state filesystem has less than `min_free_space`.
     async fn space_check(&self) -> Option<String> {
         let min = self.ctx.limits().min_free_space;
         if min == 0 {
