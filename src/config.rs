@@ -130,8 +130,9 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub retry_after_cap: Duration,
     /// The most one dataset download request may send (a Scraper Studio
-    /// dataset, a Web Scraper API snapshot or part, a Firecrawl page); a
-    /// larger one fails its chunk with that reason. Bytes, or a size such
+    /// dataset, a Web Scraper API snapshot or part; a Firecrawl page is
+    /// read whole, up to 256 MiB); a larger one fails its chunk with that
+    /// reason. Bytes, or a size such
     /// as `"100GiB"`.
     #[serde(deserialize_with = "byte_size")]
     pub max_dataset_bytes: u64,

@@ -158,6 +158,44 @@ async fn an_unreadable_row_is_kept_as_malformed_and_the_rest_saved_once() {
     }
 }
 
+/// Firecrawl: a document that is not JSON makes its page invalid JSON;
+/// the page is read around it, the document kept as a malformed row, the
+/// others saved, and each page fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecrawl_an_unreadable_document_is_kept_as_malformed_and_the_rest_saved() {
+    for kind in ["invalid_utf8", "control_char"] {
+        let h = Harness::new(&format!(
+            "[firecrawl]\nbuild_time = \"100ms\"\nmalformed_document = \"{kind}\"\nmalformed_at = 3\n"
+        ))
+        .await;
+        let urls: String = (0..6)
+            .map(|i| format!("https://docs.example/{i}\n"))
+            .collect();
+        std::fs::write(h.path("jobs/urls.txt"), urls).unwrap();
+        h.write_job(
+            "fc.toml",
+            "provider = \"firecrawl\"\ninputs_file = \"urls.txt\"\nchunk_size = 6\nformats = [\"ndjson\"]\n",
+        );
+        let (code, stderr) = run_once_within(&h, Duration::from_secs(40)).await;
+        assert_eq!(code, 0, "{kind}: {stderr}");
+        let manifest = h.manifest("fc");
+        assert_eq!(manifest["state"], "complete", "{kind}: {manifest:#}");
+        assert_eq!(manifest["malformed_rows"], 1, "{kind}");
+        assert_eq!(manifest["rows"], 5, "{kind}");
+        let errors = lines(&h.run_dir("fc").join("errors.ndjson"));
+        assert_eq!(errors.len(), 1, "{kind}: {errors:?}");
+        assert!(errors[0].contains("\"malformed_row\""), "{}", errors[0]);
+        let url_shown = if kind == "control_char" {
+            "docs.example/3"
+        } else {
+            // base64 of `{"url":"https://docs.example/3"`, as the row starts.
+            "eyJ1cmwiOiJodHRwczovL2RvY3MuZXhhbXBsZS8zI"
+        };
+        assert!(errors[0].contains(url_shown), "{}", errors[0]);
+        assert_eq!(requests(&h, "fc_errors"), 1, "{kind}: downloaded once");
+    }
+}
+
 /// `Retry-After: 18446744073709551615` (u64::MAX seconds) panicked the
 /// chunk task; `99999999999` paused the provider for 3,000 years, unseen.
 /// Both now wait `retry_after_cap`, and `status` shows the pause and why.

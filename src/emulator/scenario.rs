@@ -59,6 +59,12 @@ pub struct FirecrawlScenario {
     pub retention: Duration,
     /// Credits left; `None`: unlimited. A batch needs one per URL (402).
     pub credits: Option<u64>,
+    /// One document no JSON reader takes (hostile provider), as for
+    /// collectors' `malformed_row`: it makes its whole page (and a status
+    /// answer carrying it) invalid JSON.
+    pub malformed_document: Option<MalformedRow>,
+    /// The URL (from 0, in input order) whose document is the malformed one.
+    pub malformed_at: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -293,6 +299,8 @@ impl Default for FirecrawlScenario {
             status_lag: Duration::ZERO,
             retention: Duration::from_secs(24 * 3600),
             credits: None,
+            malformed_document: None,
+            malformed_at: 0,
         }
     }
 }

@@ -288,17 +288,30 @@ impl Http {
         query: &[(&str, String)],
         max: usize,
     ) -> Result<(u16, String), CallError> {
+        let (status, bytes) = self.get_bytes(endpoint, path, query, max).await?;
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// [`Http::get_text`] as the bytes that came, for answers whose rows
+    /// must be checked as they are rather than with bad bytes replaced.
+    pub async fn get_bytes(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        max: usize,
+    ) -> Result<(u16, Vec<u8>), CallError> {
         self.whole(endpoint, async {
             let response = self.send(endpoint, Method::GET, path, query, None).await?;
             let status = response.status().as_u16();
-            let (text, dropped) = read_text(response, max).await?;
+            let (bytes, dropped) = read_bytes(response, max).await?;
             if dropped {
                 return Err(CallError::Transient {
                     detail: format!("{endpoint}: answer larger than {max} bytes"),
                     sent: true,
                 });
             }
-            Ok((status, text))
+            Ok((status, bytes))
         })
         .await
     }
@@ -361,10 +374,17 @@ pub async fn read_small(response: Response) -> Result<String, CallError> {
 }
 
 /// Reads a body as text, keeping at most `max` bytes; also says whether
-/// anything was dropped. Reading stops at `max`: the rest of a larger (or
-/// endless) body is never read, and the connection is dropped with it. A
-/// cut or stalled body is transient.
+/// anything was dropped (see [`read_bytes`]).
 pub async fn read_text(response: Response, max: usize) -> Result<(String, bool), CallError> {
+    let (bytes, dropped) = read_bytes(response, max).await?;
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), dropped))
+}
+
+/// Reads a body, keeping at most `max` bytes; also says whether anything
+/// was dropped. Reading stops at `max`: the rest of a larger (or endless)
+/// body is never read, and the connection is dropped with it. A cut or
+/// stalled body is transient.
+pub async fn read_bytes(response: Response, max: usize) -> Result<(Vec<u8>, bool), CallError> {
     let mut stream = response.bytes_stream();
     let mut buf = Vec::new();
     while let Some(piece) = stream.next().await {
@@ -375,10 +395,10 @@ pub async fn read_text(response: Response, max: usize) -> Result<(String, bool),
         let room = max.saturating_sub(buf.len());
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
         if piece.len() > room {
-            return Ok((String::from_utf8_lossy(&buf).into_owned(), true));
+            return Ok((buf, true));
         }
     }
-    Ok((String::from_utf8_lossy(&buf).into_owned(), false))
+    Ok((buf, false))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
