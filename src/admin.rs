@@ -355,7 +355,8 @@ fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, String> {
         jobs.push(job);
     }
     let providers: Vec<Value> = distinct(&state.contexts)
-        .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason)}))
+        .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason),
+            "paused": c.gate.paused().map(|p| json!({"reason": p.reason, "seconds_left": p.left.as_secs()}))}))
         .collect();
     Ok(json!({"jobs": jobs, "providers": providers}))
 }

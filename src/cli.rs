@@ -365,6 +365,13 @@ async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
                 p["provider"].as_str().unwrap_or("?")
             );
         }
+        if let Some(reason) = p["paused"]["reason"].as_str() {
+            println!(
+                "provider {} PAUSED ({}s left): {reason}",
+                p["provider"].as_str().unwrap_or("?"),
+                p["paused"]["seconds_left"].as_u64().unwrap_or(0)
+            );
+        }
     }
     EXIT_OK
 }

@@ -86,22 +86,27 @@ pub struct LimitsConfig {
     pub triggers_per_minute: u32,
     /// All calls to one provider.
     pub requests_per_second: u32,
+    /// The shortest wait between two status polls of one collection.
     #[serde(with = "humantime_serde")]
     pub poll_min_interval: Duration,
+    /// The longest wait between two status polls of one collection.
     #[serde(with = "humantime_serde")]
     pub poll_max_interval: Duration,
     /// First retry delay after a 5xx, timeout or reset (full jitter).
     #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
+    /// The longest retry delay; the backoff doubles up to it.
     #[serde(with = "humantime_serde")]
     pub backoff_cap: Duration,
     /// Answers 429 within `brake_window` that pause the whole provider.
     pub brake_after_429: u32,
+    /// The window in which `brake_after_429` answers 429 engage the brake.
     #[serde(with = "humantime_serde")]
     pub brake_window: Duration,
     /// First provider-wide pause; doubles up to `brake_pause_max`.
     #[serde(with = "humantime_serde")]
     pub brake_pause: Duration,
+    /// The longest provider-wide pause of the brake.
     #[serde(with = "humantime_serde")]
     pub brake_pause_max: Duration,
     /// Pause after a 429 that names no wait.
@@ -117,18 +122,48 @@ pub struct LimitsConfig {
     /// after this long (listings can lag) before it is triggered again.
     #[serde(with = "humantime_serde")]
     pub in_doubt_recheck: Duration,
-    /// Per-call timeout for everything but downloads; downloads use it as an
-    /// idle (read) timeout.
+    /// The whole of a call other than a dataset download (headers and
+    /// body: status, trigger, listing, cancel, error bodies). A dataset
+    /// download is bounded by progress instead: it fails when no byte has
+    /// come for this long, and by `max_dataset_bytes`, and it is given up
+    /// at shutdown, so an endless body never holds SIGTERM.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The longest pause a provider can impose with `Retry-After` (or
+    /// Firecrawl's "retry after Ns"): a longer ask waits this long, and
+    /// `status` shows the provider as paused with the reason.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_cap: Duration,
+    /// The most one dataset download request may send (a Scraper Studio
+    /// dataset, a Web Scraper API snapshot or part; a Firecrawl page is
+    /// read whole, up to 256 MiB); a larger one fails its chunk with that
+    /// reason. Bytes, or a size such
+    /// as `"100GiB"`.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_dataset_bytes: u64,
+    /// The largest row the daemon reads: a larger one is a malformed row,
+    /// kept in `errors.ndjson` cut to this size, and never held whole in
+    /// memory. Bytes, or a size such as `"64MiB"`.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_row_bytes: u64,
+    /// Free space the output and state filesystems must keep:
+    /// below it, downloads wait (the chunk stays ready) and are tried again
+    /// every few seconds. Bytes, or a size such as `"1GiB"`; 0 turns the
+    /// check off.
+    #[serde(deserialize_with = "byte_size")]
+    pub min_free_space: u64,
     /// Warn when a ready dataset is unsaved with this little time left
     /// (Bright Data; Firecrawl uses `firecrawl_expiry_warn`).
     #[serde(with = "humantime_serde")]
     pub expiry_warn: Duration,
+    /// Log an error (and show `error` in status) when a ready Bright Data
+    /// dataset is unsaved with this little time left.
     #[serde(with = "humantime_serde")]
     pub expiry_error: Duration,
+    /// `expiry_warn` for Firecrawl, whose results live 24 hours.
     #[serde(with = "humantime_serde")]
     pub firecrawl_expiry_warn: Duration,
+    /// `expiry_error` for Firecrawl.
     #[serde(with = "humantime_serde")]
     pub firecrawl_expiry_error: Duration,
     /// Web Scraper API snapshots with more records than this are fetched
@@ -169,6 +204,8 @@ impl Default for LimitsConfig {
         const MIN: u64 = 60;
         const HOUR: u64 = 3600;
         const DAY: u64 = 24 * HOUR;
+        const MIB: u64 = 1024 * 1024;
+        const GIB: u64 = 1024 * MIB;
         LimitsConfig {
             max_in_flight: 10,
             triggers_per_minute: 30,
@@ -186,6 +223,10 @@ impl Default for LimitsConfig {
             not_found_grace: Duration::from_secs(2 * MIN),
             in_doubt_recheck: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
+            retry_after_cap: Duration::from_secs(HOUR),
+            max_dataset_bytes: 100 * GIB,
+            max_row_bytes: 64 * MIB,
+            min_free_space: GIB,
             expiry_warn: Duration::from_secs(3 * DAY),
             expiry_error: Duration::from_secs(DAY),
             firecrawl_expiry_warn: Duration::from_secs(6 * HOUR),
@@ -209,6 +250,49 @@ impl LimitsConfig {
             .get(key)
             .and_then(|k| k.triggers_per_minute)
             .unwrap_or(self.triggers_per_minute)
+    }
+}
+
+/// A size in bytes: a whole number, or a string such as `"64MiB"`, `"1GiB"`,
+/// `"500MB"` (binary `KiB`/`MiB`/`GiB`/`TiB`, decimal `KB`/`MB`/`GB`/`TB`,
+/// `B`). A size over `u64::MAX` bytes is an error, not a wrap.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size such as 64MiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000u64.pow(2),
+        "gb" => 1000u64.pow(3),
+        "tb" => 1000u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "'{text}': unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(n),
+        Size::Text(t) => parse_byte_size(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -327,6 +411,16 @@ impl Config {
             // The API refuses a batch_size below 1000 (brightdata.md §3.4).
             return Err(ConfigError::Invalid(
                 "limits.snapshot_batch_size must be at least 1000".into(),
+            ));
+        }
+        if l.max_row_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_row_bytes must be at least 1KiB".into(),
+            ));
+        }
+        if l.request_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "limits.request_timeout must be longer than 0s".into(),
             ));
         }
         if l.poll_min_interval > l.poll_max_interval {
@@ -484,6 +578,33 @@ mod tests {
         assert_eq!(c.limits.poll_min_interval, Duration::from_millis(50));
         assert_eq!(c.limits.max_in_flight("c_x"), 2);
         assert_eq!(c.limits.max_in_flight("c_y"), 10);
+    }
+
+    /// The bounds on what a provider sends take sizes with units, default
+    /// to SPEC §7's values, and refuse sizes that overflow.
+    #[test]
+    fn byte_sizes_and_bound_defaults() {
+        let d = LimitsConfig::default();
+        assert_eq!(d.retry_after_cap, Duration::from_secs(3600));
+        assert_eq!(d.max_dataset_bytes, 100 << 30);
+        assert_eq!(d.max_row_bytes, 64 << 20);
+        assert_eq!(d.min_free_space, 1 << 30);
+        let c = Config::from_toml(
+            "[limits]\nmax_row_bytes = \"2KiB\"\nmax_dataset_bytes = 5000\nmin_free_space = \"3 GB\"\nretry_after_cap = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_row_bytes, 2048);
+        assert_eq!(c.limits.max_dataset_bytes, 5000);
+        assert_eq!(c.limits.min_free_space, 3_000_000_000);
+        assert_eq!(c.limits.retry_after_cap, Duration::from_secs(2));
+        assert_eq!(parse_byte_size("16TiB"), Ok(16 << 40));
+        for bad in ["", "MiB", "12 parsecs", "-1", "99999999999TiB"] {
+            assert!(parse_byte_size(bad).is_err(), "{bad}");
+        }
+        let err = Config::from_toml("[limits]\nmax_row_bytes = \"lots\"\n").unwrap_err();
+        assert!(err.contains("lots"), "{err}");
+        let small = Config::from_toml("[limits]\nmax_row_bytes = 10\n").unwrap();
+        assert!(small.validate().is_err());
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl Contexts {
                 gate: gate.clone(),
                 limits: std::sync::RwLock::new(limits.clone()),
                 output_dir: config.output_dir.clone(),
+                state_dir: config.state_dir.clone(),
                 stop: stop.clone(),
                 park_on_block,
                 counters: counters.clone(),

@@ -3,7 +3,10 @@
 //!
 //! Used for `.json` input files and for dataset downloads, which can be
 //! hundreds of megabytes. It checks only the structure (brackets, strings,
-//! commas); each element is parsed properly by whoever consumes it.
+//! commas); each element is parsed properly by whoever consumes it. With
+//! [`ArraySplitter::with_max_element`] an element longer than the cap is
+//! kept only up to it ([`Element::Cut`]), so one endless row cannot take
+//! the memory either.
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SplitError {
@@ -29,6 +32,16 @@ enum At {
     Done,
 }
 
+/// One element of the array, as [`ArraySplitter::feed_elements`] gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element<'a> {
+    /// The whole element, compact.
+    Whole(&'a [u8]),
+    /// An element longer than the cap: its first `cap` bytes and its full
+    /// (compact) length.
+    Cut { head: &'a [u8], len: u64 },
+}
+
 /// Incremental splitter. Feed it bytes with [`feed`](Self::feed), then call
 /// [`finish`](Self::finish) to learn whether the array was complete.
 pub struct ArraySplitter {
@@ -37,6 +50,12 @@ pub struct ArraySplitter {
     in_string: bool,
     escaped: bool,
     element: Vec<u8>,
+    /// The current element's compact length, kept or not.
+    element_len: u64,
+    /// Where the current element starts in the input.
+    element_start: u64,
+    /// Bytes of an element kept at most.
+    max_element: usize,
     offset: u64,
     bom_seen: usize,
 }
@@ -61,8 +80,39 @@ impl ArraySplitter {
             in_string: false,
             escaped: false,
             element: Vec::with_capacity(4096),
+            element_len: 0,
+            element_start: 0,
+            max_element: usize::MAX,
             offset: 0,
             bom_seen: 0,
+        }
+    }
+
+    /// A splitter that keeps at most `max` bytes of any element.
+    pub fn with_max_element(max: usize) -> Self {
+        ArraySplitter {
+            max_element: max,
+            ..Self::new()
+        }
+    }
+
+    /// Appends to the current element, up to the cap; counts it all.
+    fn keep(&mut self, bytes: &[u8]) {
+        self.element_len = self.element_len.saturating_add(bytes.len() as u64);
+        let room = self.max_element.saturating_sub(self.element.len());
+        self.element
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// The finished element, whole or cut, for the callback.
+    fn finished(&self) -> Element<'_> {
+        if self.element_len > self.element.len() as u64 {
+            Element::Cut {
+                head: &self.element,
+                len: self.element_len,
+            }
+        } else {
+            Element::Whole(&self.element)
         }
     }
 
@@ -83,11 +133,25 @@ impl ArraySplitter {
 
     /// Consumes `bytes`, calling `on_element` with each complete element
     /// (compact: whitespace outside strings removed). An error from
-    /// `on_element` stops the feed and is returned as `Err(Ok(e))`.
+    /// `on_element` stops the feed and is returned as `Err(Ok(e))`. An
+    /// element over the cap (see [`with_max_element`](Self::with_max_element))
+    /// is given cut.
     pub fn feed<E>(
         &mut self,
         bytes: &[u8],
         mut on_element: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), Result<E, SplitError>> {
+        self.feed_elements(bytes, |element, _| match element {
+            Element::Whole(raw) | Element::Cut { head: raw, .. } => on_element(raw),
+        })
+    }
+
+    /// [`feed`](Self::feed), giving each element whole or cut, with the
+    /// offset in the input where it starts.
+    pub fn feed_elements<E>(
+        &mut self,
+        bytes: &[u8],
+        mut on_element: impl FnMut(Element<'_>, u64) -> Result<(), E>,
     ) -> Result<(), Result<E, SplitError>> {
         let mut i = 0;
         while i < bytes.len() {
@@ -96,7 +160,7 @@ impl ArraySplitter {
                 // the next quote or backslash at once instead of byte by byte.
                 let rest = &bytes[i..];
                 let run = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
-                self.element.extend_from_slice(&rest[..run]);
+                self.keep(&rest[..run]);
                 self.offset += run as u64;
                 i += run;
                 if i == bytes.len() {
@@ -133,9 +197,11 @@ impl ArraySplitter {
                         _ => {
                             self.at = At::Element;
                             self.element.clear();
+                            self.element_len = 0;
+                            self.element_start = pos;
                             self.scan(b, pos).map_err(Err)?;
                             if self.at == At::AfterElement {
-                                on_element(&self.element).map_err(Ok)?;
+                                on_element(self.finished(), self.element_start).map_err(Ok)?;
                             }
                         }
                     }
@@ -143,14 +209,14 @@ impl ArraySplitter {
                 At::Element => {
                     if !self.in_string && self.depth == 0 && (b == b',' || b == b']' || is_ws(b)) {
                         // End of a scalar element.
-                        on_element(&self.element).map_err(Ok)?;
+                        on_element(self.finished(), self.element_start).map_err(Ok)?;
                         self.at = At::AfterElement;
                         self.after_element(b, pos).map_err(Err)?;
                         continue;
                     }
                     self.scan(b, pos).map_err(Err)?;
                     if self.at == At::AfterElement {
-                        on_element(&self.element).map_err(Ok)?;
+                        on_element(self.finished(), self.element_start).map_err(Ok)?;
                     }
                 }
                 At::AfterElement => self.after_element(b, pos).map_err(Err)?,
@@ -177,7 +243,7 @@ impl ArraySplitter {
     /// One byte inside an element.
     fn scan(&mut self, b: u8, pos: u64) -> Result<(), SplitError> {
         if self.in_string {
-            self.element.push(b);
+            self.keep(&[b]);
             if self.escaped {
                 self.escaped = false;
             } else if b == b'\\' {
@@ -193,24 +259,24 @@ impl ArraySplitter {
         match b {
             b'"' => {
                 self.in_string = true;
-                self.element.push(b);
+                self.keep(&[b]);
             }
             b'{' | b'[' => {
-                self.depth += 1;
-                self.element.push(b);
+                self.depth = self.depth.saturating_add(1);
+                self.keep(&[b]);
             }
             b'}' | b']' => {
                 if self.depth == 0 {
                     return Err(SplitError::Malformed(pos, "unbalanced bracket"));
                 }
                 self.depth -= 1;
-                self.element.push(b);
+                self.keep(&[b]);
                 if self.depth == 0 {
                     self.at = At::AfterElement;
                 }
             }
             b if is_ws(b) => {}
-            _ => self.element.push(b),
+            _ => self.keep(&[b]),
         }
         Ok(())
     }
@@ -256,6 +322,43 @@ mod tests {
                 ],
                 "piece {piece}"
             );
+        }
+    }
+
+    /// An element over the cap is given cut, with its full length and its
+    /// offset, whatever the piece size; the ones around it are whole.
+    #[test]
+    fn elements_over_the_cap_are_cut_with_their_length_and_offset() {
+        let big = format!("{{\"body\":\"{}\"}}", "x".repeat(100));
+        let input = format!(
+            "[{{\"a\":1}}, {big},\n {{\"b\":[2]}}, \"{}\"]",
+            "y".repeat(40)
+        );
+        for piece in [1, 3, 16, 1000] {
+            let mut s = ArraySplitter::with_max_element(20);
+            let mut got = Vec::new();
+            for part in input.as_bytes().chunks(piece) {
+                s.feed_elements(part, |e, at| {
+                    got.push(match e {
+                        Element::Whole(raw) => {
+                            (String::from_utf8_lossy(raw).into_owned(), None, at)
+                        }
+                        Element::Cut { head, len } => {
+                            (String::from_utf8_lossy(head).into_owned(), Some(len), at)
+                        }
+                    });
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+            }
+            s.finish().unwrap();
+            assert_eq!(got.len(), 4, "piece {piece}");
+            assert_eq!(got[0], ("{\"a\":1}".to_string(), None, 1));
+            assert_eq!(got[1].0, big[..20], "piece {piece}");
+            assert_eq!(got[1].1, Some(big.len() as u64));
+            assert_eq!(got[1].2, input.find("{\"body").unwrap() as u64);
+            assert_eq!(got[2].0, "{\"b\":[2]}");
+            assert_eq!(got[3].1, Some(42), "a long scalar is cut too");
         }
     }
 

@@ -58,6 +58,14 @@
 //!   so a restart resumes at the next page and never fetches a saved one.
 //! - A chunk is `downloaded` only after its part file is durable; final files
 //!   are written only from part files, atomically; `_SUCCESS` comes last.
+//! - Whatever a provider sends is bounded (docs/limits.md): a call's
+//!   whole answer by `request_timeout` and a size, a download by
+//!   `max_dataset_bytes` and progress, a row by `max_row_bytes` (an
+//!   unreadable row becomes a `malformed_row` record, never a retry), a
+//!   pause by `retry_after_cap`; remote ids go out only as one
+//!   percent-encoded path segment; arithmetic on provider values is
+//!   checked or saturating. Polls and downloads are given up at shutdown.
+//! - A chunk held up records why as its `last_error` in the store.
 //! - Expiry is judged on the provider's clock (the `Date` header of its
 //!   latest answer, kept by [`provider::http::Http`]), the clock it deletes by.
 //! - Crash safety is proven, not assumed: every durable boundary has a named

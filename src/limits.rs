@@ -235,8 +235,17 @@ pub struct Block {
     pub reason: String,
 }
 
+/// Why a provider's calls wait, until when (see [`ProviderGate::paused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    pub left: Duration,
+    pub reason: String,
+}
+
 struct GateState {
     pause_until: Instant,
+    /// Why calls wait until `pause_until`.
+    pause_reason: String,
     recent_429: VecDeque<Instant>,
     brake_level: u32,
     total_429: u64,
@@ -316,6 +325,7 @@ impl ProviderGate {
             clock: governor::clock::DefaultClock::default(),
             state: Mutex::new(GateState {
                 pause_until: Instant::now(),
+                pause_reason: String::new(),
                 recent_429: VecDeque::new(),
                 brake_level: 0,
                 total_429: 0,
@@ -325,7 +335,8 @@ impl ProviderGate {
         })
     }
 
-    fn config(&self) -> LimitsConfig {
+    /// The limits in force (SIGHUP replaces them).
+    pub fn config(&self) -> LimitsConfig {
         self.config
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -368,11 +379,15 @@ impl ProviderGate {
         }
     }
 
-    /// Records a 429. `wait` is what the provider asked for, if anything.
-    /// Returns the pause now in force.
+    /// Records a 429. `wait` is what the provider asked for, if anything:
+    /// never more than `retry_after_cap` is waited (a provider's value must
+    /// not pause the daemon for years, nor overflow a clock). Returns the
+    /// pause now in force.
     pub fn rate_limited(&self, wait: Option<Duration>) -> Duration {
         let now = Instant::now();
         let config = self.config();
+        let asked = wait;
+        let wait = wait.map(|w| w.min(config.retry_after_cap));
         let mut s = self.state();
         s.total_429 += 1;
         s.recent_429.push_back(now);
@@ -385,6 +400,15 @@ impl ProviderGate {
             s.recent_429.pop_front();
         }
         let mut pause = wait.unwrap_or(config.rate_limit_pause);
+        let mut reason = match asked {
+            Some(a) if a > config.retry_after_cap => format!(
+                "429: the provider asked to wait {}s; waiting limits.retry_after_cap ({}) instead",
+                a.as_secs(),
+                humantime::format_duration(config.retry_after_cap)
+            ),
+            Some(a) => format!("429: the provider asked to wait {}s", a.as_secs()),
+            None => "429 naming no wait".to_string(),
+        };
         if s.recent_429.len() as u32 >= config.brake_after_429 {
             let brake = config
                 .brake_pause
@@ -393,13 +417,33 @@ impl ProviderGate {
             s.brake_level += 1;
             s.recent_429.clear();
             tracing::warn!(pause = ?brake, "provider brake: repeated 429 answers, pausing every call");
-            pause = pause.max(brake);
+            if brake > pause {
+                pause = brake;
+                reason = format!(
+                    "429 brake: {} answers 429 within {}",
+                    config.brake_after_429,
+                    humantime::format_duration(config.brake_window)
+                );
+            }
         }
-        let until = now + pause;
+        // `Instant + Duration` panics on overflow; the cap keeps the pause
+        // small, and even a clock near its end cannot panic here.
+        let until = now.checked_add(pause).unwrap_or(now);
         if until > s.pause_until {
             s.pause_until = until;
+            s.pause_reason = reason;
         }
         s.pause_until.saturating_duration_since(now)
+    }
+
+    /// The pause in force, if any, and why (shown by `status`).
+    pub fn paused(&self) -> Option<Pause> {
+        let s = self.state();
+        let left = s.pause_until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then(|| Pause {
+            left,
+            reason: s.pause_reason.clone(),
+        })
     }
 
     /// A successful call lowers the brake again.
@@ -502,6 +546,40 @@ mod tests {
                 sustained as f64 >= 0.95 * 2.0 * f64::from(rps),
                 "rps {rps}: {sustained} calls in 2 s"
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// No wait a provider asks for, however large, panics the gate or
+        /// pauses it past `retry_after_cap` (or the brake); and backoff and
+        /// poll intervals stay within their bounds for any input.
+        #[test]
+        fn provider_waits_never_overflow_and_stay_capped(
+            secs in proptest::prelude::any::<u64>(),
+            nanos in 0u32..1_000_000_000,
+            attempt in proptest::prelude::any::<u32>(),
+            waited in proptest::prelude::any::<u64>(),
+            unit in proptest::prelude::any::<f64>(),
+        ) {
+            let config = LimitsConfig::default();
+            let gate = ProviderGate::new(&config);
+            let asked = Duration::new(secs, nanos);
+            let pause = gate.rate_limited(Some(asked));
+            let most = config.retry_after_cap.max(config.brake_pause_max);
+            proptest::prop_assert!(pause <= most, "{pause:?}");
+            let shown = gate.paused().map(|p| p.left).unwrap_or_default();
+            proptest::prop_assert!(shown <= most);
+            let b = backoff(attempt, config.backoff_base, config.backoff_cap, unit);
+            proptest::prop_assert!(b <= config.backoff_cap);
+            let p = poll_interval(
+                Duration::from_millis(waited),
+                config.poll_min_interval,
+                config.poll_max_interval,
+                Some(Duration::from_millis(waited)),
+                unit,
+            );
+            proptest::prop_assert!(p >= config.poll_min_interval);
+            proptest::prop_assert!(p <= config.poll_max_interval.mul_f64(1.1));
         }
     }
 

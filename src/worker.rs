@@ -105,7 +105,16 @@ async fn status_poll(
     remote_id: &str,
     call: Option<CallSlot>,
 ) -> Result<PollOutcome, CallError> {
-    let outcome = ctx.provider.poll(key, remote_id).await;
+    // A poll is a read: at shutdown it is given up rather than waited for
+    // (an endless answer would otherwise hold SIGTERM for the whole
+    // request_timeout). The caller sees `stop` and ends the chunk.
+    let outcome = tokio::select! {
+        outcome = ctx.provider.poll(key, remote_id) => outcome,
+        _ = ctx.stop.cancelled() => Err(CallError::Transient {
+            detail: "shutting down".into(),
+            sent: true,
+        }),
+    };
     drop(call);
     if outcome.is_ok() {
         ctx.counters.last_poll_ok.store(now_ms(), Ordering::Relaxed);
@@ -198,6 +207,8 @@ pub struct Context {
     /// Swapped whole on SIGHUP; readers take a snapshot.
     pub limits: std::sync::RwLock<Arc<LimitsConfig>>,
     pub output_dir: PathBuf,
+    /// The state directory: its filesystem must keep `min_free_space` too.
+    pub state_dir: PathBuf,
     pub stop: CancellationToken,
     /// With `run --once`, a blocked provider parks its runs instead of
     /// waiting for the block to lift.
@@ -332,6 +343,9 @@ pub async fn drive_run(
             if let (Some(p), Some(_)) = (&polled, &call) {
                 if !stop.is_cancelled() && ctx.gate.blocked().is_none() {
                     let outcome = status_poll(&ctx, &run.spec.key, &p.remote_id, call.take()).await;
+                    if stop.is_cancelled() {
+                        return Ok(ChunkEnd::Stopped);
+                    }
                     if let Ok(PollOutcome::Building) = outcome {
                         let next = Waiting::next_poll(&ctx, &key, index, permit, 0, p.clone());
                         return Ok(ChunkEnd::Waiting(next));
@@ -362,6 +376,7 @@ pub async fn drive_run(
                 call_slot: call,
                 slot,
                 answer,
+                short_of_space: None,
             }
             .drive(permit)
             .await
@@ -716,20 +731,23 @@ fn write_outputs(
     let new_rows = dedup
         .as_ref()
         .map(|(key, _, unseen)| crate::sink::dedup::NewRows { key, unseen });
-    let outputs = crate::sink::outputs::write(
+    let written = crate::sink::outputs::write(
         dir,
         &run.spec.formats,
         run.spec.escape_formulas,
         &parts,
         new_rows.as_ref(),
     )?;
+    let (outputs, malformed_rows) = (written.files, written.malformed_rows);
     let rows = outputs
         .first()
         .map_or(0, |o| if o.file == "errors.ndjson" { 0 } else { o.rows });
+    // errors.ndjson holds both; the manifest counts them apart.
     let error_rows = outputs
         .iter()
         .find(|o| o.file == "errors.ndjson")
-        .map_or(0, |o| o.rows);
+        .map_or(0, |o| o.rows)
+        .saturating_sub(malformed_rows);
     let manifest = Manifest {
         job: run.job.clone(),
         run_id: run.run_id.clone(),
@@ -741,6 +759,7 @@ fn write_outputs(
         inputs: run.inputs,
         rows,
         error_rows,
+        malformed_rows,
         chunks: chunks.iter().map(manifest_chunk).collect(),
         outputs,
     };
@@ -847,6 +866,8 @@ struct ChunkDriver {
     /// The answer to a status poll already made for this record (one that
     /// changes something: see [`Waiting::polled`]).
     answer: Option<Result<PollOutcome, CallError>>,
+    /// Why the download waits for disk space, while it does (logged once).
+    short_of_space: Option<String>,
 }
 
 /// What to do after a call failed.
@@ -904,6 +925,9 @@ impl ChunkDriver {
                             )));
                         }
                     };
+                    if self.stop.is_cancelled() {
+                        return Ok(ChunkEnd::Stopped);
+                    }
                     Box::pin(self.on_answer(&remote_id, triggered_at, answer)).await?
                 }
                 ChunkState::Ready {
@@ -1009,13 +1033,43 @@ impl ChunkDriver {
         }
     }
 
+    /// Records why the chunk is held up as its `last_error`, in the store,
+    /// where `status` and `/v1/jobs` read it. Not flushed: it is a report,
+    /// not a step, and the next flush carries it.
+    fn note_error(&mut self, error: String) {
+        if self.rec.last_error.as_deref() == Some(error.as_str()) {
+            return;
+        }
+        self.rec.last_error = Some(error);
+        if let Err(e) = self
+            .ctx
+            .store
+            .put_chunk(&self.run.job, &self.run.run_id, &self.rec)
+        {
+            warn!(error = %e, "could not record the chunk's last error");
+        }
+    }
+
+    /// Clears a recorded `last_error` once the chunk makes progress again.
+    fn clear_error(&mut self) {
+        if self.rec.last_error.take().is_some() {
+            if let Err(e) = self
+                .ctx
+                .store
+                .put_chunk(&self.run.job, &self.run.run_id, &self.rec)
+            {
+                warn!(error = %e, "could not clear the chunk's last error");
+            }
+        }
+    }
+
     /// Backs off after a failure; `Next::End(Stopped)` if stopped meanwhile.
     async fn back_off(&mut self, what: &str, e: &CallError) -> Next {
         let l = &self.ctx.limits();
         let wait = backoff(self.attempt, l.backoff_base, l.backoff_cap, jitter());
         self.attempt = self.attempt.saturating_add(1);
         warn!(error = %e, attempt = self.attempt, ?wait, "{what} failed; retrying");
-        self.rec.last_error = Some(e.to_string());
+        self.note_error(format!("{what}: {e}"));
         if self.wait(wait).await {
             Next::Continue
         } else {
@@ -1026,9 +1080,23 @@ impl ChunkDriver {
     /// A failed call's common cases: 429 (the gate already waits), a block.
     async fn on_error(&mut self, what: &str, e: CallError) -> Next {
         match &e {
-            CallError::RateLimited { .. } => Next::Continue,
+            CallError::RateLimited { .. } => {
+                let why = match self.ctx.gate.paused() {
+                    Some(p) => format!(
+                        "{what}: provider paused for {}s more: {}",
+                        p.left.as_secs(),
+                        p.reason
+                    ),
+                    None => format!("{what}: {e}"),
+                };
+                self.note_error(why);
+                Next::Continue
+            }
             // The driver has blocked the provider already; the loop waits.
-            CallError::Blocked { .. } => Next::Continue,
+            CallError::Blocked { .. } => {
+                self.note_error(format!("{what}: {e}"));
+                Next::Continue
+            }
             _ => self.back_off(what, &e).await,
         }
     }
@@ -1190,7 +1258,10 @@ impl ChunkDriver {
     ) -> Result<Next, WorkerError> {
         let l = &self.ctx.limits();
         match outcome {
-            Ok(PollOutcome::Building) => self.attempt = 0,
+            Ok(PollOutcome::Building) => {
+                self.attempt = 0;
+                self.clear_error();
+            }
             Ok(PollOutcome::Ready { expires_at, start }) => {
                 let now = now_ms();
                 // Scraper Studio and the Web Scraper API name no deadline:
@@ -1210,6 +1281,7 @@ impl ChunkDriver {
                     cursor: start,
                     ..Download::default()
                 };
+                self.rec.last_error = None;
                 self.apply(ChunkEvent::Ready {
                     at: now,
                     expires_at,
@@ -1287,10 +1359,20 @@ impl ChunkDriver {
         if self.rec.download.fetched {
             return self.join(remote_id).await;
         }
+        if let Some(why) = self.space_check().await {
+            return Ok(self.wait_for_space(why).await);
+        }
+        if self.short_of_space.take().is_some() {
+            info!(remote_id, "disk space is back; downloading");
+        }
         let dir = self.dir.clone();
         let (index, page) = (self.rec.index, self.rec.download.pages);
+        let max_row_bytes = self.ctx.limits().max_row_bytes;
         let mut part = match tokio::task::spawn_blocking(move || {
-            PartWriter::create(&dir, index, page)
+            PartWriter::create(&dir, index, page).map(|mut p| {
+                p.max_row_bytes = max_row_bytes;
+                p
+            })
         })
         .await
         {
@@ -1320,23 +1402,40 @@ impl ChunkDriver {
             }
         }
         let cursor = self.rec.download.cursor.clone();
-        let outcome = self
-            .ctx
-            .provider
-            .download(&self.run.spec.key, remote_id, cursor.as_ref(), &mut part)
-            .await;
+        // Raced against shutdown: a download is bounded by progress, not
+        // by time, and an endless body must not hold SIGTERM. The page
+        // given up is thrown away with its temporary file.
+        let outcome = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(Next::End(ChunkEnd::Stopped)),
+            outcome = self
+                .ctx
+                .provider
+                .download(&self.run.spec.key, remote_id, cursor.as_ref(), &mut part) => outcome,
+        };
         match outcome {
             Ok(DownloadOutcome::Saved { next }) => {
                 let (rows, error_rows) = (part.rows, part.error_rows);
+                let malformed_rows = part.malformed_rows;
                 let columns = std::mem::take(&mut part.columns).into_names();
                 let committed = tokio::task::spawn_blocking(move || part.commit())
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
                 if let Err(e) = committed {
+                    if crate::sink::is_out_of_space(&e) {
+                        return Ok(self
+                            .wait_for_space(format!("saving the part file: {e}"))
+                            .await);
+                    }
                     // The chunk stays ready: it is never done without a durable part.
                     return Ok(self
                         .back_off("saving the part file", &CallError::Sink(e))
                         .await);
+                }
+                if malformed_rows > 0 {
+                    warn!(
+                        remote_id,
+                        malformed_rows, "rows the daemon cannot read were kept in errors.ndjson"
+                    );
                 }
                 self.attempt = 0;
                 self.rec.last_error = None;
@@ -1400,6 +1499,17 @@ impl ChunkDriver {
                     return Ok(Next::End(ChunkEnd::Stopped));
                 }
             }
+            Err(CallError::TooLarge(error)) => {
+                drop(part);
+                error!(remote_id, "{error}");
+                self.apply(ChunkEvent::Failed { error }).await?;
+            }
+            Err(CallError::Sink(e)) if crate::sink::is_out_of_space(&e) => {
+                drop(part);
+                return Ok(self
+                    .wait_for_space(format!("writing the part file: {e}"))
+                    .await);
+            }
             Err(e) => {
                 drop(part);
                 return Ok(self.on_error("download", e).await);
@@ -1407,4 +1517,52 @@ impl ChunkDriver {
         }
         Ok(Next::Continue)
     }
+
+    /// Why a download must wait for disk space now, if it must: the output
+    /// or state filesystem has less than `min_free_space`.
+    async fn space_check(&self) -> Option<String> {
+        let min = self.ctx.limits().min_free_space;
+        if min == 0 {
+            return None;
+        }
+        let dirs = [
+            ("output", self.ctx.output_dir.clone()),
+            ("state", self.ctx.state_dir.clone()),
+        ];
+        tokio::task::spawn_blocking(move || {
+            dirs.iter().find_map(|(what, dir)| {
+                let free = crate::sink::free_space(dir).ok()?;
+                (free < min).then(|| {
+                    format!(
+                        "waiting for disk space: the {what} filesystem ({}) has {free} bytes free, under limits.min_free_space ({min})",
+                        dir.display()
+                    )
+                })
+            })
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The chunk stays ready and its download waits for disk space: says
+    /// why (log once, `last_error` for `status`), then waits a few seconds
+    /// before the next check. The backoff does not grow: nothing failed
+    /// at the provider.
+    async fn wait_for_space(&mut self, why: String) -> Next {
+        if self.short_of_space.as_deref() != Some(why.as_str()) {
+            warn!(reason = %why, "download waits for disk space");
+        }
+        self.short_of_space = Some(why.clone());
+        self.note_error(why);
+        let recheck = self.ctx.limits().poll_max_interval.min(SPACE_RECHECK);
+        if self.wait(recheck).await {
+            Next::Continue
+        } else {
+            Next::End(ChunkEnd::Stopped)
+        }
+    }
 }
+
+/// How often a download waiting for disk space checks again (at most).
+const SPACE_RECHECK: Duration = Duration::from_secs(5);

@@ -348,6 +348,8 @@ impl Drop for Tmpfs {
 async fn a_really_full_output_disk_stalls_saving_and_space_returning_finishes_the_run() {
     let h = Harness::new("[defaults]\nbuild_time = \"100ms\"\nrow_bytes = 20000\n").await;
     let urls = big_rows_job(&h, INPUTS);
+    // The write itself must fail here: no free-space margin is kept.
+    h.write_config("min_free_space = 0\n");
     // Each chunk is about 400 KB of rows: the first fits, the second does not.
     let Some(disk) = Tmpfs::mount(&h.path("out"), "600k") else {
         // Mounting needs root; the injected-failure test above covers the

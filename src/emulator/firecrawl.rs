@@ -483,19 +483,49 @@ fn with_batch(
     json_reply(StatusCode::OK, &body(batch, now))
 }
 
+/// Stands for the malformed document in a page's JSON until its bytes,
+/// which no JSON value can hold, are put in its place.
+const MALFORMED_MARK: &str = "\u{1}emulator-malformed-document\u{1}";
+
+/// The page `body` with the malformed document's bytes in place of its
+/// mark, if the page holds it.
+fn with_malformed(batch: &Batch, body: &Value) -> Reply {
+    let text = body.to_string();
+    let mark = Value::String(MALFORMED_MARK.into()).to_string();
+    let (Some(kind), Some(at)) = (batch.scenario.malformed_document, text.find(&mark)) else {
+        return json_reply(StatusCode::OK, body);
+    };
+    let url = batch
+        .urls
+        .iter()
+        .find(|u| u.index == batch.scenario.malformed_at)
+        .map_or_else(
+            || "null".to_string(),
+            |u| Value::String(u.url.clone()).to_string(),
+        );
+    let mut out = text.as_bytes()[..at].to_vec();
+    out.extend_from_slice(&super::malformed_row(kind, &url, 2 * 1024 * 1024));
+    out.extend_from_slice(&text.as_bytes()[at + mark.len()..]);
+    super::full(StatusCode::OK, "application/json", out)
+}
+
 fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     let q = query(req);
     let skip: usize = q.get("skip").and_then(|v| v.parse().ok()).unwrap_or(0);
     let limit: Option<usize> = q.get("limit").and_then(|v| v.parse().ok());
     let host = host_of(req);
     let version = version_of(req);
-    with_batch(state, req, |batch, now| {
+    let mut malformed = None;
+    let reply = with_batch(state, req, |batch, now| {
         let cap = limit.unwrap_or(batch.scenario.page_docs).max(1);
         let docs: Vec<&UrlJob> = batch.documents(now).collect();
         let mut data = Vec::new();
         let mut bytes = 0usize;
         for u in docs.iter().skip(skip).take(cap) {
-            let doc = batch.document(u);
+            let doc = match batch.scenario.malformed_document {
+                Some(_) if u.index == batch.scenario.malformed_at => json!(MALFORMED_MARK),
+                _ => batch.document(u),
+            };
             let len = doc.to_string().len();
             // The document that crosses the cap waits for the next page,
             // unless it would be the page's only one.
@@ -532,8 +562,12 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
         } else if status != "scraping" && !batch.served.swap(true, Ordering::Relaxed) {
             state.in_flight(ACCOUNT, -1);
         }
+        if batch.scenario.malformed_document.is_some() {
+            malformed = Some(with_malformed(batch, &body));
+        }
         body
-    })
+    });
+    malformed.unwrap_or(reply)
 }
 
 fn errors(state: &State, req: &Request<Incoming>) -> Reply {

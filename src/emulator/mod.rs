@@ -501,6 +501,10 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             return rate_limit(state, fault.as_ref(), api == Api::Firecrawl)
         }
         Some(FaultKind::Reset) => return Reply::Drop,
+        Some(FaultKind::Endless) => {
+            let delay = fault.as_ref().map_or(Duration::ZERO, |f| f.delay);
+            return endless(endpoint, delay);
+        }
         Some(FaultKind::Html) => {
             return full(
                 StatusCode::OK,
@@ -614,6 +618,23 @@ fn rate_limit(state: &State, fault: Option<&Fault>, firecrawl: bool) -> Reply {
     let secs = fault.map_or(1, |f| f.retry_after_secs);
     let form = fault.map_or("seconds", |f| f.retry_after.as_str());
     let now = Instant::now();
+    // A hostile provider's header, sent as it is; the emulator counts no
+    // request as early against it.
+    if let Some(raw) = fault.and_then(|f| f.retry_after_header.clone()) {
+        let Reply::Response(mut r) = text(StatusCode::TOO_MANY_REQUESTS, "Too many requests")
+        else {
+            return Reply::Drop;
+        };
+        if let Ok(h) = HeaderValue::from_str(&raw) {
+            r.headers_mut().insert(http::header::RETRY_AFTER, h);
+        }
+        state
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rate_limited += 1;
+        return Reply::Response(r);
+    }
     let mut header = None;
     let mut until = None;
     let mut body = "Too many requests".to_string();
@@ -624,7 +645,7 @@ fn rate_limit(state: &State, fault: Option<&Fault>, firecrawl: bool) -> Reply {
         "none" => {}
         _ if firecrawl => {
             body = firecrawl::rate_limit_body(secs);
-            until = Some(now + Duration::from_secs(secs));
+            until = now.checked_add(Duration::from_secs(secs));
             if form == "header" {
                 header = Some(secs.to_string());
             }
@@ -641,7 +662,7 @@ fn rate_limit(state: &State, fault: Option<&Fault>, firecrawl: bool) -> Reply {
         }
         _ => {
             header = Some(secs.to_string());
-            until = Some(now + Duration::from_secs(secs));
+            until = now.checked_add(Duration::from_secs(secs));
         }
     }
     {
@@ -723,6 +744,98 @@ fn cut(response: Response<Body>, stall: Option<Duration>) -> Response<Body> {
     Response::from_parts(parts, BoxBody::new(http_body_util::StreamBody::new(stream)))
 }
 
+/// A 200 whose body never ends: for a dataset endpoint, rows (a JSON
+/// array for Scraper Studio, NDJSON for the Web Scraper API); for any other
+/// endpoint, a status object that never closes. Pieces of 64 KiB, `delay`
+/// apart.
+fn endless(endpoint: &str, delay: Duration) -> Reply {
+    const PIECE: usize = 64 * 1024;
+    let (head, unit): (&[u8], &[u8]) = match endpoint {
+        "dataset" => (
+            b"[",
+            br#"{"url":"https://endless.example/","title":"again"},"#,
+        ),
+        "v3_snapshot" => (
+            b"",
+            b"{\"url\":\"https://endless.example/\",\"title\":\"again\"}\n",
+        ),
+        _ => (br#"{"status":"running","padding":""#, b"x"),
+    };
+    let mut piece = Vec::with_capacity(PIECE + unit.len());
+    while piece.len() < PIECE {
+        piece.extend_from_slice(unit);
+    }
+    let piece = Bytes::from(piece);
+    let first = Bytes::from_static(head);
+    let stream = futures::stream::unfold(0u64, move |n| {
+        let (first, piece) = (first.clone(), piece.clone());
+        async move {
+            if n > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let data = if n == 0 { first } else { piece };
+            Some((Ok::<_, std::io::Error>(Frame::data(data)), n + 1))
+        }
+    });
+    let mut r = Response::new(BoxBody::new(http_body_util::StreamBody::new(stream)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Reply::Response(r)
+}
+
+/// A path segment with its `%XX` escapes decoded (ids arrive encoded).
+pub(crate) fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The bytes of a malformed row; a `huge` one of `huge_bytes` is built whole
+/// here (Scraper Studio streams its own instead).
+pub(crate) fn malformed_row(
+    kind: scenario::MalformedRow,
+    url_json: &str,
+    huge_bytes: usize,
+) -> Vec<u8> {
+    use scenario::MalformedRow as M;
+    let mut row = format!("{{\"url\":{url_json},\"title\":\"").into_bytes();
+    match kind {
+        M::InvalidUtf8 => row.extend_from_slice(b"caf\xe9 \xff\xfe\"}"),
+        M::ControlChar => row.extend_from_slice(b"tab\x01here\"}"),
+        M::DeepNesting => {
+            row.extend_from_slice(b"deep\",\"nest\":");
+            row.extend_from_slice(&[b'['; 200]);
+            row.extend_from_slice(&[b']'; 200]);
+            row.push(b'}');
+        }
+        M::Huge => {
+            row.extend_from_slice(b"huge\",\"body\":\"");
+            row.resize(row.len() + huge_bytes, b'x');
+            row.extend_from_slice(b"\"}");
+        }
+    }
+    row
+}
+
 /// An RFC 3339 time of the emulator's clock, with milliseconds.
 pub(crate) fn iso(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
@@ -768,11 +881,12 @@ pub(crate) fn brightdata_inputs(body: &[u8]) -> Result<Vec<serde_json::Value>, B
 /// The `n`-th segment of the request's path (from 0), e.g. the id in
 /// `/datasets/v3/progress/{id}` (3); empty if there is none.
 pub(crate) fn path_segment(req: &Request<Incoming>, n: usize) -> String {
-    req.uri()
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .nth(n)
-        .unwrap_or_default()
-        .to_string()
+    percent_decode(
+        req.uri()
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .nth(n)
+            .unwrap_or_default(),
+    )
 }

@@ -59,6 +59,12 @@ pub struct FirecrawlScenario {
     pub retention: Duration,
     /// Credits left; `None`: unlimited. A batch needs one per URL (402).
     pub credits: Option<u64>,
+    /// One document no JSON reader takes (hostile provider), as for
+    /// collectors' `malformed_row`: it makes its whole page (and a status
+    /// answer carrying it) invalid JSON.
+    pub malformed_document: Option<MalformedRow>,
+    /// The URL (from 0, in input order) whose document is the malformed one.
+    pub malformed_at: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -121,6 +127,34 @@ pub struct CollectorScenario {
     pub whole_download_max_records: Option<u64>,
     /// Web Scraper API: running snapshots per dataset before 429.
     pub max_running: Option<usize>,
+    /// One row of the dataset the client cannot read (hostile provider):
+    /// `invalid_utf8`, `control_char`, `deep_nesting` or `huge`. None by
+    /// default: the documented APIs send JSON.
+    pub malformed_row: Option<MalformedRow>,
+    /// The input whose first row is the malformed one (from 0).
+    pub malformed_at: usize,
+    /// For `malformed_row = "huge"`: the row's size in bytes, streamed
+    /// without being held whole.
+    pub huge_row_bytes: usize,
+    /// The id the trigger answers with (and every later answer uses)
+    /// instead of a fresh random one: a hostile provider's id, such as
+    /// `../../../admin/x`, one over 256 bytes or one with control
+    /// characters.
+    pub remote_id: Option<String>,
+}
+
+/// A row no JSON reader accepts, or one too big to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MalformedRow {
+    /// Bytes that are not UTF-8 inside a string.
+    InvalidUtf8,
+    /// A raw control character (U+0001) inside a string.
+    ControlChar,
+    /// Arrays nested 200 deep.
+    DeepNesting,
+    /// A row of `huge_row_bytes` bytes.
+    Huge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -170,9 +204,13 @@ pub struct Fault {
     pub first: u64,
     /// Or fault each matching request with this probability (seeded).
     pub probability: f64,
-    /// For `slow` and `stall`.
+    /// For `slow` and `stall`; for `endless`, the pause between pieces of
+    /// the body.
     #[serde(with = "humantime_serde")]
     pub delay: Duration,
+    /// For `rate_limit`: this exact `Retry-After` header value instead
+    /// (e.g. `18446744073709551615` or `99999999999`).
+    pub retry_after_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -194,6 +232,10 @@ pub enum FaultKind {
     Truncate,
     /// 200 with an HTML error page.
     Html,
+    /// 200 with a body that never ends: rows for a dataset endpoint
+    /// (`dataset`, `v3_snapshot`), a JSON object that never closes for any
+    /// other (a status answer), in 64 KiB pieces `delay` apart.
+    Endless,
 }
 
 impl Default for Scenario {
@@ -237,6 +279,10 @@ impl Default for CollectorScenario {
             fail_message: "Something went wrong. Our team is looking into it.".into(),
             whole_download_max_records: None,
             max_running: None,
+            malformed_row: None,
+            malformed_at: 0,
+            huge_row_bytes: 100 * 1024 * 1024,
+            remote_id: None,
         }
     }
 }
@@ -253,6 +299,8 @@ impl Default for FirecrawlScenario {
             status_lag: Duration::ZERO,
             retention: Duration::from_secs(24 * 3600),
             credits: None,
+            malformed_document: None,
+            malformed_at: 0,
         }
     }
 }
@@ -271,6 +319,7 @@ impl Default for Fault {
             first: 0,
             probability: 0.0,
             delay: Duration::from_secs(1),
+            retry_after_header: None,
         }
     }
 }

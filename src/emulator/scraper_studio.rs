@@ -183,7 +183,10 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
         );
     }
     let now = state.now_ms();
-    let id = state.random_id("j_");
+    let id = scenario
+        .remote_id
+        .clone()
+        .unwrap_or_else(|| state.random_id("j_"));
     let job = Job {
         id: id.clone(),
         collector: collector.clone(),
@@ -219,10 +222,10 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
 }
 
 fn log(state: &State, req: &Request<Incoming>) -> Reply {
-    let id = req.uri().path().rsplit('/').next().unwrap_or_default();
+    let id = super::path_segment(req, 2);
     let now = state.now_ms();
     let mut jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(job) = jobs.get_mut(id) else {
+    let Some(job) = jobs.get_mut(&id) else {
         return text(StatusCode::NOT_FOUND, "Job not found");
     };
     job.status_polls += 1;
@@ -398,6 +401,7 @@ fn rows_body(
         job_id: Value::String(job_id).to_string(),
         next: (0, 0),
         current: None,
+        pending_pad: 0,
     };
     // Frame 0 is "[", then frames of rows, the last "]": a cut or a stall
     // always falls inside the array.
@@ -411,8 +415,16 @@ fn rows_body(
         let mut out = Vec::with_capacity(FRAME + 4096);
         if frame == 0 {
             out.push(b'[');
-        } else if rows.more(total) {
-            while out.len() < FRAME && rows.more(total) {
+        } else if rows.pending_pad > 0 || rows.more(total) {
+            while out.len() < FRAME {
+                // A huge row goes out a frame at a time.
+                if rows.pending_pad > 0 {
+                    rows.pad(&mut out, FRAME);
+                    continue;
+                }
+                if !rows.more(total) {
+                    break;
+                }
                 if !std::mem::take(&mut first) {
                     out.push(b',');
                 }
@@ -448,6 +460,8 @@ struct RowMaker {
     next: (usize, u32),
     /// The JSON text of the current input and of its `url`.
     current: Option<(usize, String, String)>,
+    /// Bytes of a huge row's body still to send.
+    pending_pad: usize,
 }
 
 impl RowMaker {
@@ -467,11 +481,36 @@ impl RowMaker {
         self.next.0 < total
     }
 
+    /// Appends up to `frame` bytes of a huge row's body, and its end.
+    fn pad(&mut self, out: &mut Vec<u8>, frame: usize) {
+        let n = self.pending_pad.min(frame.saturating_sub(out.len()).max(1));
+        out.resize(out.len() + n, b'x');
+        self.pending_pad -= n;
+        if self.pending_pad == 0 {
+            out.extend_from_slice(b"\"}");
+        }
+    }
+
     /// Appends the next row's JSON text to `out` and moves on.
     fn write_next(&mut self, out: &mut Vec<u8>) {
         let (i, r) = self.next;
         let s = &self.scenario;
         let input = &self.inputs[i];
+        if let (Some(kind), true) = (s.malformed_row, i == s.malformed_at && r == 0) {
+            let url = input.get("url").cloned().unwrap_or(Value::Null).to_string();
+            if kind == super::scenario::MalformedRow::Huge {
+                let _ = write!(out, "{{\"url\":{url},\"title\":\"huge\",\"body\":\"");
+                self.pending_pad = s.huge_row_bytes.max(1);
+            } else {
+                out.extend_from_slice(&super::malformed_row(kind, &url, 0));
+            }
+            self.next = if r + 1 < s.rows_per_input {
+                (i, r + 1)
+            } else {
+                (i + 1, 0)
+            };
+            return;
+        }
         if self.is_error(i) {
             let row = json!({
                 "input": input,
@@ -586,10 +625,10 @@ fn listing(state: &State, req: &Request<Incoming>) -> Reply {
 }
 
 fn cancel(state: &State, req: &Request<Incoming>) -> Reply {
-    let id = req.uri().path().split('/').nth(3).unwrap_or_default();
+    let id = super::path_segment(req, 2);
     let now = state.now_ms();
     let mut jobs = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(job) = jobs.get_mut(id) else {
+    let Some(job) = jobs.get_mut(&id) else {
         return text(StatusCode::NOT_FOUND, "Job not found");
     };
     match job.phase(now) {

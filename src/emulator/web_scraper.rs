@@ -225,7 +225,10 @@ async fn trigger(state: &State, req: Request<Incoming>) -> Reply {
             );
         }
     }
-    let id = state.random_id("sd_");
+    let id = scenario
+        .remote_id
+        .clone()
+        .unwrap_or_else(|| state.random_id("sd_"));
     let include_errors = q
         .get("include_errors")
         .is_some_and(|v| v == "true" || v == "1");
@@ -426,6 +429,10 @@ fn records_body(
         }
     }
     let (inputs, scenario, id) = (s.inputs.clone(), s.scenario.clone(), s.id.clone());
+    // A hostile provider's unreadable row, in NDJSON downloads.
+    let malformed = scenario
+        .malformed_row
+        .map(|kind| (kind, scenario.malformed_at, scenario.huge_row_bytes));
     let record = move |(i, r): (usize, u64)| record(&inputs[i], i, r, &scenario, &id);
     let format = format.to_string();
     let header: Option<Vec<String>> = (format == "csv")
@@ -480,7 +487,17 @@ fn records_body(
                         out.extend_from_slice(csv_line(cells).as_bytes());
                     }
                     _ => {
-                        out.extend_from_slice(value.to_string().as_bytes());
+                        match malformed {
+                            Some((kind, at, huge)) if p.0 == at && p.1 == 0 => {
+                                let url = value.get("url").cloned().unwrap_or_default();
+                                out.extend_from_slice(&super::malformed_row(
+                                    kind,
+                                    &url.to_string(),
+                                    huge,
+                                ));
+                            }
+                            _ => out.extend_from_slice(value.to_string().as_bytes()),
+                        }
                         out.push(b'\n');
                     }
                 }

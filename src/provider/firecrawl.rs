@@ -18,10 +18,11 @@ use sha2::{Digest, Sha256};
 
 use super::http::{one_line, read_small, Http};
 use super::{
-    accepted, input_lines, parse_time, CallError, Cursor, DownloadOutcome, Found, PollOutcome,
-    Provider, RowSink, TriggerCall, Triggered,
+    accepted, check_remote_id, id_segment, input_lines, parse_time, CallError, Cursor,
+    DownloadOutcome, Found, PollOutcome, Provider, RowSink, TriggerCall, Triggered,
 };
 use crate::chunk::UnixMs;
+use crate::jsonstream::{ArraySplitter, Element};
 use crate::spec::{ApiVersion, ProviderKind};
 
 /// Results are kept about 24 h after completion (§1.9).
@@ -30,6 +31,10 @@ const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// A page holds at most ~10 MiB of documents, but a single oversize
 /// document still comes alone: allow well beyond.
 const MAX_PAGE: usize = 256 * 1024 * 1024;
+
+/// A status answer carries one document (`limit=1`), which may be a large
+/// page's HTML: more room than Bright Data's 1 MiB, still bounded.
+const STATUS_MAX: usize = 16 * 1024 * 1024;
 
 pub struct Firecrawl {
     http: Http,
@@ -104,22 +109,27 @@ impl Firecrawl {
                 idempotency_key(call.name, call.attempt),
             ));
         }
-        let response = self
+        let (status, text) = self
             .http
-            .send_with(
-                self.ep("batch"),
-                Method::POST,
-                self.base(),
-                &[],
-                Some((
-                    "application/json",
-                    Bytes::from(Value::Object(body).to_string()),
-                )),
-                &headers,
-            )
+            .whole(self.ep("batch"), async {
+                let response = self
+                    .http
+                    .send_with(
+                        self.ep("batch"),
+                        Method::POST,
+                        self.base(),
+                        &[],
+                        Some((
+                            "application/json",
+                            Bytes::from(Value::Object(body).to_string()),
+                        )),
+                        &headers,
+                    )
+                    .await?;
+                let status = response.status().as_u16();
+                Ok((status, read_small(response).await?))
+            })
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
         if status == 409 {
             return Ok(Err(format!(
                 "Firecrawl says this chunk's batch exists (idempotency key already used: {}) but does not give its id back",
@@ -136,6 +146,11 @@ impl Firecrawl {
             .ok_or_else(|| {
                 CallError::Protocol(format!("batch answer has no id: {}", one_line(&text)))
             })?;
+        if let Err(why) = check_remote_id(id) {
+            // The batch exists but its id cannot be used safely: unreadable
+            // for a trigger (in doubt), unreachable when settling one.
+            return Ok(Err(why));
+        }
         let rejected = answer
             .get("invalidURLs")
             .and_then(Value::as_array)
@@ -172,25 +187,26 @@ impl Firecrawl {
         what: &str,
         path: &str,
         query: &[(&str, String)],
-    ) -> Result<Result<String, DownloadOutcome>, CallError> {
+    ) -> Result<Result<Vec<u8>, DownloadOutcome>, CallError> {
         let endpoint = self.ep(what);
-        let (status, text) = self.http.get_text(endpoint, path, query, MAX_PAGE).await?;
-        if let Some(outcome) = gone(status, &text) {
+        let (status, bytes) = self.http.get_bytes(endpoint, path, query, MAX_PAGE).await?;
+        let text = || String::from_utf8_lossy(&bytes[..bytes.len().min(64 * 1024)]).into_owned();
+        if let Some(outcome) = gone(status, &text()) {
             return Ok(Err(outcome));
         }
         if !(200..300).contains(&status) {
             return Err(CallError::Protocol(format!(
                 "{endpoint} answered {status}: {}",
-                one_line(&text)
+                one_line(&text())
             )));
         }
-        if text.trim_start().starts_with('<') {
+        if bytes.trim_ascii_start().starts_with(b"<") {
             return Err(CallError::Transient {
                 detail: format!("{endpoint} answered with an HTML page"),
                 sent: true,
             });
         }
-        Ok(Ok(text))
+        Ok(Ok(bytes))
     }
 
     /// The failed URLs (`/errors`), as error rows; the last page.
@@ -199,15 +215,15 @@ impl Firecrawl {
         remote_id: &str,
         sink: &mut dyn RowSink,
     ) -> Result<DownloadOutcome, CallError> {
-        let text = match self
+        let bytes = match self
             .fetch(
                 "errors",
-                &format!("{}/{remote_id}/errors", self.base()),
+                &format!("{}/{}/errors", self.base(), id_segment(remote_id)?),
                 &[],
             )
             .await?
         {
-            Ok(text) => text,
+            Ok(bytes) => bytes,
             Err(outcome) => return Ok(outcome),
         };
         #[derive(Deserialize)]
@@ -217,10 +233,15 @@ impl Firecrawl {
             #[serde(default, rename = "robotsBlocked")]
             robots_blocked: Vec<String>,
         }
-        let page: Errors = serde_json::from_str(&text)
-            .map_err(|e| CallError::Protocol(format!("errors answer: {e}: {}", one_line(&text))))?;
+        let page: Errors = serde_json::from_slice(&bytes).map_err(|e| {
+            CallError::Protocol(format!(
+                "errors answer: {e}: {}",
+                one_line(&String::from_utf8_lossy(&bytes[..bytes.len().min(300)]))
+            ))
+        })?;
+        let max_row = self.http.gate.config().max_row_bytes;
         for entry in page.errors {
-            row(entry, sink)?;
+            row(entry, 0, max_row, sink)?;
         }
         for url in page.robots_blocked {
             let blocked =
@@ -273,16 +294,124 @@ fn gone(status: u16, text: &str) -> Option<DownloadOutcome> {
 }
 
 /// Writes one document or error entry, compact on one line.
-fn row(raw: &RawValue, sink: &mut dyn RowSink) -> Result<(), CallError> {
+fn row(raw: &RawValue, at: u64, max_row: u64, sink: &mut dyn RowSink) -> Result<(), CallError> {
     let text = raw.get();
-    let result = if text.contains('\n') {
+    let result = if text.len() as u64 > max_row {
+        let head = &text.as_bytes()[..usize::try_from(max_row).unwrap_or(usize::MAX)];
+        sink.oversize_row(head, text.len() as u64, at)
+    } else if text.contains('\n') {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| CallError::Protocol(format!("document: {e}")))?;
-        sink.row(value.to_string().as_bytes())
+        sink.row_at(value.to_string().as_bytes(), at)
     } else {
-        sink.row(text.as_bytes())
+        sink.row_at(text.as_bytes(), at)
     };
     result.map_err(CallError::Sink)
+}
+
+/// A status answer or result page. A page one of whose documents is not
+/// JSON (not UTF-8, a raw control character, too deep) is read without its
+/// `data` array, kept in `rest`; the array's place in `bytes` is returned
+/// so that its documents can be split and checked one by one.
+fn parse_page<'a>(
+    bytes: &'a [u8],
+    rest: &'a mut Vec<u8>,
+) -> Result<(Page<'a>, Option<(usize, usize)>), CallError> {
+    let first = match serde_json::from_slice::<Page>(bytes) {
+        Ok(page) => return Ok((page, None)),
+        Err(e) => e,
+    };
+    let unreadable = || {
+        CallError::Protocol(format!(
+            "page: {first}: {}",
+            one_line(&String::from_utf8_lossy(&bytes[..bytes.len().min(300)]))
+        ))
+    };
+    let (start, end) = data_array(bytes).ok_or_else(unreadable)?;
+    rest.extend_from_slice(&bytes[..start]);
+    rest.extend_from_slice(b"[]");
+    rest.extend_from_slice(&bytes[end..]);
+    let rest: &'a Vec<u8> = rest;
+    let page = serde_json::from_slice::<Page>(rest).map_err(|_| unreadable())?;
+    Ok((page, Some((start, end))))
+}
+
+/// Where the top-level `"data"` array of a page object is, `[` to just
+/// after `]`, found from the structure alone (strings, brackets), so that
+/// a document no JSON reader takes cannot hide the others.
+fn data_array(page: &[u8]) -> Option<(usize, usize)> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut key_start = 0;
+    let mut i = 0;
+    while i < page.len() {
+        let b = page[i];
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => {
+                    in_string = false;
+                    if depth == 1 && &page[key_start..i] == b"data" {
+                        let mut j = i + 1;
+                        let skip_ws = |j: &mut usize| {
+                            while page.get(*j).is_some_and(u8::is_ascii_whitespace) {
+                                *j += 1;
+                            }
+                        };
+                        skip_ws(&mut j);
+                        if page.get(j) == Some(&b':') {
+                            j += 1;
+                            skip_ws(&mut j);
+                            if page.get(j) == Some(&b'[') {
+                                return array_end(page, j).map(|end| (j, end));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => {
+                    in_string = true;
+                    key_start = i + 1;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Just after the `]` that closes the array opening at `start`.
+fn array_end(page: &[u8], start: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in page.iter().enumerate().skip(start) {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The `skip` a `next` link asks for, if it says.
@@ -341,9 +470,9 @@ impl Provider for Firecrawl {
             .http
             .get_text(
                 self.ep("status"),
-                &format!("{}/{remote_id}", self.base()),
+                &format!("{}/{}", self.base(), id_segment(remote_id)?),
                 &[("limit", "1".to_string())],
-                MAX_PAGE,
+                STATUS_MAX,
             )
             .await?;
         match gone(status, &text) {
@@ -352,8 +481,10 @@ impl Provider for Firecrawl {
             _ => {}
         }
         accepted(status, || error_message(&text))?;
-        let page: Page = serde_json::from_str(&text)
-            .map_err(|e| CallError::Protocol(format!("status: {e}: {}", one_line(&text))))?;
+        // The one document a status answer carries may be unreadable: the
+        // status is read without it (the download reports it).
+        let mut rest = Vec::new();
+        let (page, _) = parse_page(text.as_bytes(), &mut rest)?;
         let state = page.status.as_deref().unwrap_or("unknown");
         if page.success == Some(false) || state == "failed" {
             return Ok(PollOutcome::Failed(
@@ -393,25 +524,55 @@ impl Provider for Firecrawl {
             .and_then(|c| c.get("skip"))
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let path = format!("{}/{remote_id}", self.base());
-        let text = match self
+        let path = format!("{}/{}", self.base(), id_segment(remote_id)?);
+        let bytes = match self
             .fetch("status", &path, &[("skip", skip.to_string())])
             .await?
         {
-            Ok(text) => text,
+            Ok(bytes) => bytes,
             Err(outcome) => return Ok(outcome),
         };
-        let page: Page = serde_json::from_str(&text)
-            .map_err(|e| CallError::Protocol(format!("page: {e}: {}", one_line(&text))))?;
+        let mut rest = Vec::new();
+        let (page, unreadable) = parse_page(&bytes, &mut rest)?;
         if page.status.as_deref() == Some("scraping") {
             // More URLs were appended: not finished after all.
             return Ok(DownloadOutcome::NotReady);
         }
-        let returned = page.data.len() as u64;
-        for doc in page.data {
-            row(doc, sink)?;
-        }
-        let end = skip + returned;
+        let max_row = self.http.gate.config().max_row_bytes;
+        let returned = match unreadable {
+            // Every document is JSON: each is written as it came.
+            None => {
+                let n = page.data.len() as u64;
+                for doc in page.data {
+                    let at = (doc.get().as_ptr() as usize).saturating_sub(bytes.as_ptr() as usize);
+                    row(doc, at as u64, max_row, sink)?;
+                }
+                n
+            }
+            // Some document is not: the array is split by its structure,
+            // and each document checked alone (the bad ones become
+            // malformed rows).
+            Some((start, end)) => {
+                let mut splitter =
+                    ArraySplitter::with_max_element(usize::try_from(max_row).unwrap_or(usize::MAX));
+                let mut n = 0u64;
+                splitter
+                    .feed_elements(&bytes[start..end], |doc, at| {
+                        n += 1;
+                        let at = start as u64 + at;
+                        match doc {
+                            Element::Whole(raw) => sink.row_at(raw, at),
+                            Element::Cut { head, len } => sink.oversize_row(head, len, at),
+                        }
+                    })
+                    .map_err(|e| match e {
+                        Ok(io) => CallError::Sink(io),
+                        Err(split) => CallError::Protocol(format!("page: {split}")),
+                    })?;
+                n
+            }
+        };
+        let end = skip.saturating_add(returned);
         let next = match page.next.as_deref() {
             // Followed by its skip, against our own base URL: `next` may
             // name another scheme or host (§1.3, issue #930).
@@ -447,7 +608,7 @@ impl Provider for Firecrawl {
             .call(
                 self.ep("cancel"),
                 Method::DELETE,
-                &format!("{}/{remote_id}", self.base()),
+                &format!("{}/{}", self.base(), id_segment(remote_id)?),
                 &[],
                 None,
             )
@@ -463,6 +624,28 @@ impl Provider for Firecrawl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page with an unreadable document is read without its documents,
+    /// which are then split by structure alone; a readable page is read
+    /// as it is.
+    #[test]
+    fn a_page_with_an_unreadable_document_is_read_around_it() {
+        let page = b"{\"success\":true,\"note\":{\"data\":[9]},\"status\":\"completed\",\"data\" : [{\"a\":\"]\\\"\"},{\"b\":\"\xff\x01\"}],\"next\":null}";
+        let mut rest = Vec::new();
+        let (parsed, unreadable) = parse_page(page, &mut rest).unwrap();
+        assert_eq!(parsed.status.as_deref(), Some("completed"));
+        let (start, end) = unreadable.unwrap();
+        assert_eq!(
+            &page[start..end],
+            b"[{\"a\":\"]\\\"\"},{\"b\":\"\xff\x01\"}]"
+        );
+        let good = br#"{"status":"completed","data":[{"a":1}]}"#;
+        let mut unused = Vec::new();
+        let (parsed, unreadable) = parse_page(good, &mut unused).unwrap();
+        assert_eq!((parsed.data.len(), unreadable), (1, None));
+        assert!(parse_page(b"{\"status\":\"\x01\",\"data\":[]}", &mut Vec::new()).is_err());
+        assert!(parse_page(b"{\"data\":[{\"a\":1}", &mut Vec::new()).is_err());
+    }
 
     #[test]
     fn idempotency_keys_are_stable_uuids() {

@@ -68,8 +68,11 @@ pub struct Http {
 /// The endpoints that create a collection (for the `after-send` fail point).
 const TRIGGERS: &[&str] = &["dca_trigger", "v3_trigger", "v1_batch", "v2_batch"];
 
-/// Reads at most this much of an error body or status answer.
+/// Reads at most this much of an error body or a trigger answer.
 const SMALL_BODY: usize = 64 * 1024;
+
+/// A status answer larger than this is a transient error (SPEC §7).
+pub const STATUS_MAX: usize = 1024 * 1024;
 
 impl Http {
     pub fn new(
@@ -275,8 +278,9 @@ impl Http {
 
 impl Http {
     /// A GET whose answer may be large (a listing, a result page), read
-    /// whole up to `max` bytes: a bigger one is a protocol error, because a
-    /// cut answer proves nothing.
+    /// whole up to `max` bytes: a bigger one is a transient error (a status
+    /// answer over 1 MiB, an endless body), because a cut answer proves
+    /// nothing. The whole call, body included, is bounded by the timeout.
     pub async fn get_text(
         &self,
         endpoint: &'static str,
@@ -284,18 +288,36 @@ impl Http {
         query: &[(&str, String)],
         max: usize,
     ) -> Result<(u16, String), CallError> {
-        let response = self.send(endpoint, Method::GET, path, query, None).await?;
-        let status = response.status().as_u16();
-        let (text, dropped) = read_text(response, max).await?;
-        if dropped {
-            return Err(CallError::Protocol(format!(
-                "{endpoint}: answer larger than {max} bytes"
-            )));
-        }
-        Ok((status, text))
+        let (status, bytes) = self.get_bytes(endpoint, path, query, max).await?;
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
 
-    /// [`Http::send`], then the answer's status and small body.
+    /// [`Http::get_text`] as the bytes that came, for answers whose rows
+    /// must be checked as they are rather than with bad bytes replaced.
+    pub async fn get_bytes(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        max: usize,
+    ) -> Result<(u16, Vec<u8>), CallError> {
+        self.whole(endpoint, async {
+            let response = self.send(endpoint, Method::GET, path, query, None).await?;
+            let status = response.status().as_u16();
+            let (bytes, dropped) = read_bytes(response, max).await?;
+            if dropped {
+                return Err(CallError::Transient {
+                    detail: format!("{endpoint}: answer larger than {max} bytes"),
+                    sent: true,
+                });
+            }
+            Ok((status, bytes))
+        })
+        .await
+    }
+
+    /// [`Http::send`], then the answer's status and small body, all within
+    /// the timeout.
     pub async fn call(
         &self,
         endpoint: &'static str,
@@ -304,9 +326,35 @@ impl Http {
         query: &[(&str, String)],
         body: Option<(&'static str, Bytes)>,
     ) -> Result<(u16, String), CallError> {
-        let response = self.send(endpoint, method, path, query, body).await?;
-        let status = response.status().as_u16();
-        Ok((status, read_small(response).await?))
+        self.whole(endpoint, async {
+            let response = self.send(endpoint, method, path, query, body).await?;
+            let status = response.status().as_u16();
+            Ok((status, read_small(response).await?))
+        })
+        .await
+    }
+
+    /// Runs a whole call (headers and body) within `request_timeout`: a
+    /// body that trickles or never ends is a transient error, not a hang.
+    pub async fn whole<T>(
+        &self,
+        endpoint: &'static str,
+        call: impl std::future::Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        let limit = self.gate.config().request_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stats.count(endpoint, "timeout");
+                Err(CallError::Transient {
+                    detail: format!(
+                        "{endpoint}: the answer took longer than limits.request_timeout ({})",
+                        humantime::format_duration(limit)
+                    ),
+                    sent: true,
+                })
+            }
+        }
     }
 }
 
@@ -326,21 +374,31 @@ pub async fn read_small(response: Response) -> Result<String, CallError> {
 }
 
 /// Reads a body as text, keeping at most `max` bytes; also says whether
-/// anything was dropped. A cut or stalled body is transient.
+/// anything was dropped (see [`read_bytes`]).
 pub async fn read_text(response: Response, max: usize) -> Result<(String, bool), CallError> {
+    let (bytes, dropped) = read_bytes(response, max).await?;
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), dropped))
+}
+
+/// Reads a body, keeping at most `max` bytes; also says whether anything
+/// was dropped. Reading stops at `max`: the rest of a larger (or endless)
+/// body is never read, and the connection is dropped with it. A cut or
+/// stalled body is transient.
+pub async fn read_bytes(response: Response, max: usize) -> Result<(Vec<u8>, bool), CallError> {
     let mut stream = response.bytes_stream();
     let mut buf = Vec::new();
-    let mut dropped = false;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| CallError::Transient {
             detail: format!("reading the answer: {}", error_chain(&e)),
             sent: true,
         })?;
         let room = max.saturating_sub(buf.len());
-        dropped |= piece.len() > room;
         buf.extend_from_slice(&piece[..piece.len().min(room)]);
+        if piece.len() > room {
+            return Ok((buf, true));
+        }
     }
-    Ok((String::from_utf8_lossy(&buf).into_owned(), dropped))
+    Ok((buf, false))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -354,7 +412,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     // but at least a second, as the date only has second resolution.
     Some(
         when.duration_since(SystemTime::now())
-            .map(|d| d + Duration::from_secs(1))
+            .map(|d| d.saturating_add(Duration::from_secs(1)))
             .unwrap_or(Duration::from_secs(1)),
     )
 }
@@ -425,6 +483,15 @@ mod tests {
             assert_eq!(header.to_str().unwrap(), "Bearer t0k");
             assert!(header.is_sensitive());
         }
+        // An id's segment stays one segment: no step up to another path.
+        let hostile = crate::provider::id_segment("../../../admin/x").unwrap();
+        assert_eq!(
+            http("http://127.0.0.1:9/api", None)
+                .url(&format!("/dca/log/{hostile}"))
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:9/api/dca/log/..%2F..%2F..%2Fadmin%2Fx"
+        );
         assert_eq!(
             http("https://api.example.com", None)
                 .url("/datasets/v3/progress/s_1")

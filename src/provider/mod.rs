@@ -102,7 +102,25 @@ pub enum DownloadOutcome {
 
 /// Where downloaded rows go, one compact JSON value at a time.
 pub trait RowSink: Send {
+    /// A row that must be JSON (an error if it is not).
     fn row(&mut self, raw: &[u8]) -> std::io::Result<()>;
+
+    /// A row of a dataset body, starting at `byte_offset` in it. A row the
+    /// daemon cannot read is kept as a malformed row by a sink that can
+    /// (SPEC §6); by default it is an error, as with [`row`](Self::row).
+    fn row_at(&mut self, raw: &[u8], _byte_offset: u64) -> std::io::Result<()> {
+        self.row(raw)
+    }
+
+    /// A row longer than `limits.max_row_bytes`: only its first `head`
+    /// bytes were kept; `len` is its full length.
+    fn oversize_row(&mut self, head: &[u8], len: u64, byte_offset: u64) -> std::io::Result<()> {
+        let _ = (head, byte_offset);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a row of {len} bytes is larger than limits.max_row_bytes"),
+        ))
+    }
 }
 
 /// Why a call did not give an answer. Each variant says what retrying does.
@@ -127,6 +145,34 @@ pub enum CallError {
     /// Writing downloaded rows failed (full disk, I/O error).
     #[error("writing the part file: {0}")]
     Sink(#[source] std::io::Error),
+    /// The dataset is larger than `limits.max_dataset_bytes`: its chunk
+    /// fails for good with this reason.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// Counts a download's bytes against `limits.max_dataset_bytes`.
+pub struct DatasetBudget {
+    received: u64,
+    max: u64,
+}
+
+impl DatasetBudget {
+    pub fn new(max: u64) -> DatasetBudget {
+        DatasetBudget { received: 0, max }
+    }
+
+    /// Adds `n` bytes; `Err` once the total is over the limit.
+    pub fn take(&mut self, n: usize) -> Result<(), CallError> {
+        self.received = self.received.saturating_add(n as u64);
+        if self.received > self.max {
+            return Err(CallError::TooLarge(format!(
+                "the dataset is larger than limits.max_dataset_bytes ({} bytes); download stopped",
+                self.max
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl CallError {
@@ -200,7 +246,52 @@ pub fn accepted(status: u16, message: impl FnOnce() -> String) -> Result<(), Cal
     }
 }
 
-/// The non-empty string `field` of a trigger's JSON answer.
+/// The longest remote id taken from a provider (SPEC §7).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Whether `id` may be used as a remote id: 1 to 256 bytes, no control
+/// characters, and not `.` or `..` (which a URL resolves as a step up, so
+/// that no encoding keeps them one path segment). `Err` says why not.
+pub fn check_remote_id(id: &str) -> Result<(), String> {
+    let shown = || http::one_line(&id.escape_default().to_string());
+    if id.is_empty() {
+        Err("the provider gave an empty id".into())
+    } else if id.len() > MAX_ID_BYTES {
+        Err(format!(
+            "the provider gave an id of {} bytes (at most {MAX_ID_BYTES} are taken): {}",
+            id.len(),
+            shown()
+        ))
+    } else if id.chars().any(char::is_control) {
+        Err(format!(
+            "the provider gave an id with control characters: {}",
+            shown()
+        ))
+    } else if id == "." || id == ".." {
+        Err(format!("the provider gave the id '{id}'"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A remote id as one percent-encoded path segment: every byte but
+/// letters, digits and `-_.~` is encoded, so `../admin` or `a/b?c` stays
+/// inside its segment and the token never goes to another path.
+pub fn id_segment(id: &str) -> Result<String, CallError> {
+    check_remote_id(id).map_err(CallError::Protocol)?;
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(out)
+}
+
+/// The non-empty string `field` of a trigger's JSON answer, checked with
+/// [`check_remote_id`] (an id that fails is an unreadable answer).
 pub fn answer_id(text: &str, field: &str) -> Result<String, CallError> {
     let answer: Value = serde_json::from_str(text).map_err(|e| {
         CallError::Protocol(format!("trigger answer: {e}: {}", http::one_line(text)))
@@ -215,6 +306,11 @@ pub fn answer_id(text: &str, field: &str) -> Result<String, CallError> {
                 "trigger answer has no {field}: {}",
                 http::one_line(text)
             ))
+        })
+        .and_then(|id| {
+            check_remote_id(&id)
+                .map_err(|why| CallError::Protocol(format!("trigger answer: {why}")))?;
+            Ok(id)
         })
 }
 
@@ -290,6 +386,29 @@ mod tests {
         assert_eq!(utc_date(DAY_MS * 365 + 5), "1971-01-01");
         assert_eq!(parse_time("1970-01-01T00:00:01.500Z"), Some(1500));
         assert_eq!(parse_time("yesterday"), None);
+    }
+
+    /// A hostile id never leaves its path segment, and ids that no
+    /// encoding can keep in one segment are refused.
+    #[test]
+    fn remote_ids_are_one_path_segment_or_refused() {
+        assert_eq!(id_segment("j_abc-1.2~x").unwrap(), "j_abc-1.2~x");
+        assert_eq!(
+            id_segment("../../../admin/x").unwrap(),
+            "..%2F..%2F..%2Fadmin%2Fx"
+        );
+        assert_eq!(id_segment("a b?c#d%").unwrap(), "a%20b%3Fc%23d%25");
+        for bad in ["", ".", "..", "j_\n1", "j\u{7f}", &"x".repeat(257)] {
+            assert!(id_segment(bad).is_err(), "{bad:?}");
+        }
+        assert!(id_segment(&"x".repeat(256)).is_ok());
+        assert!(answer_id(r#"{"collection_id":"../../admin/x"}"#, "collection_id").is_ok());
+        assert!(answer_id(
+            &format!(r#"{{"collection_id":"{}"}}"#, "y".repeat(300)),
+            "collection_id"
+        )
+        .is_err());
+        assert!(answer_id(r#"{"collection_id":"j_1\u0007"}"#, "collection_id").is_err());
     }
 
     #[test]

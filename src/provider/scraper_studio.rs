@@ -9,13 +9,14 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 
-use super::http::{error_chain, one_line, read_small, Http};
+use super::http::{error_chain, one_line, read_small, Http, STATUS_MAX};
 use super::{
-    accepted, answer_id, array_body, query_params, utc_date, BoolStyle, CallError, Cursor,
-    DownloadOutcome, Found, PollOutcome, Provider, RowSink, TriggerCall, Triggered, DAY_MS,
+    accepted, answer_id, array_body, check_remote_id, id_segment, query_params, utc_date,
+    BoolStyle, CallError, Cursor, DatasetBudget, DownloadOutcome, Found, PollOutcome, Provider,
+    RowSink, TriggerCall, Triggered, DAY_MS,
 };
 use crate::chunk::UnixMs;
-use crate::jsonstream::ArraySplitter;
+use crate::jsonstream::{ArraySplitter, Element};
 use crate::spec::ProviderKind;
 
 /// Batch results are kept 16 days (*Receive Batch Data*).
@@ -123,6 +124,11 @@ impl Provider for ScraperStudio {
                         .iter()
                         .find_map(|k| field(job, k).and_then(Value::as_str));
                     if let Some(id) = id {
+                        // The collection exists, but its id cannot be used
+                        // safely: fail the chunk rather than pay twice.
+                        if let Err(why) = check_remote_id(id) {
+                            return Ok(Found::Unreachable(why));
+                        }
                         return Ok(Found::Existing(Triggered::new(id.to_string())));
                     }
                 }
@@ -139,18 +145,15 @@ impl Provider for ScraperStudio {
     }
 
     async fn poll(&self, _key: &str, remote_id: &str) -> Result<PollOutcome, CallError> {
-        let response = self
+        let (status, text) = self
             .http
-            .send(
+            .get_text(
                 "dca_log",
-                Method::GET,
-                &format!("/dca/log/{remote_id}"),
+                &format!("/dca/log/{}", id_segment(remote_id)?),
                 &[],
-                None,
+                STATUS_MAX,
             )
             .await?;
-        let status = response.status().as_u16();
-        let text = read_small(response).await?;
         if status == 404 {
             return Ok(PollOutcome::NotFound(one_line(&text)));
         }
@@ -216,8 +219,12 @@ impl Provider for ScraperStudio {
                 )));
             }
         }
+        let limits = self.http.gate.config();
+        let mut budget = DatasetBudget::new(limits.max_dataset_bytes);
         let mut stream = response.bytes_stream();
-        let mut splitter = ArraySplitter::new();
+        let mut splitter = ArraySplitter::with_max_element(
+            usize::try_from(limits.max_row_bytes).unwrap_or(usize::MAX),
+        );
         // The body is sniffed before it is trusted: a status object or an
         // empty body on 200 still means "building" (§2.2), HTML is a fault.
         let mut head: Vec<u8> = Vec::new();
@@ -239,6 +246,7 @@ impl Provider for ScraperStudio {
                 }
                 Ok(Some(Ok(piece))) => piece,
             };
+            budget.take(piece.len())?;
             if !is_array {
                 head.extend_from_slice(&piece);
                 match head.iter().copied().find(|b| !b.is_ascii_whitespace()) {
@@ -298,7 +306,7 @@ impl Provider for ScraperStudio {
             .call(
                 "dca_cancel",
                 Method::POST,
-                &format!("/dca/jobs/{remote_id}/cancel"),
+                &format!("/dca/jobs/{}/cancel", id_segment(remote_id)?),
                 &[],
                 None,
             )
@@ -307,13 +315,18 @@ impl Provider for ScraperStudio {
     }
 }
 
+/// Splits `bytes` into rows for the sink: whole rows with their offsets,
+/// rows over `max_row_bytes` cut.
 fn feed(
     splitter: &mut ArraySplitter,
     bytes: &[u8],
     sink: &mut dyn RowSink,
 ) -> Result<(), CallError> {
     splitter
-        .feed(bytes, |row| sink.row(row))
+        .feed_elements(bytes, |row, at| match row {
+            Element::Whole(raw) => sink.row_at(raw, at),
+            Element::Cut { head, len } => sink.oversize_row(head, len, at),
+        })
         .map_err(|e| match e {
             Ok(io) => CallError::Sink(io),
             Err(split) => CallError::Protocol(format!("dataset: {split}")),

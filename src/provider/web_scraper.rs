@@ -11,11 +11,11 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 
-use super::http::{error_chain, one_line, read_small, Http};
+use super::http::{error_chain, one_line, read_small, Http, STATUS_MAX};
 use super::{
-    accepted, answer_id, array_body, input_lines, parse_time, query_params, utc_date, BoolStyle,
-    CallError, Cursor, DownloadOutcome, Found, PollOutcome, Provider, RowSink, TriggerCall,
-    Triggered, DAY_MS,
+    accepted, answer_id, array_body, check_remote_id, id_segment, input_lines, parse_time,
+    query_params, utc_date, BoolStyle, CallError, Cursor, DatasetBudget, DownloadOutcome, Found,
+    PollOutcome, Provider, RowSink, TriggerCall, Triggered, DAY_MS,
 };
 use crate::chunk::UnixMs;
 use crate::spec::ProviderKind;
@@ -65,7 +65,7 @@ impl WebScraper {
             .http
             .get_text(
                 "v3_parts",
-                &format!("/datasets/v3/snapshot/{remote_id}/parts"),
+                &format!("/datasets/v3/snapshot/{}/parts", id_segment(remote_id)?),
                 &query,
                 64 * 1024,
             )
@@ -90,7 +90,7 @@ impl WebScraper {
             .http
             .get_text(
                 "v3_input",
-                &format!("/datasets/v3/snapshot/{remote_id}/input"),
+                &format!("/datasets/v3/snapshot/{}/input", id_segment(remote_id)?),
                 &[],
                 64 * 1024 * 1024,
             )
@@ -216,7 +216,12 @@ impl Provider for WebScraper {
             let mut candidates: Vec<(UnixMs, &str)> = items
                 .iter()
                 .filter_map(|s| {
-                    let id = s.get("id").and_then(Value::as_str)?;
+                    // An id that cannot be used safely is nobody's to
+                    // claim: the listing holds every trigger, not only ours.
+                    let id = s
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .filter(|id| check_remote_id(id).is_ok())?;
                     let created = s
                         .get("created")
                         .and_then(Value::as_str)
@@ -249,9 +254,9 @@ impl Provider for WebScraper {
             .http
             .get_text(
                 "v3_progress",
-                &format!("/datasets/v3/progress/{remote_id}"),
+                &format!("/datasets/v3/progress/{}", id_segment(remote_id)?),
                 &[],
-                64 * 1024,
+                STATUS_MAX,
             )
             .await?;
         if status == 404 {
@@ -320,7 +325,7 @@ impl Provider for WebScraper {
             .send(
                 "v3_snapshot",
                 Method::GET,
-                &format!("/datasets/v3/snapshot/{remote_id}"),
+                &format!("/datasets/v3/snapshot/{}", id_segment(remote_id)?),
                 &query,
                 None,
             )
@@ -359,7 +364,19 @@ impl Provider for WebScraper {
                 )));
             }
         }
-        stream_ndjson(response, self.http.timeout, sink).await?;
+        let limits = self.http.gate.config();
+        let lines = Lines {
+            max_row: usize::try_from(limits.max_row_bytes).unwrap_or(usize::MAX),
+            ..Lines::default()
+        };
+        stream_ndjson(
+            response,
+            self.http.timeout,
+            DatasetBudget::new(limits.max_dataset_bytes),
+            lines,
+            sink,
+        )
+        .await?;
         Ok(DownloadOutcome::Saved {
             next: match parts_state {
                 Some((batch_size, part, parts)) if part < parts => {
@@ -376,7 +393,7 @@ impl Provider for WebScraper {
             .call(
                 "v3_cancel",
                 Method::POST,
-                &format!("/datasets/v3/snapshot/{remote_id}/cancel"),
+                &format!("/datasets/v3/snapshot/{}/cancel", id_segment(remote_id)?),
                 &[],
                 None,
             )
@@ -391,13 +408,16 @@ impl Provider for WebScraper {
 
 /// Streams an NDJSON body into `sink`, one line per row. A body that is
 /// HTML, cut or stalled is transient; the caller's part file is thrown away.
+/// A body over `budget` fails the chunk; a line over `lines.max_row` is kept
+/// only up to it.
 async fn stream_ndjson(
     response: reqwest::Response,
     timeout: Duration,
+    mut budget: DatasetBudget,
+    mut lines: Lines,
     sink: &mut dyn RowSink,
 ) -> Result<(), CallError> {
     let mut stream = response.bytes_stream();
-    let mut line: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
         let piece = match tokio::time::timeout(timeout, stream.next()).await {
@@ -416,6 +436,7 @@ async fn stream_ndjson(
             }
             Ok(Some(Ok(piece))) => piece,
         };
+        budget.take(piece.len())?;
         if first {
             if piece.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'<') {
                 return Err(CallError::Transient {
@@ -425,35 +446,128 @@ async fn stream_ndjson(
             }
             first = piece.iter().all(u8::is_ascii_whitespace);
         }
-        let mut rest = &piece[..];
-        while let Some(at) = rest.iter().position(|&b| b == b'\n') {
-            line.extend_from_slice(&rest[..at]);
-            emit(&mut line, sink)?;
-            rest = &rest[at + 1..];
-        }
-        line.extend_from_slice(rest);
+        lines.feed(&piece, sink)?;
     }
-    emit(&mut line, sink)
+    lines.emit(sink)
 }
 
-fn emit(line: &mut Vec<u8>, sink: &mut dyn RowSink) -> Result<(), CallError> {
-    let trimmed = line.trim_ascii();
-    if !trimmed.is_empty() {
-        sink.row(trimmed).map_err(|e| {
+/// Splits NDJSON arriving in pieces into lines, each kept up to `max_row`
+/// bytes, with the offset where it starts.
+#[derive(Default)]
+struct Lines {
+    max_row: usize,
+    line: Vec<u8>,
+    /// The current line's full length, kept or not.
+    len: u64,
+    /// Where the current line starts in the body.
+    start: u64,
+}
+
+impl Lines {
+    fn feed(&mut self, piece: &[u8], sink: &mut dyn RowSink) -> Result<(), CallError> {
+        let mut rest = piece;
+        while let Some(at) = memchr::memchr(b'\n', rest) {
+            self.keep(&rest[..at]);
+            self.emit(sink)?;
+            // The newline itself.
+            self.start = self.start.saturating_add(1);
+            rest = &rest[at + 1..];
+        }
+        self.keep(rest);
+        Ok(())
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        self.len = self.len.saturating_add(bytes.len() as u64);
+        let room = self.max_row.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// Hands the current line to the sink and starts the next.
+    fn emit(&mut self, sink: &mut dyn RowSink) -> Result<(), CallError> {
+        let cut = self.len > self.line.len() as u64;
+        let lead = self.line.len() - self.line.trim_ascii_start().len();
+        let trimmed = self.line.trim_ascii();
+        let at = self.start.saturating_add(lead as u64);
+        let result = if cut {
+            sink.oversize_row(self.line.trim_ascii_start(), self.len - lead as u64, at)
+        } else if trimmed.is_empty() {
+            Ok(())
+        } else {
+            sink.row_at(trimmed, at)
+        };
+        result.map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 CallError::Protocol(format!("snapshot row: {e}"))
             } else {
                 CallError::Sink(e)
             }
         })?;
+        self.start = self.start.saturating_add(self.len);
+        self.line.clear();
+        self.len = 0;
+        Ok(())
     }
-    line.clear();
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Collects what a sink is given.
+    #[derive(Default)]
+    struct Seen(Vec<(String, Option<u64>, u64)>);
+
+    impl RowSink for Seen {
+        fn row(&mut self, raw: &[u8]) -> std::io::Result<()> {
+            self.row_at(raw, u64::MAX)
+        }
+        fn row_at(&mut self, raw: &[u8], at: u64) -> std::io::Result<()> {
+            self.0
+                .push((String::from_utf8_lossy(raw).into_owned(), None, at));
+            Ok(())
+        }
+        fn oversize_row(&mut self, head: &[u8], len: u64, at: u64) -> std::io::Result<()> {
+            self.0
+                .push((String::from_utf8_lossy(head).into_owned(), Some(len), at));
+            Ok(())
+        }
+    }
+
+    /// Lines come with their offsets whatever the pieces, and a line over
+    /// the cap comes cut with its full length.
+    #[test]
+    fn ndjson_lines_have_offsets_and_long_ones_are_cut() {
+        let body = format!(
+            "{{\"a\":1}}\n\n  {{\"b\":\"{}\"}}\n{{\"c\":3}}",
+            "x".repeat(50)
+        );
+        for piece in [1, 4, 1000] {
+            let mut lines = Lines {
+                max_row: 16,
+                ..Lines::default()
+            };
+            let mut seen = Seen::default();
+            for p in body.as_bytes().chunks(piece) {
+                lines.feed(p, &mut seen).unwrap();
+            }
+            lines.emit(&mut seen).unwrap();
+            let b_at = body.find("{\"b").unwrap() as u64;
+            assert_eq!(
+                seen.0,
+                vec![
+                    ("{\"a\":1}".to_string(), None, 0),
+                    ("{\"b\":\"xxxxxxxx".to_string(), Some(58), b_at),
+                    (
+                        "{\"c\":3}".to_string(),
+                        None,
+                        body.rfind('{').unwrap() as u64
+                    ),
+                ],
+                "piece {piece}"
+            );
+        }
+    }
 
     #[test]
     fn csv_inputs_compare_with_ndjson_inputs() {

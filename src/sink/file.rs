@@ -446,6 +446,38 @@ fn drop_cached(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn drop_cached(_file: &File, _offset: u64, _len: u64) {}
 
+/// Bytes an unprivileged writer can still use on the filesystem holding
+/// `path` (or, for a path not made yet, its nearest existing parent).
+#[cfg(target_os = "linux")]
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    let mut at = path;
+    while !at.exists() {
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
+    }
+    let stat = rustix::fs::statvfs(at).map_err(io::Error::from)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Elsewhere the check is left to the write that fails.
+#[cfg(not(target_os = "linux"))]
+pub fn free_space(_path: &Path) -> io::Result<u64> {
+    Ok(u64::MAX)
+}
+
+/// Whether a write failed for want of space (ENOSPC, EDQUOT).
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,11 @@ pub struct Manifest {
     pub state: String,
     pub inputs: u64,
     pub rows: u64,
+    /// The provider's error rows in `errors.ndjson`.
     pub error_rows: u64,
+    /// Rows the daemon could not read, kept in `errors.ndjson` as
+    /// `malformed_row` records (SPEC §6).
+    pub malformed_rows: u64,
     pub chunks: Vec<ManifestChunk>,
     pub outputs: Vec<OutputFile>,
 }

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicU64;
 
 pub(crate) use file::DropBehind;
-pub use file::{AtomicFile, Written};
+pub use file::{free_space, is_out_of_space, AtomicFile, Written};
 
 pub(crate) static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 

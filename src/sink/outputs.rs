@@ -82,6 +82,14 @@ pub struct Part<'a> {
     pub columns: Option<&'a [String]>,
 }
 
+/// The final files, and how many of `errors.ndjson`'s rows are
+/// malformed-row records (SPEC §6) rather than the provider's error rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outputs {
+    pub files: Vec<OutputFile>,
+    pub malformed_rows: u64,
+}
+
 /// Writes the final files into `run_dir`; returns them for the manifest.
 /// With `new_rows`, also `new.ndjson` (and `new.csv` when CSV is wanted):
 /// the data rows whose key earlier complete runs did not have.
@@ -91,7 +99,7 @@ pub fn write(
     escape_formulas: bool,
     parts: &[Part<'_>],
     new_rows: Option<&NewRows<'_>>,
-) -> io::Result<Vec<OutputFile>> {
+) -> io::Result<Outputs> {
     let want = |f| formats.contains(&f);
     let mut header: IndexSet<String> = IndexSet::new();
     if want(OutputFormat::Csv) {
@@ -152,6 +160,7 @@ pub fn write(
     }
     let mut rows = 0u64;
     let mut error_rows = 0u64;
+    let mut malformed_rows = 0u64;
     let mut record = vec![String::new(); header.len()];
     let mut cache = ColumnCache::default();
     for_each_row(run_dir, parts, |raw| {
@@ -172,6 +181,11 @@ pub fn write(
         };
         if is_error {
             error_rows += 1;
+            // The daemon writes its records with this beginning; a
+            // provider row that copies it counts as one (documented).
+            if raw.starts_with(super::part::MALFORMED_PREFIX) {
+                malformed_rows += 1;
+            }
             errors.write_all(raw)?;
             return errors.write_all(b"\n");
         }
@@ -238,7 +252,10 @@ pub fn write(
     if let Some(n) = new_ndjson {
         done("new.ndjson", new_count, n)?;
     }
-    Ok(out)
+    Ok(Outputs {
+        files: out,
+        malformed_rows,
+    })
 }
 
 #[cfg(test)]
@@ -271,7 +288,8 @@ mod tests {
         p0.row(br#"{"input":{"url":"b"},"error":"dead","error_code":"dead_page"}"#)
             .unwrap();
         p0.row(br#"{"url":"a2","extra":true}"#).unwrap();
-        assert_eq!((p0.rows, p0.error_rows), (1, 1));
+        p0.row_at(b"{\"url\":\"\xff\"}", 9).unwrap();
+        assert_eq!((p0.rows, p0.error_rows, p0.malformed_rows), (1, 1, 1));
         save(p0, 0);
         let mut p1 = PartWriter::create(run, 1, 0).unwrap();
         p1.row(br#"{"url":"c","title":"=1+1","about":{"n":2}}"#)
@@ -297,8 +315,10 @@ mod tests {
         // the same files either way.
         let walked = write(run, &all, true, &parts(false), None).unwrap();
         let walked_csv = std::fs::read_to_string(run.join("data.csv")).unwrap();
-        let files = write(run, &all, true, &parts(true), None).unwrap();
-        assert_eq!(files, walked);
+        let written = write(run, &all, true, &parts(true), None).unwrap();
+        assert_eq!(written, walked);
+        assert_eq!(written.malformed_rows, 1);
+        let files = written.files;
         let names: Vec<_> = files.iter().map(|f| (f.file.as_str(), f.rows)).collect();
         assert_eq!(
             names,
@@ -306,7 +326,7 @@ mod tests {
                 ("data.csv", 3),
                 ("data.json", 3),
                 ("data.ndjson", 3),
-                ("errors.ndjson", 1)
+                ("errors.ndjson", 2)
             ]
         );
         let csv = std::fs::read_to_string(run.join("data.csv")).unwrap();
@@ -319,7 +339,8 @@ mod tests {
             serde_json::from_slice(&std::fs::read(run.join("data.json")).unwrap()).unwrap();
         assert_eq!(json[2]["title"], "=1+1", "JSON is never altered");
         let errors = std::fs::read_to_string(run.join("errors.ndjson")).unwrap();
-        assert!(errors.contains("dead_page") && errors.lines().count() == 1);
+        assert!(errors.contains("dead_page") && errors.lines().count() == 2);
+        assert!(errors.contains("\"raw_base64\""), "{errors}");
 
         // Column names are scraped text too: header cells that a
         // spreadsheet would run are escaped like values; JSON keeps them.
