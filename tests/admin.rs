@@ -392,11 +392,23 @@ async fn running_out_of_descriptors_does_not_spin() {
     // A cap above the descriptor limit, so accepting fails with EMFILE.
     h.env
         .push(("HARVESTD_ADMIN_MAX_CONNECTIONS".into(), "10000".into()));
-    let mut d = h.start_command(h.command_with_fd_limit(96, &["run"])).await;
+    let d = h.start_command(h.command_with_fd_limit(96, &["run"])).await;
     let pid = d.child.id().unwrap();
     let addr = admin_addr(&h);
     let held = half_requests(&addr, 200).await;
-    d.wait_for_line("cannot accept a connection").await;
+    // Every descriptor is taken: accepting fails with EMFILE from now on.
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    tokio::time::timeout(common::WAIT, async {
+        while open_fds() < 96 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the daemon never ran out of descriptors: {}", open_fds()));
     let (cpu, wall) = (cpu_seconds(pid), std::time::Instant::now());
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let used = cpu_seconds(pid) - cpu;
