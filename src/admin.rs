@@ -1,7 +1,11 @@
 //! The loopback admin API (SPEC §8): health, readiness, jobs, metrics, and
-//! mutating calls guarded by the admin token. Reads come straight from the
-//! store; actions go to the supervisor as [`Command`]s, which stays the one
-//! owner of run state.
+//! mutating calls guarded by the admin token. Reads come from the [`View`]
+//! the daemon keeps, never from a walk of the store; actions go to the
+//! supervisor as [`Command`]s, which stays the one owner of run state.
+//!
+//! Every local user can reach it, so it limits what a client can hold: a
+//! header timeout, a cap on open connections (the oldest idle one makes way
+//! for a new one), and a pause after a failed accept instead of a spin.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -29,7 +33,7 @@ use crate::worker::Context;
 
 mod view;
 pub use view::View;
-use view::{ChunkSummary, RunFigures};
+use view::{ChunkDigest, RunFigures};
 
 /// What the admin API asks the supervisor to do.
 #[derive(Debug)]
@@ -57,6 +61,7 @@ pub struct AdminState {
     pub store: Store,
     /// The figures `/v1/jobs` and `/metrics` answer from.
     pub view: Arc<View>,
+    pub answers: Answers,
     pub contexts: Vec<Arc<Context>>,
     pub ready: AtomicBool,
     /// Re-read from `admin.token` on SIGHUP.
@@ -338,18 +343,16 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e),
         },
-        (&Method::GET, ["v1", "jobs"]) => match jobs_view(state, None).await {
-            Ok(v) => json_reply(StatusCode::OK, &v),
+        (&Method::GET, ["v1", "jobs"]) => match all_jobs(state).await {
+            Ok(body) => reply(StatusCode::OK, "application/json", body),
             Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
         },
-        (&Method::GET, ["v1", "jobs", job]) => match jobs_view(state, Some(job)).await {
-            Ok(v) => match v["jobs"].as_array().and_then(|a| a.first()) {
-                Some(j) => json_reply(StatusCode::OK, j),
-                None => json_reply(
-                    StatusCode::NOT_FOUND,
-                    &json!({"error": format!("no job '{job}'")}),
-                ),
-            },
+        (&Method::GET, ["v1", "jobs", job]) => match one_job(state, job).await {
+            Ok(Some(j)) => json_reply(StatusCode::OK, &j),
+            Ok(None) => json_reply(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("no job '{job}'")}),
+            ),
             Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
         },
         (&Method::POST, ["v1", "jobs", job, action]) => {
@@ -448,22 +451,22 @@ fn context_of(contexts: &[Arc<Context>], kind: crate::spec::ProviderKind) -> Opt
     contexts.iter().find(|c| c.provider.kind() == kind)
 }
 
-fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkSummary) -> RunView {
+fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkDigest) -> RunView {
     let ctx = context_of(contexts, run.provider);
     let mut view = RunView {
         run_id: run.run_id.clone(),
         state: run.state.as_str().to_string(),
         chunks_total: run.chunks_total,
         chunks: chunks
-            .counts()
-            .into_iter()
-            .map(|(s, n)| (s.to_string(), n))
+            .counts
+            .iter()
+            .map(|(s, n)| (s.to_string(), *n))
             .collect(),
         inputs: run.inputs,
-        rows: chunks.rows(),
+        rows: chunks.rows,
         started_at: timestamp(run.started_at),
         finished_at: run.finished_at.map(timestamp),
-        last_error: chunks.last_error().cloned(),
+        last_error: chunks.last_error.clone(),
         expiry: None,
     };
     if let Some(ctx) = ctx {
@@ -483,10 +486,11 @@ fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkSummary) 
     view
 }
 
-/// Every job (or one): state, latest run, schedule, problems; and provider
-/// blocks. Answered from the view, not the store.
-async fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, String> {
-    let figures = state.view.jobs(&state.store, only).await?;
+/// Every job (or one), as JSON values: state, latest run, schedule,
+/// problems. Built from the view's figures as they are now; takes time in
+/// proportion to the jobs, so it runs on the blocking pool.
+fn job_values(view: &View, contexts: &[Arc<Context>], only: Option<&str>) -> Vec<Value> {
+    let figures = view.jobs_now(only);
     let mut jobs = Vec::with_capacity(figures.len());
     for job in figures {
         let latest = job
@@ -495,11 +499,11 @@ async fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, Stri
             .max_by(|a, b| crate::plan::run_id_order(&a.run_id, &b.run_id));
         let latest_view = latest.map(|r| {
             run_view(
-                &state.contexts,
+                contexts,
                 r,
                 job.latest_chunks
                     .as_ref()
-                    .unwrap_or(&ChunkSummary::default()),
+                    .unwrap_or(&ChunkDigest::default()),
             )
         });
         let state_word = if !job.problems.is_empty() {
@@ -524,10 +528,71 @@ async fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, Stri
         }
         jobs.push(value);
     }
-    let providers: Vec<Value> = distinct(&state.contexts)
+    jobs
+}
+
+/// The providers and their blocks, as JSON.
+fn providers_value(contexts: &[Arc<Context>]) -> Value {
+    distinct(contexts)
         .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason)}))
-        .collect();
-    Ok(json!({"jobs": jobs, "providers": providers}))
+        .collect()
+}
+
+/// How answers built from the view are shared: one is built at a time,
+/// and the full job list is reused while the figures have not changed.
+#[derive(Default)]
+pub struct Answers {
+    /// One answer is built at a time, so a flood of requests takes one
+    /// blocking thread, never every core from the daemon's work.
+    building: tokio::sync::Mutex<()>,
+    /// The last `/v1/jobs` job list: the view's generation it was built
+    /// at, when, and the JSON array.
+    jobs: std::sync::Mutex<Option<(u64, std::time::Instant, Arc<String>)>>,
+}
+
+/// A reused job list is at most this old, so the time-derived fields (an
+/// expiry's seconds left) stay current.
+const JOBS_ANSWER_REUSE: Duration = Duration::from_secs(1);
+
+/// `GET /v1/jobs`: every job, and provider blocks.
+async fn all_jobs(state: &AdminState) -> Result<String, String> {
+    let _building = state.answers.building.lock().await;
+    let generation = state.view.generation();
+    let cached = state
+        .answers
+        .jobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let jobs = match cached {
+        Some((g, at, jobs)) if g == generation && at.elapsed() < JOBS_ANSWER_REUSE => jobs,
+        _ => {
+            state.view.load_latest(&state.store, None).await?;
+            let (view, contexts) = (state.view.clone(), state.contexts.clone());
+            let jobs = tokio::task::spawn_blocking(move || {
+                Value::Array(job_values(&view, &contexts, None)).to_string()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let jobs = Arc::new(jobs);
+            *state.answers.jobs.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((generation, std::time::Instant::now(), jobs.clone()));
+            jobs
+        }
+    };
+    Ok(format!(
+        "{{\"jobs\":{jobs},\"providers\":{}}}",
+        providers_value(&state.contexts)
+    ))
+}
+
+/// `GET /v1/jobs/{job}`: one job with its runs, if the daemon knows it.
+async fn one_job(state: &AdminState, job: &str) -> Result<Option<Value>, String> {
+    let _building = state.answers.building.lock().await;
+    state.view.load_latest(&state.store, Some(job)).await?;
+    Ok(job_values(&state.view, &state.contexts, Some(job))
+        .into_iter()
+        .next())
 }
 
 /// One context per provider kind (Firecrawl v1 and v2 share a gate and a
@@ -542,6 +607,7 @@ fn distinct(contexts: &[Arc<Context>]) -> impl Iterator<Item = &Arc<Context>> {
 /// Prometheus text format. Labels are bounded: provider, endpoint, status
 /// class, key, state — never a remote id.
 async fn metrics(state: &AdminState) -> Result<String, String> {
+    let _building = state.answers.building.lock().await;
     let figures = state.view.metrics(&state.store).await?;
     let mut out = String::new();
     let (runs_by_state, chunks_by_state) = (&figures.runs_by_state, &figures.chunks_by_state);

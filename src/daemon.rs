@@ -759,6 +759,7 @@ pub async fn run(
         let state = Arc::new(crate::admin::AdminState {
             store: sup.store.clone(),
             view,
+            answers: Default::default(),
             contexts: sup.contexts.all().into_iter().cloned().collect(),
             ready: std::sync::atomic::AtomicBool::new(false),
             token: std::sync::RwLock::new(token),

@@ -98,6 +98,27 @@ impl ChunkSummary {
     }
 }
 
+/// What an answer shows of a run's chunks, worked out under the lock so
+/// an answer never copies a slot per chunk.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkDigest {
+    pub counts: BTreeMap<&'static str, u32>,
+    pub rows: u64,
+    pub last_error: Option<String>,
+    pub ready: BTreeMap<u32, UnixMs>,
+}
+
+impl ChunkSummary {
+    pub fn digest(&self) -> ChunkDigest {
+        ChunkDigest {
+            counts: self.counts(),
+            rows: self.rows(),
+            last_error: self.last_error().cloned(),
+            ready: self.ready.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Chunks {
     /// Written before this process started; not read yet.
@@ -145,7 +166,7 @@ pub struct JobFigures {
     /// Every run, in key order.
     pub runs: Vec<RunFigures>,
     /// The latest run's chunks (when it has a summary).
-    pub latest_chunks: Option<ChunkSummary>,
+    pub latest_chunks: Option<ChunkDigest>,
     pub schedule: Option<(String, UnixMs)>,
 }
 
@@ -165,6 +186,9 @@ pub struct View {
     loaded: tokio::sync::Notify,
     /// Runs whose chunks were read from the store: each at most once.
     chunk_reads: std::sync::atomic::AtomicU64,
+    /// Bumped on every change, so an answer built from the figures can be
+    /// reused while nothing changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn figures(run: &RunRecord) -> RunFigures {
@@ -212,6 +236,16 @@ impl View {
         inner.started = true;
         drop(inner);
         Ok(view)
+    }
+
+    /// Changes so far; equal numbers mean equal figures.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -297,6 +331,7 @@ impl View {
                 };
             }
         }
+        self.changed();
         self.loaded.notify_waiters();
         failed.map_or(Ok(()), Err)
     }
@@ -307,7 +342,25 @@ impl View {
         store: &Store,
         only: Option<&str>,
     ) -> Result<Vec<JobFigures>, String> {
-        let latest = |inner: &Inner| -> std::collections::HashSet<(String, String)> {
+        self.load_latest(store, only).await?;
+        Ok(self.jobs_now(only))
+    }
+
+    /// Makes sure the latest run of every job (or of one) is summarised.
+    pub async fn load_latest(
+        self: &Arc<Self>,
+        store: &Store,
+        only: Option<&str>,
+    ) -> Result<(), String> {
+        let wanted = {
+            let inner = self.lock();
+            if inner
+                .runs
+                .values()
+                .all(|e| matches!(e.chunks, Chunks::Loaded(_)))
+            {
+                return Ok(());
+            }
             let mut latest: BTreeMap<&str, &str> = BTreeMap::new();
             for (job, run) in inner.runs.keys() {
                 if only.is_some_and(|o| o != job) {
@@ -321,10 +374,15 @@ impl View {
             latest
                 .into_iter()
                 .map(|(j, r)| (j.to_string(), r.to_string()))
-                .collect()
+                .collect::<std::collections::HashSet<_>>()
         };
-        let wanted = latest(&self.lock());
-        self.load(store, |key, _| wanted.contains(key)).await?;
+        self.load(store, |key, _| wanted.contains(key)).await
+    }
+
+    /// Every job (or one) as the view has it now; the latest run's chunks
+    /// are there if [`load_latest`](Self::load_latest) ran. Takes time in
+    /// proportion to the jobs: call it off the runtime for many.
+    pub fn jobs_now(&self, only: Option<&str>) -> Vec<JobFigures> {
         let inner = self.lock();
         let mut names: Vec<&String> = inner.jobs.keys().collect();
         for (job, _) in inner.runs.keys() {
@@ -349,13 +407,13 @@ impl View {
                 problems: inner.jobs.get(name).cloned().unwrap_or_default(),
                 runs: runs.iter().map(|(_, e)| e.figures.clone()).collect(),
                 latest_chunks: latest.and_then(|(_, e)| match &e.chunks {
-                    Chunks::Loaded(s) => Some(s.clone()),
+                    Chunks::Loaded(s) => Some(s.digest()),
                     _ => None,
                 }),
                 schedule: inner.schedules.get(name).cloned(),
             });
         }
-        Ok(out)
+        out
     }
 
     /// Runs by state, and the chunks of unfinished runs.
@@ -385,46 +443,57 @@ impl View {
 }
 
 impl Observer for View {
+    // Each change is counted after it is made: an answer built meanwhile
+    // is marked with the older count, so it is never reused for the newer
+    // figures.
     fn run(&self, run: &RunRecord) {
-        let mut inner = self.lock();
-        let started = inner.started;
-        let figures = figures(run);
-        inner
-            .runs
-            .entry((run.job.clone(), run.run_id.clone()))
-            .and_modify(|e| e.figures = figures.clone())
-            .or_insert(RunEntry {
-                figures,
-                // A run first written after start-up has no chunk yet.
-                chunks: if started {
-                    Chunks::Loaded(ChunkSummary::default())
-                } else {
-                    Chunks::Unloaded
-                },
-            });
+        {
+            let mut inner = self.lock();
+            let started = inner.started;
+            let figures = figures(run);
+            inner
+                .runs
+                .entry((run.job.clone(), run.run_id.clone()))
+                .and_modify(|e| e.figures = figures.clone())
+                .or_insert(RunEntry {
+                    figures,
+                    // A run first written after start-up has no chunk yet.
+                    chunks: if started {
+                        Chunks::Loaded(ChunkSummary::default())
+                    } else {
+                        Chunks::Unloaded
+                    },
+                });
+        }
+        self.changed();
     }
 
     fn run_deleted(&self, job: &str, run_id: &str) {
         self.lock()
             .runs
             .remove(&(job.to_string(), run_id.to_string()));
+        self.changed();
     }
 
     fn chunk(&self, job: &str, run_id: &str, chunk: &ChunkRecord) {
-        let mut inner = self.lock();
-        if let Some(entry) = inner.runs.get_mut(&(job.to_string(), run_id.to_string())) {
-            match &mut entry.chunks {
-                Chunks::Unloaded => {}
-                Chunks::Loading(pending) => pending.push(chunk.clone()),
-                Chunks::Loaded(summary) => summary.apply(chunk),
+        {
+            let mut inner = self.lock();
+            if let Some(entry) = inner.runs.get_mut(&(job.to_string(), run_id.to_string())) {
+                match &mut entry.chunks {
+                    Chunks::Unloaded => {}
+                    Chunks::Loading(pending) => pending.push(chunk.clone()),
+                    Chunks::Loaded(summary) => summary.apply(chunk),
+                }
             }
         }
+        self.changed();
     }
 
     fn job(&self, job: &JobRecord) {
         self.lock()
             .jobs
             .insert(job.name.clone(), job.problems.clone());
+        self.changed();
     }
 
     fn schedule(&self, record: &ScheduleRecord) {
@@ -432,10 +501,12 @@ impl Observer for View {
             record.job.clone(),
             (record.recurrence.to_string(), record.next_due),
         );
+        self.changed();
     }
 
     fn schedule_deleted(&self, job: &str) {
         self.lock().schedules.remove(job);
+        self.changed();
     }
 }
 
@@ -524,9 +595,9 @@ mod tests {
         let jobs = view.jobs(&store, None).await.unwrap();
         assert_eq!(view.chunk_reads(), 1);
         let old = jobs[0].latest_chunks.as_ref().unwrap();
-        assert_eq!(old.counts().get("downloaded"), Some(&1));
-        assert_eq!(old.counts().get("planned"), Some(&2));
-        assert_eq!(old.rows(), 5);
+        assert_eq!(old.counts.get("downloaded"), Some(&1));
+        assert_eq!(old.counts.get("planned"), Some(&2));
+        assert_eq!(old.rows, 5);
 
         // Later writes: an old run's chunk, and a new run with its chunks.
         store
@@ -547,10 +618,10 @@ mod tests {
         assert_eq!(view.chunk_reads(), 1, "no answer read the store again");
         let old = jobs.iter().find(|j| j.name == "old").unwrap();
         let chunks = old.latest_chunks.as_ref().unwrap();
-        assert_eq!(chunks.counts().get("failed"), Some(&1));
-        assert_eq!(chunks.last_error().map(String::as_str), Some("boom"));
+        assert_eq!(chunks.counts.get("failed"), Some(&1));
+        assert_eq!(chunks.last_error.as_deref(), Some("boom"));
         let new = jobs.iter().find(|j| j.name == "new").unwrap();
-        assert_eq!(new.latest_chunks.as_ref().unwrap().rows(), 15);
+        assert_eq!(new.latest_chunks.as_ref().unwrap().rows, 15);
         let m = view.metrics(&store).await.unwrap();
         assert_eq!(m.runs_by_state.get("in_progress"), Some(&2));
         assert_eq!(m.chunks_by_state.get("downloaded"), Some(&3));
