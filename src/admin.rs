@@ -167,7 +167,9 @@ impl Connections {
     }
 
     /// Waits until a new connection can have a place: one is free, or an
-    /// idle one can be closed for it.
+    /// idle one can be closed for it. A connection that finishes a request
+    /// and stays open becomes idle without a word, so the check is also
+    /// repeated every 100 ms.
     async fn room(&self, max: usize) {
         loop {
             let closed = self.closed.notified();
@@ -177,7 +179,7 @@ impl Connections {
                     return;
                 }
             }
-            closed.await;
+            let _ = tokio::time::timeout(Duration::from_millis(100), closed).await;
         }
     }
 
@@ -545,39 +547,67 @@ pub struct Answers {
     /// One answer is built at a time, so a flood of requests takes one
     /// blocking thread, never every core from the daemon's work.
     building: tokio::sync::Mutex<()>,
-    /// The last `/v1/jobs` job list: the view's generation it was built
-    /// at, when, and the JSON array.
-    jobs: std::sync::Mutex<Option<(u64, std::time::Instant, Arc<String>)>>,
+    /// The last `/v1/jobs` job list and what it was built from.
+    jobs: std::sync::Mutex<Option<JobsAnswer>>,
 }
 
-/// A reused job list is at most this old, so the time-derived fields (an
-/// expiry's seconds left) stay current.
+#[derive(Clone)]
+struct JobsAnswer {
+    /// The view's generation it was built at.
+    generation: u64,
+    at: std::time::Instant,
+    /// Each provider's clock then: expiry is judged on it, and it can jump
+    /// (it follows the provider's `Date` header).
+    clocks: Vec<i64>,
+    json: Arc<String>,
+}
+
+/// A reused job list is at most this old, on our clock and on every
+/// provider's, so the time-derived fields (an expiry's level and seconds
+/// left) stay current.
 const JOBS_ANSWER_REUSE: Duration = Duration::from_secs(1);
 
 /// `GET /v1/jobs`: every job, and provider blocks.
 async fn all_jobs(state: &AdminState) -> Result<String, String> {
     let _building = state.answers.building.lock().await;
     let generation = state.view.generation();
+    let clocks: Vec<i64> = distinct(&state.contexts)
+        .map(|c| c.provider.now_ms())
+        .collect();
     let cached = state
         .answers
         .jobs
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let jobs = match cached {
-        Some((g, at, jobs)) if g == generation && at.elapsed() < JOBS_ANSWER_REUSE => jobs,
-        _ => {
+    let reuse = cached.filter(|c| {
+        let limit = JOBS_ANSWER_REUSE.as_millis() as i64;
+        c.generation == generation
+            && c.at.elapsed() < JOBS_ANSWER_REUSE
+            && c.clocks.len() == clocks.len()
+            && c.clocks
+                .iter()
+                .zip(&clocks)
+                .all(|(a, b)| (b - a).abs() < limit)
+    });
+    let jobs = match reuse {
+        Some(c) => c.json,
+        None => {
             state.view.load_latest(&state.store, None).await?;
             let (view, contexts) = (state.view.clone(), state.contexts.clone());
-            let jobs = tokio::task::spawn_blocking(move || {
+            let json = tokio::task::spawn_blocking(move || {
                 Value::Array(job_values(&view, &contexts, None)).to_string()
             })
             .await
             .map_err(|e| e.to_string())?;
-            let jobs = Arc::new(jobs);
-            *state.answers.jobs.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((generation, std::time::Instant::now(), jobs.clone()));
-            jobs
+            let json = Arc::new(json);
+            *state.answers.jobs.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobsAnswer {
+                generation,
+                at: std::time::Instant::now(),
+                clocks,
+                json: json.clone(),
+            });
+            json
         }
     };
     Ok(format!(
