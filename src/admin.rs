@@ -1,14 +1,20 @@
 //! The loopback admin API (SPEC §8): health, readiness, jobs, metrics, and
-//! mutating calls guarded by the admin token. Reads come straight from the
-//! store; actions go to the supervisor as [`Command`]s, which stays the one
-//! owner of run state.
+//! mutating calls guarded by the admin token. Reads come from the [`View`]
+//! the daemon keeps, never from a walk of the store; actions go to the
+//! supervisor as [`Command`]s, which stays the one owner of run state.
+//!
+//! Every local user can reach it, so it limits what a client can hold: a
+//! header timeout, a cap on open connections (the oldest idle one makes way
+//! for a new one), and a pause after a failed accept instead of a spin.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -21,10 +27,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::chunk::ChunkState;
 use crate::sink::manifest::timestamp;
-use crate::store::{RunRecord, Store};
+use crate::store::Store;
 use crate::worker::Context;
+
+mod view;
+pub use view::View;
+use view::{ChunkDigest, RunFigures};
 
 /// What the admin API asks the supervisor to do.
 #[derive(Debug)]
@@ -50,6 +59,9 @@ pub enum Command {
 /// What the admin API reads besides the store.
 pub struct AdminState {
     pub store: Store,
+    /// The figures `/v1/jobs` and `/metrics` answer from.
+    pub view: Arc<View>,
+    pub answers: Answers,
     pub contexts: Vec<Arc<Context>>,
     pub ready: AtomicBool,
     /// Re-read from `admin.token` on SIGHUP.
@@ -73,13 +85,22 @@ fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
     reply(status, "application/json", value.to_string())
 }
 
-/// Creates the admin token file (mode 0600) if missing and returns the token.
+/// Creates the admin token file (mode 0600) if missing and returns the
+/// token. A token file that group or others may read (someone changed its
+/// mode) is set back to 0600, with a warning: anyone who read it could
+/// cancel runs.
 pub fn admin_token(state_dir: &Path) -> std::io::Result<String> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = state_dir.join("admin.token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         if !t.trim().is_empty() {
+            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                tracing::warn!(file = %path.display(), mode = %format!("{mode:04o}"),
+                    "the admin token was readable by group or others; its mode is 0600 again (consider deleting it for a new token)");
+            }
             return Ok(t.trim().to_string());
         }
     }
@@ -99,11 +120,108 @@ pub fn admin_token(state_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
+/// How much the admin server lets local clients take (SPEC §8).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// A connection that has not sent a request's headers in this time is
+    /// closed.
+    pub header_timeout: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+}
+
+impl ServerLimits {
+    /// 10 s for headers; at most 256 connections, and never more than a
+    /// quarter of the file descriptors the process may open, so the jobs
+    /// scan, sled and downloads always have theirs.
+    pub fn for_fd_limit(fd_limit: Option<u64>) -> ServerLimits {
+        let quarter = fd_limit.map_or(256, |n| (n / 4).max(4));
+        ServerLimits {
+            header_timeout: Duration::from_secs(10),
+            max_connections: quarter.min(256) as usize,
+        }
+    }
+}
+
+/// The open connections. When all places are taken, a new connection
+/// closes the oldest one that is not answering a request (a client that
+/// sent nothing or half a request, or an idle keep-alive), so a flood of
+/// idle connections cannot lock `/healthz` out; only when every place is
+/// answering a request does the server stop accepting until one finishes.
+#[derive(Default)]
+struct Connections {
+    open: std::sync::Mutex<BTreeMap<u64, Conn>>,
+    next: AtomicU64,
+    closed: tokio::sync::Notify,
+}
+
+struct Conn {
+    close: CancellationToken,
+    /// Requests being answered on it.
+    busy: Arc<AtomicUsize>,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Conn>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until a new connection can have a place: one is free, or an
+    /// idle one can be closed for it. A connection that finishes a request
+    /// and stays open becomes idle without a word, so the check is also
+    /// repeated every 100 ms.
+    async fn room(&self, max: usize) {
+        loop {
+            let closed = self.closed.notified();
+            {
+                let open = self.lock();
+                if open.len() < max || open.values().any(|c| c.busy.load(Ordering::Acquire) == 0) {
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), closed).await;
+        }
+    }
+
+    /// Registers a new connection, closing the oldest idle one if all
+    /// places are taken.
+    fn add(&self, max: usize) -> (u64, CancellationToken, Arc<AtomicUsize>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
+        let busy = Arc::new(AtomicUsize::new(0));
+        let mut open = self.lock();
+        while open.len() >= max {
+            let idle = open
+                .iter()
+                .find(|(_, c)| c.busy.load(Ordering::Acquire) == 0)
+                .map(|(id, _)| *id);
+            match idle.and_then(|id| open.remove(&id)) {
+                Some(evicted) => evicted.close.cancel(),
+                None => break,
+            }
+        }
+        open.insert(
+            id,
+            Conn {
+                close: close.clone(),
+                busy: busy.clone(),
+            },
+        );
+        (id, close, busy)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+        self.closed.notify_waiters();
+    }
+}
+
 /// Binds `listen`, writes `<state_dir>/admin.addr`, and serves until `stop`.
 pub async fn serve(
     listen: SocketAddr,
     state_dir: PathBuf,
     state: Arc<AdminState>,
+    limits: ServerLimits,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(listen).await?;
@@ -112,32 +230,103 @@ pub async fn serve(
         &state_dir.join("admin.addr"),
         format!("{addr}\n").as_bytes(),
     )?;
-    tracing::info!(%addr, "admin API listening");
+    tracing::info!(%addr, max_connections = limits.max_connections,
+        header_timeout = ?limits.header_timeout, "admin API listening");
+    let connections = Arc::new(Connections::default());
     Ok(tokio::spawn(async move {
+        let mut pause = ACCEPT_PAUSE_MIN;
         loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = connections.room(limits.max_connections) => {}
+            }
             let stream = tokio::select! {
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => s,
-                    Err(_) => continue,
+                    Ok((s, _)) => {
+                        pause = ACCEPT_PAUSE_MIN;
+                        s
+                    }
+                    Err(e) => {
+                        // Out of file descriptors (EMFILE, ENFILE) or
+                        // memory: accepting again at once fails the same
+                        // way and spins a core. Wait, longer each time.
+                        tracing::warn!(error = %e, ?pause, "admin API cannot accept a connection; waiting");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                        continue;
+                    }
                 },
             };
-            let state = state.clone();
-            let stop = stop.clone();
+            let (id, close, busy) = connections.add(limits.max_connections);
+            let (state, stop, connections) = (state.clone(), stop.clone(), connections.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, req).await) }
+                    let busy = Busy::new(busy.clone());
+                    async move {
+                        let answer = route(&state, req).await;
+                        drop(busy);
+                        Ok::<_, Infallible>(answer)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
                     _ = conn => {}
+                    _ = close.cancelled() => {}
                     _ = stop.cancelled() => {}
                 }
+                connections.remove(id);
             });
         }
     }))
+}
+
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Marks a connection busy while a request on it is answered.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::AcqRel);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit and
+/// returns the limit in force (`None` where it cannot be read).
+pub fn raise_fd_limit() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let limit = getrlimit(Resource::Nofile);
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if limit.current != limit.maximum && setrlimit(Resource::Nofile, raised).is_ok() {
+            return limit.maximum;
+        }
+        limit.current
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
@@ -152,22 +341,20 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "resuming\n")
             }
         }
-        (&Method::GET, ["metrics"]) => match metrics(state) {
+        (&Method::GET, ["metrics"]) => match metrics(state).await {
             Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e),
         },
-        (&Method::GET, ["v1", "jobs"]) => match jobs_view(state, None) {
-            Ok(v) => json_reply(StatusCode::OK, &v),
+        (&Method::GET, ["v1", "jobs"]) => match all_jobs(state).await {
+            Ok(body) => reply(StatusCode::OK, "application/json", body),
             Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
         },
-        (&Method::GET, ["v1", "jobs", job]) => match jobs_view(state, Some(job)) {
-            Ok(v) => match v["jobs"].as_array().and_then(|a| a.first()) {
-                Some(j) => json_reply(StatusCode::OK, j),
-                None => json_reply(
-                    StatusCode::NOT_FOUND,
-                    &json!({"error": format!("no job '{job}'")}),
-                ),
-            },
+        (&Method::GET, ["v1", "jobs", job]) => match one_job(state, job).await {
+            Ok(Some(j)) => json_reply(StatusCode::OK, &j),
+            Ok(None) => json_reply(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("no job '{job}'")}),
+            ),
             Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
         },
         (&Method::POST, ["v1", "jobs", job, action]) => {
@@ -175,10 +362,10 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer_token)
                 .is_some_and(|t| {
                     let token = state.token.read().unwrap_or_else(|e| e.into_inner());
-                    constant_time_eq(t.trim().as_bytes(), token.as_bytes())
+                    constant_time_eq(t.as_bytes(), token.as_bytes())
                 });
             if !authorised {
                 return json_reply(
@@ -222,6 +409,13 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header; the scheme's
+/// case does not matter (RFC 7235).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -259,106 +453,177 @@ fn context_of(contexts: &[Arc<Context>], kind: crate::spec::ProviderKind) -> Opt
     contexts.iter().find(|c| c.provider.kind() == kind)
 }
 
-fn run_view(store: &Store, contexts: &[Arc<Context>], run: &RunRecord) -> Result<RunView, String> {
-    let ctx = context_of(contexts, run.spec.provider);
+fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkDigest) -> RunView {
+    let ctx = context_of(contexts, run.provider);
     let mut view = RunView {
         run_id: run.run_id.clone(),
         state: run.state.as_str().to_string(),
-        chunks_total: run.chunks,
+        chunks_total: run.chunks_total,
+        chunks: chunks
+            .counts
+            .iter()
+            .map(|(s, n)| (s.to_string(), *n))
+            .collect(),
         inputs: run.inputs,
+        rows: chunks.rows,
         started_at: timestamp(run.started_at),
         finished_at: run.finished_at.map(timestamp),
-        ..RunView::default()
+        last_error: chunks.last_error.clone(),
+        expiry: None,
     };
-    for c in store.chunk_iter(&run.job, &run.run_id) {
-        let c = c.map_err(|e| e.to_string())?;
-        *view.chunks.entry(c.state.name().to_string()).or_default() += 1;
-        if let ChunkState::Downloaded { rows, .. } = c.state {
-            view.rows += rows;
-        }
-        let error = match &c.state {
-            ChunkState::Failed { error, .. } | ChunkState::Expired { error, .. } => {
-                Some(error.clone())
-            }
-            _ => c.last_error.clone(),
-        };
-        if error.is_some() {
-            view.last_error = error;
-        }
-        if let (ChunkState::Ready { expires_at, .. }, Some(ctx)) = (&c.state, ctx) {
-            let (left, level) = ctx.expiry(*expires_at);
+    if let Some(ctx) = ctx {
+        for (&chunk, &expires_at) in &chunks.ready {
+            let (left, level) = ctx.expiry(expires_at);
             if view.expiry.as_ref().is_none_or(|e| left < e.left_ms) {
                 view.expiry = Some(ExpiryView {
-                    expires_at: timestamp(*expires_at),
+                    expires_at: timestamp(expires_at),
                     seconds_left: left / 1000,
                     level: level.as_str(),
-                    chunk: c.index,
+                    chunk,
                     left_ms: left,
                 });
             }
         }
     }
-    Ok(view)
+    view
 }
 
-/// Every job (or one): state, latest run, schedule, problems; and provider blocks.
-fn jobs_view(state: &AdminState, only: Option<&str>) -> Result<Value, String> {
-    let store = &state.store;
-    let schedules = store.schedules().map_err(|e| e.to_string())?;
-    let mut names: Vec<String> = store
-        .jobs()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|j| j.name)
-        .collect();
-    for r in store.runs().map_err(|e| e.to_string())? {
-        if !names.contains(&r.job) {
-            names.push(r.job);
-        }
-    }
-    names.sort();
-    let mut jobs = Vec::new();
-    for name in names.into_iter().filter(|n| only.is_none_or(|o| o == n)) {
-        let record = store.job(&name).map_err(|e| e.to_string())?;
-        let runs = store.runs_of(&name).map_err(|e| e.to_string())?;
-        let latest = runs
+/// Every job (or one), as JSON values: state, latest run, schedule,
+/// problems. Built from the view's figures as they are now; takes time in
+/// proportion to the jobs, so it runs on the blocking pool.
+fn job_values(view: &View, contexts: &[Arc<Context>], only: Option<&str>) -> Vec<Value> {
+    let figures = view.jobs_now(only);
+    let mut jobs = Vec::with_capacity(figures.len());
+    for job in figures {
+        let latest = job
+            .runs
             .iter()
             .max_by(|a, b| crate::plan::run_id_order(&a.run_id, &b.run_id));
-        let schedule = schedules.iter().find(|s| s.job == name);
-        let problems = record
-            .as_ref()
-            .map(|r| r.problems.clone())
-            .unwrap_or_default();
-        let latest_view = latest
-            .map(|r| run_view(store, &state.contexts, r))
-            .transpose()?;
-        let state_word = if !problems.is_empty() {
+        let latest_view = latest.map(|r| {
+            run_view(
+                contexts,
+                r,
+                job.latest_chunks
+                    .as_ref()
+                    .unwrap_or(&ChunkDigest::default()),
+            )
+        });
+        let state_word = if !job.problems.is_empty() {
             "invalid".to_string()
         } else {
             latest_view
                 .as_ref()
                 .map_or("idle".to_string(), |r| r.state.clone())
         };
-        let mut job = json!({
-            "job": name,
-            "provider": latest.map(|r| r.spec.provider.as_str()),
+        let mut value = json!({
+            "job": job.name,
+            "provider": latest.map(|r| r.provider.as_str()),
             "state": state_word,
-            "problems": problems,
+            "problems": job.problems,
             "latest_run": latest_view,
-            "runs": runs.iter().map(|r| json!({"run_id": r.run_id, "state": r.state.as_str()})).collect::<Vec<_>>(),
-            "schedule": schedule.map(|s| s.recurrence.to_string()),
-            "next_due": schedule.map(|s| timestamp(s.next_due)),
+            "runs": job.runs.iter().map(|r| json!({"run_id": r.run_id, "state": r.state.as_str()})).collect::<Vec<_>>(),
+            "schedule": job.schedule.as_ref().map(|s| s.0.clone()),
+            "next_due": job.schedule.as_ref().map(|s| timestamp(s.1)),
         });
         if only.is_none() {
-            job.as_object_mut().map(|o| o.remove("runs"));
+            value.as_object_mut().map(|o| o.remove("runs"));
         }
-        jobs.push(job);
+        jobs.push(value);
     }
-    let providers: Vec<Value> = distinct(&state.contexts)
+    jobs
+}
+
+/// The providers and their blocks, as JSON.
+fn providers_value(contexts: &[Arc<Context>]) -> Value {
+    distinct(contexts)
         .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason),
             "paused": c.gate.paused().map(|p| json!({"reason": p.reason, "seconds_left": p.left.as_secs()}))}))
+        .collect()
+}
+
+/// How answers built from the view are shared: one is built at a time,
+/// and the full job list is reused while the figures have not changed.
+#[derive(Default)]
+pub struct Answers {
+    /// One answer is built at a time, so a flood of requests takes one
+    /// blocking thread, never every core from the daemon's work.
+    building: tokio::sync::Mutex<()>,
+    /// The last `/v1/jobs` job list and what it was built from.
+    jobs: std::sync::Mutex<Option<JobsAnswer>>,
+}
+
+#[derive(Clone)]
+struct JobsAnswer {
+    /// The view's generation it was built at.
+    generation: u64,
+    at: std::time::Instant,
+    /// Each provider's clock then: expiry is judged on it, and it can jump
+    /// (it follows the provider's `Date` header).
+    clocks: Vec<i64>,
+    json: Arc<String>,
+}
+
+/// A reused job list is at most this old, on our clock and on every
+/// provider's, so the time-derived fields (an expiry's level and seconds
+/// left) stay current.
+const JOBS_ANSWER_REUSE: Duration = Duration::from_secs(1);
+
+/// `GET /v1/jobs`: every job, and provider blocks.
+async fn all_jobs(state: &AdminState) -> Result<String, String> {
+    let _building = state.answers.building.lock().await;
+    let generation = state.view.generation();
+    let clocks: Vec<i64> = distinct(&state.contexts)
+        .map(|c| c.provider.now_ms())
         .collect();
-    Ok(json!({"jobs": jobs, "providers": providers}))
+    let cached = state
+        .answers
+        .jobs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let reuse = cached.filter(|c| {
+        let limit = JOBS_ANSWER_REUSE.as_millis() as i64;
+        c.generation == generation
+            && c.at.elapsed() < JOBS_ANSWER_REUSE
+            && c.clocks.len() == clocks.len()
+            && c.clocks
+                .iter()
+                .zip(&clocks)
+                .all(|(a, b)| (b - a).abs() < limit)
+    });
+    let jobs = match reuse {
+        Some(c) => c.json,
+        None => {
+            state.view.load_latest(&state.store, None).await?;
+            let (view, contexts) = (state.view.clone(), state.contexts.clone());
+            let json = tokio::task::spawn_blocking(move || {
+                Value::Array(job_values(&view, &contexts, None)).to_string()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let json = Arc::new(json);
+            *state.answers.jobs.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobsAnswer {
+                generation,
+                at: std::time::Instant::now(),
+                clocks,
+                json: json.clone(),
+            });
+            json
+        }
+    };
+    Ok(format!(
+        "{{\"jobs\":{jobs},\"providers\":{}}}",
+        providers_value(&state.contexts)
+    ))
+}
+
+/// `GET /v1/jobs/{job}`: one job with its runs, if the daemon knows it.
+async fn one_job(state: &AdminState, job: &str) -> Result<Option<Value>, String> {
+    let _building = state.answers.building.lock().await;
+    state.view.load_latest(&state.store, Some(job)).await?;
+    Ok(job_values(&state.view, &state.contexts, Some(job))
+        .into_iter()
+        .next())
 }
 
 /// One context per provider kind (Firecrawl v1 and v2 share a gate and a
@@ -372,43 +637,36 @@ fn distinct(contexts: &[Arc<Context>]) -> impl Iterator<Item = &Arc<Context>> {
 
 /// Prometheus text format. Labels are bounded: provider, endpoint, status
 /// class, key, state — never a remote id.
-fn metrics(state: &AdminState) -> Result<String, String> {
-    let store = &state.store;
+async fn metrics(state: &AdminState) -> Result<String, String> {
+    let _building = state.answers.building.lock().await;
+    let figures = state.view.metrics(&state.store).await?;
     let mut out = String::new();
-    let mut runs_by_state = std::collections::BTreeMap::<&str, u64>::new();
-    let mut chunks_by_state = std::collections::BTreeMap::<&str, u64>::new();
+    let (runs_by_state, chunks_by_state) = (&figures.runs_by_state, &figures.chunks_by_state);
     // Seconds left on each dataset's provider clock.
     let mut earliest_expiry: Option<i64> = None;
     let mut expiring = std::collections::BTreeMap::<&str, u64>::new();
-    for run in store.runs().map_err(|e| e.to_string())? {
-        *runs_by_state.entry(run.state.as_str()).or_default() += 1;
-        if run.state.is_terminal() {
+    for (provider, ready) in &figures.ready {
+        let Some(ctx) = context_of(&state.contexts, *provider) else {
             continue;
-        }
-        for c in store.chunk_iter(&run.job, &run.run_id) {
-            let c = c.map_err(|e| e.to_string())?;
-            *chunks_by_state.entry(c.state.name()).or_default() += 1;
-            if let (ChunkState::Ready { expires_at, .. }, Some(ctx)) =
-                (c.state, context_of(&state.contexts, run.spec.provider))
-            {
-                let (left, level) = ctx.expiry(expires_at);
-                earliest_expiry = Some(earliest_expiry.map_or(left, |e| e.min(left)));
-                *expiring.entry(level.as_str()).or_default() += 1;
-            }
+        };
+        for &expires_at in ready {
+            let (left, level) = ctx.expiry(expires_at);
+            earliest_expiry = Some(earliest_expiry.map_or(left, |e| e.min(left)));
+            *expiring.entry(level.as_str()).or_default() += 1;
         }
     }
     let _ = writeln!(
         out,
         "# HELP harvestd_runs Runs by state.\n# TYPE harvestd_runs gauge"
     );
-    for (s, n) in &runs_by_state {
+    for (s, n) in runs_by_state {
         let _ = writeln!(out, "harvestd_runs{{state=\"{s}\"}} {n}");
     }
     let _ = writeln!(
         out,
         "# HELP harvestd_chunks Chunks of unfinished runs by state.\n# TYPE harvestd_chunks gauge"
     );
-    for (s, n) in &chunks_by_state {
+    for (s, n) in chunks_by_state {
         let _ = writeln!(out, "harvestd_chunks{{state=\"{s}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP harvestd_requests_total Provider calls by endpoint and status class.\n# TYPE harvestd_requests_total counter");
@@ -480,4 +738,33 @@ fn metrics(state: &AdminState) -> Result<String, String> {
     }
     let _ = writeln!(out, "# HELP harvestd_last_successful_poll_timestamp_seconds Unix time of the last successful status poll.\n# TYPE harvestd_last_successful_poll_timestamp_seconds gauge\nharvestd_last_successful_poll_timestamp_seconds {}", last_poll / 1000);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "bEaReR t0k"] {
+            assert_eq!(bearer_token(header), Some("t0k"), "{header}");
+        }
+        for header in ["Basic t0k", "Bearert0k", "t0k", "Bearer"] {
+            assert_eq!(bearer_token(header), None, "{header}");
+        }
+    }
+
+    #[test]
+    fn the_connection_cap_stays_well_under_the_descriptor_limit() {
+        assert_eq!(ServerLimits::for_fd_limit(Some(1024)).max_connections, 256);
+        assert_eq!(
+            ServerLimits::for_fd_limit(Some(524_288)).max_connections,
+            256
+        );
+        assert_eq!(ServerLimits::for_fd_limit(Some(128)).max_connections, 32);
+        assert_eq!(
+            ServerLimits::for_fd_limit(None).header_timeout,
+            Duration::from_secs(10)
+        );
+    }
 }

@@ -513,7 +513,9 @@ pub fn find_token(
             return Ok(Some(Token::new(v.trim())));
         }
     }
-    let read = |path: &Path| -> Result<Option<Token>, ConfigError> {
+    // `group_may_read`: systemd's credentials (below) may be 0440.
+    let read = |path: &Path, group_may_read: bool| -> Result<Option<Token>, ConfigError> {
+        secret_file_mode(path, group_may_read)?;
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
             path: path.display().to_string(),
             message: format!("cannot read token: {e}"),
@@ -522,15 +524,42 @@ pub fn find_token(
         Ok((!text.is_empty()).then(|| Token::new(text)))
     };
     if let Some(path) = token_file {
-        return read(path);
+        return read(path, false);
     }
     if let Some(dir) = env.var("CREDENTIALS_DIRECTORY") {
         let path = Path::new(&dir).join(credential);
         if path.exists() {
-            return read(&path);
+            return read(&path, true);
         }
     }
     Ok(None)
+}
+
+/// Refuses a secret file that others may read, as ssh refuses a readable
+/// key (SPEC §3): group or other permission bits on a `token_file` mean
+/// someone else may have read the token. A file from systemd's
+/// `$CREDENTIALS_DIRECTORY` may be group-readable (`group_may_read`):
+/// systemd writes credentials 0400 or 0440 into a directory only the
+/// service can enter, so its group bit does not open it to anyone else;
+/// other bits are refused there too.
+pub fn secret_file_mode(path: &Path, group_may_read: bool) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: format!("cannot read token: {e}"),
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    let forbidden = if group_may_read { 0o007 } else { 0o077 };
+    if mode & forbidden != 0 {
+        return Err(ConfigError::File {
+            path: path.display().to_string(),
+            message: format!(
+                "a secret file that group or others can read or write (mode {mode:04o}) is refused; run `chmod 600 {}`",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 pub const BRIGHTDATA_TOKEN_VARS: &[&str] = &[
@@ -656,5 +685,52 @@ mod tests {
         let env = MapEnv(HashMap::from([("BRIGHTDATA_API_KEY", "k1")]));
         let found = find_token(&env, BRIGHTDATA_TOKEN_VARS, None, "brightdata-token").unwrap();
         assert_eq!(found.unwrap().expose(), "k1");
+    }
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused_naming_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bd-token");
+        std::fs::write(&path, "sekrit\n").unwrap();
+        let env = MapEnv(HashMap::new());
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = find_token(&env, BRIGHTDATA_TOKEN_VARS, Some(&path), "brightdata-token")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(
+                err.contains(&format!("chmod 600 {}", path.display())),
+                "{err}"
+            );
+            assert!(!err.contains("sekrit"), "{err}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let found = find_token(&env, BRIGHTDATA_TOKEN_VARS, Some(&path), "brightdata-token");
+            assert_eq!(found.unwrap().unwrap().expose(), "sekrit");
+        }
+    }
+
+    #[test]
+    fn systemd_credentials_may_be_group_readable_not_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("brightdata-token");
+        std::fs::write(&path, "cred\n").unwrap();
+        let dir_name = dir.path().display().to_string();
+        let env = MapEnv(HashMap::from([(
+            "CREDENTIALS_DIRECTORY",
+            &*Box::leak(dir_name.into_boxed_str()),
+        )]));
+        for mode in [0o400, 0o440] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let found = find_token(&env, BRIGHTDATA_TOKEN_VARS, None, "brightdata-token");
+            assert_eq!(found.unwrap().unwrap().expose(), "cred");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let err = find_token(&env, BRIGHTDATA_TOKEN_VARS, None, "brightdata-token").unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
     }
 }

@@ -579,6 +579,26 @@ impl Supervisor {
         env: &dyn Env,
         emulator: bool,
     ) -> Result<(), DaemonError> {
+        // Tokens first: a token file that cannot be used (unreadable, or
+        // readable by others) fails the reload before anything changes.
+        let tokens = if emulator {
+            None
+        } else {
+            Some((
+                find_token(
+                    env,
+                    BRIGHTDATA_TOKEN_VARS,
+                    new.providers.brightdata.token_file.as_deref(),
+                    "brightdata-token",
+                )?,
+                find_token(
+                    env,
+                    FIRECRAWL_TOKEN_VARS,
+                    new.providers.firecrawl.token_file.as_deref(),
+                    "firecrawl-token",
+                )?,
+            ))
+        };
         let old = &self.config;
         if new.jobs_dir != old.jobs_dir
             || new.state_dir != old.state_dir
@@ -601,19 +621,7 @@ impl Supervisor {
         for c in self.contexts.all() {
             *c.limits.write().unwrap_or_else(|e| e.into_inner()) = limits.clone();
         }
-        if !emulator {
-            let brightdata = find_token(
-                env,
-                BRIGHTDATA_TOKEN_VARS,
-                new.providers.brightdata.token_file.as_deref(),
-                "brightdata-token",
-            )?;
-            let firecrawl = find_token(
-                env,
-                FIRECRAWL_TOKEN_VARS,
-                new.providers.firecrawl.token_file.as_deref(),
-                "firecrawl-token",
-            )?;
+        if let Some((brightdata, firecrawl)) = tokens {
             let c = &self.contexts;
             for (token, contexts, missing) in [
                 (brightdata, [&c.studio, &c.web_scraper], NO_BRIGHTDATA_TOKEN),
@@ -632,6 +640,7 @@ impl Supervisor {
                 }
             }
         }
+        let old = &self.config;
         new.jobs_dir = old.jobs_dir.clone();
         new.state_dir = old.state_dir.clone();
         new.output_dir = old.output_dir.clone();
@@ -767,6 +776,9 @@ pub async fn run(
         config.state_dir.clone()
     };
     let _lock = lock_state_dir(&state_dir)?;
+    // Every descriptor the system allows: the admin API's cap is set well
+    // under it, so local clients cannot starve the jobs scan or sled.
+    let fd_limit = crate::admin::raise_fd_limit();
     let emulator = if options.emulator {
         let emu = Emulator::start(([127, 0, 0, 1], 0).into(), Scenario::default())
             .await
@@ -845,17 +857,41 @@ pub async fn run(
         let token = crate::admin::admin_token(&state_dir)
             .map_err(|e| DaemonError::Io(format!("admin token: {e}")))?;
         let keys = sup.keys.clone();
+        // Attached before resume writes anything, so it misses no write.
+        let view = crate::admin::View::attach(&sup.store)?;
         let state = Arc::new(crate::admin::AdminState {
             store: sup.store.clone(),
+            view,
+            answers: Default::default(),
             contexts: sup.contexts.all().into_iter().cloned().collect(),
             ready: std::sync::atomic::AtomicBool::new(false),
             token: std::sync::RwLock::new(token),
             commands: commands_tx,
             in_flight: Box::new(move || keys.in_flight()),
         });
-        let task = crate::admin::serve(listen, state_dir.clone(), state.clone(), stop.clone())
-            .await
-            .map_err(|e| DaemonError::Io(format!("admin API on {listen}: {e}")))?;
+        let mut limits = crate::admin::ServerLimits::for_fd_limit(fd_limit);
+        // Undocumented, for tests: a shorter header timeout and another cap.
+        if let Some(ms) = env
+            .var("HARVESTD_ADMIN_HEADER_TIMEOUT_MS")
+            .and_then(|v| v.parse().ok())
+        {
+            limits.header_timeout = Duration::from_millis(ms);
+        }
+        if let Some(n) = env
+            .var("HARVESTD_ADMIN_MAX_CONNECTIONS")
+            .and_then(|v| v.parse().ok())
+        {
+            limits.max_connections = n;
+        }
+        let task = crate::admin::serve(
+            listen,
+            state_dir.clone(),
+            state.clone(),
+            limits,
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| DaemonError::Io(format!("admin API on {listen}: {e}")))?;
         Some((state, task))
     };
 
@@ -911,17 +947,16 @@ pub async fn run(
                     break;
                 }
                 Some(Signal::Reload) => {
-                    match reload() {
+                    // A configuration or token file that fails keeps the
+                    // one in force; the daemon never stops for a reload.
+                    match reload().map_err(DaemonError::from).and_then(|new| sup.apply_config(new, env, emulator.is_some())) {
                         Err(e) => error!(error = %e, "SIGHUP: configuration not reloaded; the one in force stays"),
-                        Ok(new) => {
-                            sup.apply_config(new, env, emulator.is_some())?;
-                            if let Some((state, _)) = &admin {
-                                match crate::admin::admin_token(&state_dir) {
-                                    Ok(t) => *state.token.write().unwrap_or_else(|e| e.into_inner()) = t,
-                                    Err(e) => error!(error = %e, "SIGHUP: cannot read the admin token; the old one stays"),
-                                }
-                            }
-                            info!("SIGHUP: configuration reloaded");
+                        Ok(()) => info!("SIGHUP: configuration reloaded"),
+                    }
+                    if let Some((state, _)) = &admin {
+                        match crate::admin::admin_token(&state_dir) {
+                            Ok(t) => *state.token.write().unwrap_or_else(|e| e.into_inner()) = t,
+                            Err(e) => error!(error = %e, "SIGHUP: cannot read the admin token; the old one stays"),
                         }
                     }
                     for (_, gate) in sup.contexts.gates() {

@@ -34,7 +34,7 @@
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
-//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel |
+//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
@@ -45,10 +45,14 @@
 //! ## Invariants
 //!
 //! - Dependencies point one way: daemon → worker → provider / store / sink /
-//!   limits → chunk, spec; admin reads the store and sends commands to the
+//!   limits → chunk, spec; admin reads its view and sends commands to the
 //!   daemon, which alone starts, retries and cancels runs. `chunk`,
 //!   `schedule`, `plan` and `spec` do no IO besides reading the job and
 //!   inputs files. `provider` never imports `store`.
+//! - The admin API never walks the store per request: `/v1/jobs` and
+//!   `/metrics` answer from [`admin::View`], which the store's
+//!   [`store::Observer`] hook keeps up to date on every record written (a
+//!   run from before start-up is read once, when first needed).
 //! - The emulator shares no request or response code with the clients.
 //! - Before a trigger the intent is flushed; the remote id is flushed right
 //!   after. A chunk found in `triggering` is in doubt and is settled at the

@@ -9,6 +9,7 @@ use common::Harness;
 use serde_json::Value;
 
 const SIGTERM: i32 = 15;
+const SIGHUP: i32 = 1;
 
 async fn get(url: String) -> (u16, String) {
     let r = reqwest::get(url).await.unwrap();
@@ -269,6 +270,253 @@ async fn retry_finishes_a_partial_run_and_cancel_stops_one() {
         "both collections cancelled at the provider"
     );
     assert_eq!(h.ledger().len(), 5);
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}
+
+/// The daemon's admin address once it is ready.
+fn admin_addr(h: &Harness) -> String {
+    std::fs::read_to_string(h.path("state/admin.addr"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Seconds of CPU the process has used (utime + stime from /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // USER_HZ is 100 on every Linux this runs on.
+    ticks / 100.0
+}
+
+/// `/healthz` answers 200 within `within`, on a new connection.
+async fn healthz_within(addr: &str, within: std::time::Duration) -> bool {
+    let client = reqwest::Client::builder().timeout(within).build().unwrap();
+    matches!(
+        client.get(format!("http://{addr}/healthz")).send().await,
+        Ok(r) if r.status() == 200
+    )
+}
+
+/// Opens `n` connections that each send half a request and stop.
+async fn half_requests(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    held
+}
+
+/// Waits until the server closes `s` (EOF or reset); false if it has not
+/// within `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_its_headers_is_closed_after_the_header_timeout() {
+    let mut h = Harness::new("").await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    h.env
+        .push(("HARVESTD_ADMIN_HEADER_TIMEOUT_MS".into(), "300".into()));
+    let d = h.start_daemon().await;
+    let addr = admin_addr(&h);
+    let mut half = half_requests(&addr, 1).await.pop().unwrap();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let within = std::time::Duration::from_secs(15);
+    assert!(
+        closed_within(&mut half, within).await,
+        "half a request still open after {within:?}"
+    );
+    assert!(
+        closed_within(&mut silent, within).await,
+        "a silent connection still open after {within:?}"
+    );
+    assert!(healthz_within(&addr, std::time::Duration::from_secs(5)).await);
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_cap_do_not_lock_out_healthz() {
+    let mut h = Harness::new("").await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    // 128 descriptors: the cap is 32, far fewer than the 300 below, and
+    // without a cap the daemon would run out of descriptors.
+    let mut d = h
+        .start_command(h.command_with_fd_limit(128, &["run"]))
+        .await;
+    let addr = admin_addr(&h);
+    let held = half_requests(&addr, 300).await;
+    assert!(
+        healthz_within(&addr, std::time::Duration::from_secs(5)).await,
+        "/healthz did not answer with 300 half requests open"
+    );
+    // The daemon still does its work: a job dropped now runs.
+    h.write_inputs("in.csv", 4);
+    h.write_job(
+        "after.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_after0001\"\ninputs_file = \"in.csv\"\nchunk_size = 2\n",
+    );
+    d.wait_for_line("run complete").await;
+    drop(held);
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_does_not_spin() {
+    let mut h = Harness::new("").await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    // A cap above the descriptor limit, so accepting fails with EMFILE.
+    h.env
+        .push(("HARVESTD_ADMIN_MAX_CONNECTIONS".into(), "10000".into()));
+    let d = h.start_command(h.command_with_fd_limit(96, &["run"])).await;
+    let pid = d.child.id().unwrap();
+    let addr = admin_addr(&h);
+    let held = half_requests(&addr, 200).await;
+    // Every descriptor is taken: accepting fails with EMFILE from now on.
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    tokio::time::timeout(common::WAIT, async {
+        while open_fds() < 96 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the daemon never ran out of descriptors: {}", open_fds()));
+    let (cpu, wall) = (cpu_seconds(pid), std::time::Instant::now());
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let used = cpu_seconds(pid) - cpu;
+    let share = used / wall.elapsed().as_secs_f64();
+    assert!(
+        share < 0.2,
+        "the daemon used {:.0} % of a core while out of descriptors",
+        share * 100.0
+    );
+    drop(held);
+    assert!(
+        healthz_within(&addr, std::time::Duration::from_secs(10)).await,
+        "/healthz answers once the connections are gone"
+    );
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_others_can_read_is_refused_at_start_and_on_reload() {
+    let mut h = Harness::new("").await;
+    h.token = String::new();
+    let token_file = h.path("bd-token");
+    std::fs::write(
+        &token_file,
+        format!("{}\n", harvestd::emulator::DEMO_BRIGHTDATA_TOKEN),
+    )
+    .unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    h.write_config(&format!(
+        "[providers.brightdata]\ntoken_file = \"{}\"\n",
+        token_file.display()
+    ));
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    let (code, _, stderr) = h.run(&["run"]).await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains(&token_file.display().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("chmod 600 {}", token_file.display())),
+        "{stderr}"
+    );
+
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut d = h.start_daemon().await;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    d.signal(SIGHUP);
+    let line = d.wait_for_line("configuration not reloaded").await;
+    assert!(line.contains("chmod 600"), "{line}");
+    // The daemon keeps running with the configuration in force.
+    assert!(healthz_within(&admin_addr(&h), std::time::Duration::from_secs(5)).await);
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_mode_is_restored_and_lower_case_bearer_is_accepted() {
+    let mut h = Harness::new("").await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    let token_path = h.path("state/admin.token");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let d = h.start_daemon().await;
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+
+    // Changed while stopped: restored at start.
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut d = h.start_daemon().await;
+    assert_eq!(mode(&token_path), 0o600);
+    assert!(
+        d.seen
+            .iter()
+            .any(|l| l.contains("admin token was readable")),
+        "warned"
+    );
+
+    // Changed while running: restored at SIGHUP.
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    d.signal(SIGHUP);
+    d.wait_for_line("admin token was readable").await;
+    assert_eq!(mode(&token_path), 0o600);
+
+    // The scheme's case does not matter; the token still does.
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let url = format!("http://{}/v1/jobs/nothing/cancel", admin_addr(&h));
+    let client = reqwest::Client::new();
+    for (header, status) in [
+        (format!("bearer {}", token.trim()), 409),
+        (format!("BEARER {}", token.trim()), 409),
+        ("bearer wrong".to_string(), 401),
+    ] {
+        let r = client
+            .post(&url)
+            .header("Authorization", &header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            status,
+            "{}",
+            header.split(' ').next().unwrap()
+        );
+    }
     d.signal(SIGTERM);
     assert_eq!(d.wait().await, 0);
 }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+
 use std::time::{Duration, Instant};
 
 use common::Harness;
@@ -83,6 +85,8 @@ async fn sighup_reloads_the_token_and_refuses_a_bad_config() {
     h.token = String::new();
     let token_file = h.path("bd-token");
     std::fs::write(&token_file, "not-the-token\n").unwrap();
+    // A token file others can read is refused (SPEC §3).
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let with_token = format!(
         "[providers.brightdata]\ntoken_file = \"{}\"\n",
         token_file.display()

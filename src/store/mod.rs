@@ -29,6 +29,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use indexmap::IndexSet;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -255,6 +256,22 @@ pub struct Store {
     seen: sled::Tree,
     meta: sled::Tree,
     schedules: sled::Tree,
+    /// Told of every run, chunk, job and schedule record written, so the
+    /// admin API answers from figures kept in memory instead of walking
+    /// the store per request (SPEC §8). Set once, by the daemon.
+    observer: Arc<OnceLock<Arc<dyn Observer>>>,
+}
+
+/// Hears of each record the store writes or removes, right after the write.
+/// Called on the writer's thread: an observer only updates memory behind a
+/// short lock and never blocks.
+pub trait Observer: Send + Sync {
+    fn run(&self, run: &RunRecord);
+    fn run_deleted(&self, job: &str, run_id: &str);
+    fn chunk(&self, job: &str, run_id: &str, chunk: &ChunkRecord);
+    fn job(&self, job: &JobRecord);
+    fn schedule(&self, record: &ScheduleRecord);
+    fn schedule_deleted(&self, job: &str);
 }
 
 fn run_key(job: &str, run_id: &str) -> Vec<u8> {
@@ -349,6 +366,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             schedules: db.open_tree("schedules")?,
             db,
+            observer: Arc::default(),
         };
         store.index_open_chunks()?;
         Ok(store)
@@ -401,6 +419,15 @@ impl Store {
     }
 
     /// [`flush`](Self::flush) for code already on the blocking pool.
+    /// Sets the observer told of every later write; the first one stays.
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn observer(&self) -> Option<&Arc<dyn Observer>> {
+        self.observer.get()
+    }
+
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -409,6 +436,9 @@ impl Store {
     pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
         self.runs
             .insert(run_key(&run.job, &run.run_id), encode(run))?;
+        if let Some(o) = self.observer() {
+            o.run(run);
+        }
         Ok(())
     }
 
@@ -459,6 +489,9 @@ impl Store {
         }
         self.chunks.apply_batch(batch)?;
         self.runs.remove(run_key(job, run_id))?;
+        if let Some(o) = self.observer() {
+            o.run_deleted(job, run_id);
+        }
         let dir = self.run_inputs_dir(job, run_id);
         match fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&dir)(e)),
@@ -482,6 +515,9 @@ impl Store {
             batch.insert(open, &[]);
         }
         self.chunks.apply_batch(batch)?;
+        if let Some(o) = self.observer() {
+            o.chunk(job, run_id, chunk);
+        }
         Ok(())
     }
 
@@ -625,6 +661,9 @@ impl Store {
 
     pub fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
         self.jobs.insert(job.name.as_bytes(), encode(job))?;
+        if let Some(o) = self.observer() {
+            o.job(job);
+        }
         Ok(())
     }
 
@@ -724,11 +763,17 @@ impl Store {
     pub fn put_schedule(&self, record: &ScheduleRecord) -> Result<(), StoreError> {
         self.schedules
             .insert(record.job.as_bytes(), encode(record))?;
+        if let Some(o) = self.observer() {
+            o.schedule(record);
+        }
         Ok(())
     }
 
     pub fn delete_schedule(&self, job: &str) -> Result<(), StoreError> {
         self.schedules.remove(job.as_bytes())?;
+        if let Some(o) = self.observer() {
+            o.schedule_deleted(job);
+        }
         Ok(())
     }
 

@@ -94,7 +94,21 @@ impl Harness {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_harvestd"));
+        self.command_of(env!("CARGO_BIN_EXE_harvestd"), args)
+    }
+
+    /// `harvestd args…` with at most `fds` open files (soft and hard
+    /// limit), through the shell's `ulimit`; the daemon keeps the pid.
+    pub fn command_with_fd_limit(&self, fds: u32, args: &[&str]) -> Command {
+        let script = format!("ulimit -n {fds} && exec \"$0\" \"$@\"");
+        let mut all = vec!["-c", &script, env!("CARGO_BIN_EXE_harvestd")];
+        all.extend_from_slice(args);
+        self.command_of("bash", &all)
+    }
+
+    /// `program args…` with the harness's environment.
+    pub fn command_of(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
         c.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -139,7 +153,12 @@ impl Harness {
 
     /// Starts `harvestd args…` and waits until it says it is ready.
     pub async fn start_with(&self, args: &[&str]) -> Daemon {
-        let mut child = self.command(args).spawn().unwrap();
+        self.start_command(self.command(args)).await
+    }
+
+    /// Starts `command` and waits until it says it is ready.
+    pub async fn start_command(&self, mut command: Command) -> Daemon {
+        let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
