@@ -1,4 +1,4 @@
-//! Benchmark: the admin API under local abuse (issue 17, SPEC §8).
+//! Benchmark: the admin API under local abuse (issue 17, `docs/admin-api.md`).
 //!
 //! 1. Run completions per second on 5,000 one-chunk jobs, in one daemon:
 //!    5 s without admin requests, then while 300 `GET /v1/jobs` are sent 16

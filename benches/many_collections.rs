@@ -1,6 +1,6 @@
 //! Benchmark: many collections in flight (issue #7). harvestd triggers
 //! 10,000 collections of one collector (build time 30 min) and polls them
-//! under SPEC §7; once every collection waits at the `poll_max_interval`
+//! under the `[limits]` rules (`docs/limits.md`); once every collection waits at the `poll_max_interval`
 //! cap (steady state), reports over a window of three poll rounds:
 //!
 //! - the daemon's CPU per status poll, and what that is as a share of one
@@ -10,7 +10,7 @@
 //!   `requests_per_second`.
 //!
 //! Time is compressed by `HARVESTD_BENCH_SCALE` (default 10): the build
-//! time and every §7 interval are divided by it and `requests_per_second`
+//! time and every `[limits]` interval are divided by it and `requests_per_second`
 //! (200) multiplied, so the daemon does K× the real-time work per second;
 //! the measured CPU share is divided by K to give the real-time figure.
 //! `HARVESTD_BENCH_SCALE=1` measures real time (about 13 minutes a run).

@@ -4,7 +4,7 @@
 //! official starters do) running at the same time against the same emulator.
 //!
 //! Time is compressed by `HARVESTD_BENCH_SCALE` (default 120): build times,
-//! the fixed poller's 5 s and SPEC §7's `poll_min_interval` (5 s) and
+//! the fixed poller's 5 s and the default `poll_min_interval` (5 s) and
 //! `poll_max_interval` (60 s) are all divided by it, so request counts and
 //! delays as a share of the build are what they would be in real time.
 //!

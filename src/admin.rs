@@ -1,4 +1,4 @@
-//! The loopback admin API (SPEC §8): health, readiness, jobs, metrics, and
+//! The loopback admin API (`docs/admin-api.md`): health, readiness, jobs, metrics, and
 //! mutating calls guarded by the admin token. Reads come from the [`View`]
 //! the daemon keeps, never from a walk of the store; actions go to the
 //! supervisor as [`Command`]s, which stays the one owner of run state.
@@ -120,7 +120,7 @@ pub fn admin_token(state_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// How much the admin server lets local clients take (SPEC §8).
+/// How much the admin server lets local clients take (`docs/admin-api.md`).
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
     /// A connection that has not sent a request's headers in this time is

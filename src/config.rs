@@ -1,5 +1,5 @@
 //! Daemon configuration: an optional TOML file, then the environment, then
-//! flags (SPEC §3). Every field has a named default; unknown keys are errors.
+//! flags (`docs/configuration.md`). Every field has a named default; unknown keys are errors.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -76,7 +76,7 @@ pub struct ProviderConfig {
     pub token_file: Option<PathBuf>,
 }
 
-/// SPEC §7: every interval and threshold of provider etiquette.
+/// Every interval and threshold of provider etiquette (`docs/limits.md`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -501,7 +501,7 @@ impl fmt::Display for Token {
 }
 
 /// Finds a provider's token: environment variables, then `token_file`, then
-/// systemd's `$CREDENTIALS_DIRECTORY/<credential>` (SPEC §3).
+/// systemd's `$CREDENTIALS_DIRECTORY/<credential>` (`docs/configuration.md`).
 pub fn find_token(
     env: &dyn Env,
     vars: &[&str],
@@ -536,7 +536,7 @@ pub fn find_token(
 }
 
 /// Refuses a secret file that others may read, as ssh refuses a readable
-/// key (SPEC §3): group or other permission bits on a `token_file` mean
+/// key (`docs/configuration.md`): group or other permission bits on a `token_file` mean
 /// someone else may have read the token. A file from systemd's
 /// `$CREDENTIALS_DIRECTORY` may be group-readable (`group_may_read`):
 /// systemd writes credentials 0400 or 0440 into a directory only the
@@ -610,7 +610,7 @@ mod tests {
     }
 
     /// The bounds on what a provider sends take sizes with units, default
-    /// to SPEC §7's values, and refuse sizes that overflow.
+    /// to the defaults in `docs/limits.md`, and refuse sizes that overflow.
     #[test]
     fn byte_sizes_and_bound_defaults() {
         let d = LimitsConfig::default();

@@ -1,5 +1,5 @@
 //! Job directory intake: which files are jobs, when a job's content has
-//! settled, whether it is new, and planning a run for it (SPEC §4, §5.1).
+//! settled, whether it is new, and planning a run for it (`docs/job-files.md`, `docs/outputs.md`).
 //!
 //! Intake works in two steps so that no job waits for another:
 //! - [`look`] is cheap and runs on every scan: it lists the directory, reads

@@ -1,4 +1,4 @@
-//! Provider etiquette (SPEC §7): per-key in-flight caps and trigger pacing,
+//! Provider etiquette (`docs/limits.md`): per-key in-flight caps and trigger pacing,
 //! per-provider request rate, the provider-wide 429 brake and blocks, and the
 //! pure timing functions (backoff, poll interval).
 
@@ -22,7 +22,7 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Durati
 
 /// How long to wait before the next status poll of a collection that has
 /// been building for `waited`: a tenth of it, within `[min, max]`, with
-/// ±10 % jitter (`unit` in `[0, 1]`), never below `min` (SPEC §7).
+/// ±10 % jitter (`unit` in `[0, 1]`), never below `min` (`docs/limits.md`).
 ///
 /// `expected`: the key's shortest recent build, when known. Until 90 % of
 /// it has passed the answer is almost surely "building", so the wait runs

@@ -1,4 +1,4 @@
-//! Logs (SPEC §12): human text on a TTY, JSON lines otherwise, with the
+//! Logs (`docs/operations.md`): human text on a TTY, JSON lines otherwise, with the
 //! fields of the spans an event happens in (`job`, `run`, `chunk`) flattened
 //! next to its own (`remote_id`, `error`…), so `jq 'select(.job == "x")'`
 //! works on every line. `RUST_LOG` sets levels (default `info`).

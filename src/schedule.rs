@@ -1,4 +1,4 @@
-//! Recurring jobs without cron (SPEC §9), as pure functions of the time:
+//! Recurring jobs without cron (`docs/job-files.md`), as pure functions of the time:
 //! parsing `cron = "m h dom mon dow"` (UTC), the next due time of `every` and
 //! `cron` schedules, a per-job jitter, and what to do when a due time comes.
 //! The daemon stores the next due time and asks [`on_due`] when it passes.

@@ -1,4 +1,4 @@
-//! Unix signals as daemon events (SPEC §12): SIGTERM/SIGINT stop, SIGHUP
+//! Unix signals as daemon events (`docs/operations.md`): SIGTERM/SIGINT stop, SIGHUP
 //! reloads.
 
 use futures::StreamExt;

@@ -1,4 +1,4 @@
-//! The systemd notify protocol (SPEC §12): READY=1 once state is resumed,
+//! The systemd notify protocol (`docs/operations.md`): READY=1 once state is resumed,
 //! STATUS= a one-line summary, WATCHDOG=1 at half of `WatchdogSec=`, and
 //! STOPPING=1. Without `NOTIFY_SOCKET` every call does nothing.
 

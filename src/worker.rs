@@ -1,5 +1,5 @@
 //! Drives runs and their chunks: trigger → poll → download, persisting each
-//! step before acting on it (SPEC §5, §11), within the limits of §7. When
+//! step before acting on it (`docs/outputs.md`, `docs/durability.md`), within its limits. When
 //! every chunk of a run is terminal, writes the final files and the manifest.
 //!
 //! Shutdown is an argument: every wait selects on the stop token, but a
@@ -250,7 +250,7 @@ impl Context {
 }
 
 /// How near an unsaved ready dataset is to deletion at the provider
-/// (SPEC §7: warn with 3 days left, error at 1 day; Firecrawl 6 h and 1 h).
+/// (`docs/limits.md`: warn with 3 days left, error at 1 day; Firecrawl 6 h and 1 h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiryLevel {
     Fine,

@@ -1,4 +1,4 @@
-//! Crash safety with proof (SPEC §11): the real binary, built with
+//! Crash safety with proof (`docs/durability.md`): the real binary, built with
 //! `--features failpoints`, killed at every durable boundary and restarted;
 //! a full disk under the part and final files; a failing state store. After
 //! each, the run must account for every input exactly once, hold no torn
@@ -96,7 +96,7 @@ fn ndjson(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// What the run's files say, checked against SPEC §11:
+/// What the run's files say, checked against `docs/durability.md`:
 /// - every output is whole: the bytes and sha256 the manifest names, and
 ///   data.json / data.csv / data.ndjson agree row for row;
 /// - no temporary or page file is left;

@@ -1,4 +1,4 @@
-//! A hostile or broken provider, against the real binary (SPEC §6, §7):
+//! A hostile or broken provider, against the real binary (`docs/outputs.md`, `docs/limits.md`):
 //! unreadable rows, huge `Retry-After` values, endless bodies, hostile
 //! remote ids, a full disk, and what `status` says meanwhile. Each
 //! behaviour is an emulator scenario option (docs/emulator-scenarios.md).
@@ -81,7 +81,7 @@ fn last_error(job: &str) -> impl Fn(&Value) -> Option<String> + '_ {
 
 /// Each kind of unreadable row goes to errors.ndjson as a malformed_row
 /// record with its bytes; the other rows are saved, the dataset is
-/// downloaded once, and the run is complete (SPEC §6).
+/// downloaded once, and the run is complete (`docs/outputs.md`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_row_is_kept_as_malformed_and_the_rest_saved_once() {
     let kinds = ["invalid_utf8", "control_char", "deep_nesting", "huge"];

@@ -1,4 +1,4 @@
-//! Job intake on mistaken and hostile paths (SPEC §4): a file written in
+//! Job intake on mistaken and hostile paths (`docs/job-files.md`): a file written in
 //! place is paid for once, runs of one job never overlap, a job file can
 //! never read (or quote) a file outside the jobs directory, a big inputs
 //! file holds up no other job, odd file names are reported, and a plan

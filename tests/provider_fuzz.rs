@@ -1,4 +1,4 @@
-//! Whatever a provider sends cannot panic the clients (SPEC §7): a raw
+//! Whatever a provider sends cannot panic the clients (`docs/limits.md`): a raw
 //! HTTP server answers every call of the three clients with generated
 //! status codes, header values (`Retry-After`, `Date`, `Content-Length`,
 //! `Content-Type`) and bodies, and every call must return, within its

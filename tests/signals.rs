@@ -85,7 +85,7 @@ async fn sighup_reloads_the_token_and_refuses_a_bad_config() {
     h.token = String::new();
     let token_file = h.path("bd-token");
     std::fs::write(&token_file, "not-the-token\n").unwrap();
-    // A token file others can read is refused (SPEC §3).
+    // A token file others can read is refused (`docs/configuration.md`).
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let with_token = format!(
         "[providers.brightdata]\ntoken_file = \"{}\"\n",

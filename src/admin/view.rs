@@ -1,4 +1,4 @@
-//! The figures the admin API answers from (SPEC §8): jobs, runs and
+//! The figures the admin API answers from (`docs/admin-api.md`): jobs, runs and
 //! per-run chunk summaries kept in memory and updated by the store's
 //! [`Observer`] hook as records are written, so `GET /v1/jobs` and
 //! `GET /metrics` never walk the store per request.

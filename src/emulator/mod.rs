@@ -1,4 +1,4 @@
-//! The built-in fake of the provider APIs (SPEC §10), written from
+//! The built-in fake of the provider APIs (`docs/emulator.md`), written from
 //! `providers/*.md` and sharing no request or response code with the
 //! clients, so a client bug cannot hide behind the same bug here.
 //!

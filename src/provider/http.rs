@@ -71,7 +71,7 @@ const TRIGGERS: &[&str] = &["dca_trigger", "v3_trigger", "v1_batch", "v2_batch"]
 /// Reads at most this much of an error body or a trigger answer.
 const SMALL_BODY: usize = 64 * 1024;
 
-/// A status answer larger than this is a transient error (SPEC §7).
+/// A status answer larger than this is a transient error (`docs/limits.md`).
 pub const STATUS_MAX: usize = 1024 * 1024;
 
 impl Http {

@@ -107,7 +107,7 @@ pub trait RowSink: Send {
 
     /// A row of a dataset body, starting at `byte_offset` in it. A row the
     /// daemon cannot read is kept as a malformed row by a sink that can
-    /// (SPEC §6); by default it is an error, as with [`row`](Self::row).
+    /// (`docs/outputs.md`); by default it is an error, as with [`row`](Self::row).
     fn row_at(&mut self, raw: &[u8], _byte_offset: u64) -> std::io::Result<()> {
         self.row(raw)
     }
@@ -246,7 +246,7 @@ pub fn accepted(status: u16, message: impl FnOnce() -> String) -> Result<(), Cal
     }
 }
 
-/// The longest remote id taken from a provider (SPEC §7).
+/// The longest remote id taken from a provider (`docs/limits.md`).
 pub const MAX_ID_BYTES: usize = 256;
 
 /// Whether `id` may be used as a remote id: 1 to 256 bytes, no control

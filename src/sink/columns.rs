@@ -1,4 +1,4 @@
-//! The CSV header (SPEC §6): the union of the data rows' columns in
+//! The CSV header (`docs/outputs.md`): the union of the data rows' columns in
 //! first-seen order. A part's columns are collected as it is downloaded
 //! ([`super::part::PartWriter`]) and recorded with its chunk, so the final
 //! files start writing at once instead of reading every part twice; parts

@@ -1,4 +1,4 @@
-//! CSV cells from JSON rows (SPEC §6): nested objects become dotted columns,
+//! CSV cells from JSON rows (`docs/outputs.md`): nested objects become dotted columns,
 //! arrays and other non-scalar leaves compact JSON, null and missing empty,
 //! and — because scraped text is untrusted and spreadsheets execute it —
 //! strings that start like a formula get a leading `'`.

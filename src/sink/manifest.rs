@@ -1,4 +1,4 @@
-//! `manifest.json`: what happened to a run (SPEC §6).
+//! `manifest.json`: what happened to a run (`docs/outputs.md`).
 
 use serde::Serialize;
 
@@ -19,7 +19,7 @@ pub struct Manifest {
     /// The provider's error rows in `errors.ndjson`.
     pub error_rows: u64,
     /// Rows the daemon could not read, kept in `errors.ndjson` as
-    /// `malformed_row` records (SPEC §6).
+    /// `malformed_row` records (`docs/outputs.md`).
     pub malformed_rows: u64,
     pub chunks: Vec<ManifestChunk>,
     pub outputs: Vec<OutputFile>,

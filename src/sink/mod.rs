@@ -1,4 +1,4 @@
-//! Files on disk (SPEC §6). Every file is written under a temporary name in
+//! Files on disk (`docs/outputs.md`). Every file is written under a temporary name in
 //! its directory, fsynced, renamed, and the directory fsynced: a reader never
 //! sees half a file, and a crash leaves either the old file or the new one.
 //! All of this is blocking IO; async callers use `spawn_blocking`.

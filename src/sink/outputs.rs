@@ -83,7 +83,7 @@ pub struct Part<'a> {
 }
 
 /// The final files, and how many of `errors.ndjson`'s rows are
-/// malformed-row records (SPEC §6) rather than the provider's error rows.
+/// malformed-row records (`docs/outputs.md`) rather than the provider's error rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outputs {
     pub files: Vec<OutputFile>,

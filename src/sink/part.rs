@@ -1,6 +1,6 @@
 //! Part files: the raw rows of one chunk, one compact JSON value per line,
 //! written as they stream in and made durable before the chunk is marked
-//! downloaded (SPEC §11).
+//! downloaded (`docs/durability.md`).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -60,7 +60,7 @@ pub fn join_pages(run_dir: &Path, index: u32, pages: u32) -> io::Result<()> {
 /// Receives one chunk's rows; counts data and error rows as they pass and
 /// collects the data rows' CSV columns (one walk of each row decides both,
 /// and checks that it is JSON). A dataset row that is not JSON is kept as
-/// a malformed-row record (SPEC §6), an error row like the provider's.
+/// a malformed-row record (`docs/outputs.md`), an error row like the provider's.
 pub struct PartWriter {
     file: AtomicFile,
     /// The chunk, named in malformed-row records.
@@ -149,7 +149,7 @@ impl PartWriter {
     }
 }
 
-/// The deepest nesting of arrays and objects a row may have (SPEC §6).
+/// The deepest nesting of arrays and objects a row may have (`docs/outputs.md`).
 pub const MAX_DEPTH: usize = 128;
 
 /// Whether a row nests arrays and objects deeper than [`MAX_DEPTH`].

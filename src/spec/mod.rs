@@ -1,4 +1,4 @@
-//! Job files (SPEC §4): the file as written ([`document`]) becomes a checked
+//! Job files (`docs/job-files.md`): the file as written ([`document`]) becomes a checked
 //! [`JobSpec`], or a list of every [`Problem`] found, each with file, line and
 //! field. No IO beyond reading the job file and its inputs file.
 
