@@ -285,7 +285,12 @@ impl Supervisor {
     fn record(&mut self, (job, run_id, result): RunResult) -> Result<(), DaemonError> {
         let id = (job.clone(), run_id.clone());
         self.active.remove(&id);
-        let outcome = result?;
+        // A state directory removed under the run shows first as missing
+        // inputs or a failed write: name the cause.
+        let outcome = result.map_err(|e| match self.store.check_place() {
+            Err(moved) => DaemonError::Store(moved),
+            Ok(()) => DaemonError::Worker(e),
+        })?;
         if self.cancelling.remove(&id) && !self.stop.is_cancelled() {
             // Stopped for a cancel: now cancel it (drive_run sees the flag).
             if let Some(run) = self.store.run(&job, &run_id)? {

@@ -65,7 +65,7 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("state store {path} is damaged: {detail}; start with `harvestd run --recover` to continue from what is left (every chunk not proven unpaid is settled at the provider first)")]
     Damaged { path: String, detail: String },
-    #[error("state store {path} is older than the state this daemon last flushed (its generation {store}, the generation file says {file}): the data file was truncated or restored from a copy; start with `harvestd run --recover` to continue from what is left (every chunk not proven unpaid is settled at the provider first)")]
+    #[error("state store {path} is older than the state this daemon last flushed (its generation {store}, the generation file says {file}): sled lost flushed state (its data file truncated, overwritten in part, or restored from a copy); start with `harvestd run --recover` to continue from what is left (every chunk not proven unpaid is settled at the provider first)")]
     Stale { path: String, store: u64, file: u64 },
     #[error("the state directory {path} was removed or replaced under the running daemon ({detail}); stopping before any further trigger")]
     Replaced { path: String, detail: String },
@@ -1337,6 +1337,34 @@ mod tests {
         assert_eq!(rec.name, crate::plan::chunk_name("j", "r1", 1));
         assert_eq!(rec.triggers, 1);
         assert!(store.seen("j", "content").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_store_sled_cannot_open_is_moved_aside_by_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            plan(&store, "r1", 2);
+            trigger(&store, "r1", 0);
+        }
+        // sled's configuration, which it reads first, overwritten.
+        fs::write(dir.path().join("db").join("conf"), [0x5au8; 32]).unwrap();
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains("damaged") && err.to_string().contains("--recover"),
+            "{err}"
+        );
+        let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
+        let aside = found.moved_aside.clone().expect("moved aside");
+        assert!(aside.join("db").join("conf").exists());
+        let recovered = store.recover(found, &|_| None).unwrap();
+        assert_eq!(recovered.runs_rebuilt, 1);
+        assert_eq!(
+            recovered.chunks_in_doubt, 2,
+            "a fresh store knows no remote id"
+        );
+        drop(store);
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]
