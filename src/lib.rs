@@ -62,8 +62,8 @@
 //!   latest answer, kept by [`provider::http::Http`]), the clock it deletes by.
 //! - A store older than the state last flushed, or damaged, is never used
 //!   silently: a generation counter kept in sled and in a file beside it
-//!   (written after every flush that holds a trigger's intent or remote
-//!   id, never ahead of sled) is compared at open; `run --recover` starts
+//!   (written by every flush that holds a trigger's intent, before the
+//!   trigger, never ahead of sled) is compared at open; `run --recover` starts
 //!   from what is left, every chunk without a remote id in doubt. The
 //!   state directory and its lock are checked (device, inode) before every
 //!   flush and every 2 s: removed or replaced, the daemon stops.

@@ -12,19 +12,24 @@
 //! sled flush that contained that generation has returned. At open, sled's
 //! generation below the file's means sled lost flushed state.
 //!
-//! Writing the file costs three fsyncs, so not every flush writes it. A
-//! write to the store that a paid call depends on marks the store *dirty*:
-//! a chunk record entering `triggering` (the intent) or `triggered` (the
-//! remote id). The next flush then bumps the generation and writes the
-//! file, so every trigger's intent and every remote id is covered before
-//! the trigger is sent or the next step is taken. Status polls that
-//! change nothing write nothing; polls and downloads that do flush only
-//! sled (their loss is harmless: the poll or the download is repeated,
-//! never paid for). Clean shutdown writes the file once more, so after
-//! `SIGTERM` any loss at all is detected. Concurrent flushes share file
-//! writes: a flush that finds the file already at or past the generation
-//! it needs writes nothing, so under a burst of triggers the file is
-//! written about once per fsync time, not once per trigger.
+//! Writing the file costs three fsyncs (about ten times a sled flush
+//! measured here), so not every flush writes it. A write that a payment
+//! depends on marks the store *dirty*: a chunk record entering
+//! `triggering`, the intent, flushed before the trigger is sent. The next
+//! flush bumps the generation and writes the file, so no trigger is sent
+//! before the file covers its intent. The remote id that follows is not
+//! marked: the next trigger's intent covers it, and the clean shutdown
+//! writes the file once more. So after `SIGTERM` any loss at all is
+//! detected, and after a crash any loss up to the last intent; an
+//! undetected loss of a later remote id leaves its chunk `triggering`, in
+//! doubt and settled at the provider, exactly as a crash between the
+//! trigger and its answer does. Status polls that change nothing write
+//! nothing; polls and downloads that do flush only sled (their loss costs
+//! a poll or a download again, never a payment).
+//!
+//! Concurrent flushes share file writes: whoever writes the file writes
+//! the highest generation already flushed in sled, and a flush that then
+//! finds the file at or past the generation it needs writes nothing.
 
 use std::fs;
 use std::io::Write;
@@ -107,6 +112,8 @@ pub struct Generation {
     /// The latest generation inserted into sled (durable once a flush that
     /// started after the insert returns). The mutex orders the inserts.
     inserted: Mutex<u64>,
+    /// The highest generation a returned sled flush contained.
+    flushed: std::sync::atomic::AtomicU64,
     /// What the file holds; the mutex also lets one writer at a time in.
     file: Mutex<u64>,
     /// A write that a paid call depends on is not yet covered by the file.
@@ -118,6 +125,7 @@ impl Generation {
         Generation {
             dir: dir.to_path_buf(),
             inserted: Mutex::new(inserted),
+            flushed: std::sync::atomic::AtomicU64::new(inserted),
             file: Mutex::new(file),
             dirty: AtomicBool::new(false),
         }
@@ -146,14 +154,18 @@ impl Generation {
         Ok(*inserted)
     }
 
-    /// After a sled flush: makes the file hold at least `target`.
+    /// After a sled flush that contained `target`: makes the file hold at
+    /// least `target` (the highest generation flushed so far, so that the
+    /// flushes waiting behind this write find nothing left to do).
     pub fn after_flush(&self, target: u64) -> Result<(), StoreError> {
+        self.flushed.fetch_max(target, Ordering::SeqCst);
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if *file >= target {
             return Ok(());
         }
-        write_generation(&self.dir, target)?;
-        *file = target;
+        let flushed = self.flushed.load(Ordering::SeqCst).max(target);
+        write_generation(&self.dir, flushed)?;
+        *file = flushed;
         Ok(())
     }
 }

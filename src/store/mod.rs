@@ -514,8 +514,7 @@ impl Store {
     }
 
     /// Makes everything written so far durable, and the generation file
-    /// cover it when a write a paid call depends on was among it (see
-    /// [`guard`]). Fails, writing nothing, when the state directory was
+    /// cover it when a trigger's intent was among it (see [`guard`]). Fails, writing nothing, when the state directory was
     /// removed or replaced.
     ///
     /// sled 0.34's `flush_async` deadlocks under concurrent callers
@@ -644,12 +643,9 @@ impl Store {
             batch.insert(open, &[]);
         }
         self.chunks.apply_batch(batch)?;
-        if matches!(
-            chunk.state,
-            ChunkState::Triggering { .. } | ChunkState::Triggered { .. }
-        ) {
-            // A trigger's intent or its remote id: the flush that makes it
-            // durable brings the generation file up to date too.
+        if matches!(chunk.state, ChunkState::Triggering { .. }) {
+            // A trigger's intent: the flush that makes it durable brings
+            // the generation file up to date too (see [`guard`]).
             self.generation.mark_dirty();
         }
         Ok(())

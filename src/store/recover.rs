@@ -83,10 +83,15 @@ impl Store {
             }
         };
         // A generation sled holds that does not decode counts as none.
+        // Counting goes on past both, sled first, then the file.
         let stored = store.stored_generation().ok().flatten().unwrap_or(0);
-        // The next flush counts past both, so the file is written again.
-        store.generation = Arc::new(guard::Generation::new(dir, stored.max(file), 0));
-        store.generation.mark_dirty();
+        let next = stored.max(file).saturating_add(1);
+        store
+            .meta
+            .insert(super::GENERATION_KEY, &next.to_be_bytes())?;
+        store.db.flush()?;
+        guard::write_generation(dir, next)?;
+        store.generation = Arc::new(guard::Generation::new(dir, next, next));
         Ok((store, recovered))
     }
 
