@@ -33,6 +33,10 @@ pub enum Command {
         /// Serve the built-in emulator in-process and use it for every provider.
         #[arg(long)]
         emulator: bool,
+        /// Start from what is left of a damaged or stale state store: every
+        /// chunk not proven unpaid is settled at the provider before any trigger.
+        #[arg(long)]
+        recover: bool,
     },
     /// Check job files and their inputs without calling any API.
     Validate {
@@ -135,6 +139,7 @@ pub fn execute(cli: Cli) -> u8 {
             config,
             once,
             emulator,
+            recover,
         } => {
             let path = config.clone();
             let reload: daemon::Reload =
@@ -158,7 +163,7 @@ pub fn execute(cli: Cli) -> u8 {
                         return EXIT_FAILURE;
                     }
                 };
-                match daemon::run(config, RunOptions { once, emulator }, &ProcessEnv, signals, reload).await {
+                match daemon::run(config, RunOptions { once, emulator, recover }, &ProcessEnv, signals, reload).await {
                     Ok(summary) => {
                         if once && summary.complete + summary.incomplete + summary.stopped == 0 && summary.parked.is_empty() {
                             eprintln!(

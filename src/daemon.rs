@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub once: bool,
     /// Serve the built-in emulator in-process and point providers at it.
     pub emulator: bool,
+    /// Start from what is left of a damaged or stale store (SPEC §11).
+    pub recover: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +299,12 @@ impl Supervisor {
         if !self.stop.is_cancelled() {
             self.start_settled();
         }
-        let outcome = result?;
+        // A state directory removed under the run shows first as missing
+        // inputs or a failed write: name the cause.
+        let outcome = result.map_err(|e| match self.store.check_place() {
+            Err(moved) => DaemonError::Store(moved),
+            Ok(()) => DaemonError::Worker(e),
+        })?;
         if self.cancelling.remove(&id) && !self.stop.is_cancelled() {
             // Stopped for a cancel: now cancel it (drive_run sees the flag).
             if let Some(run) = self.store.run(&job, &run_id)? {
@@ -758,6 +765,33 @@ impl Supervisor {
     }
 }
 
+/// How often the running daemon checks that its state directory is still
+/// the one it locked (SPEC §11: stop within 10 s).
+const PLACE_CHECK: Duration = Duration::from_secs(2);
+
+/// `run --recover`: opens the store whatever its state and rebuilds what
+/// it can; every chunk not proven unpaid is left in doubt, for the workers
+/// to settle at the provider before any trigger.
+fn open_recovering(state_dir: &Path, output_dir: &Path) -> Result<Store, DaemonError> {
+    let (store, found) = Store::open_for_recovery(state_dir, worker::now_ms())?;
+    let finished = |run: &RunRecord| -> Option<RunState> {
+        let manifest = worker::run_dir(output_dir, run).join("manifest.json");
+        let bytes = std::fs::read(manifest).ok()?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        serde_json::from_value(value.get("state")?.clone()).ok()
+    };
+    let recovered = store.recover(found, &finished)?;
+    warn!(
+        moved_aside = ?recovered.moved_aside,
+        corrupt_records = recovered.corrupt_records,
+        runs_rebuilt = recovered.runs_rebuilt,
+        chunks_in_doubt = recovered.chunks_in_doubt,
+        not_recovered = recovered.lost.len(),
+        "recover: started from what is left of the store; chunks in doubt are settled at the provider before any trigger"
+    );
+    Ok(store)
+}
+
 /// Reads the configuration again (SIGHUP).
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
@@ -813,7 +847,11 @@ pub async fn run(
     };
     std::fs::create_dir_all(&config.output_dir)
         .map_err(|e| DaemonError::Io(format!("{}: {e}", config.output_dir.display())))?;
-    let store = Store::open(&state_dir)?;
+    let store = if options.recover {
+        open_recovering(&state_dir, &config.output_dir)?
+    } else {
+        Store::open(&state_dir)?
+    };
     let stop = CancellationToken::new();
 
     let contexts = Contexts::build(
@@ -918,6 +956,9 @@ pub async fn run(
     }
     crate::systemd::ready(&format!("resumed {resumed} run(s)"));
     info!(resumed, "state loaded; ready");
+    // The state directory is looked at every 2 s (and before every flush,
+    // so before every trigger): removed or replaced, the daemon stops.
+    let mut place_tick = tokio::time::interval(PLACE_CHECK);
     let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
     let mut status_tick = tokio::time::interval(Duration::from_secs(10));
     // Bars move smoothly; progress lines come every 10 s with --once, every
@@ -991,6 +1032,7 @@ pub async fn run(
                 crate::systemd::watchdog();
             }
             _ = status_tick.tick() => crate::systemd::status(&sup.status_line()),
+            _ = place_tick.tick() => sup.store.check_place()?,
             _ = progress_tick.tick() => sup.report_progress(),
             Some(joined) = sup.runs.join_next() => match joined {
                 Ok(result) => sup.record(result)?,
@@ -1019,7 +1061,8 @@ pub async fn run(
         );
         sup.summary.stopped += sup.runs.len();
     }
-    sup.store.flush().await?;
+    // The generation file then covers everything: any later loss shows.
+    sup.store.checkpoint().await?;
     drop(sup.bars.take());
     if let Some((_, task)) = admin {
         let _ = task.await;

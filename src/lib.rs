@@ -26,7 +26,7 @@
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
 //! | [`plan`] | run ids, chunk names, chunking (pure) |
 //! | [`chunk`] | the chunk state machine: states carry their data; `next` is pure |
-//! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs and dedup keys in files beside it |
+//! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs, run copies and dedup keys in files beside it; the generation counter and state-dir guard; `--recover` |
 //! | [`intake`] | which files are jobs, content identity, planning a run into the store |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
@@ -72,6 +72,13 @@
 //! - A chunk held up records why as its `last_error` in the store.
 //! - Expiry is judged on the provider's clock (the `Date` header of its
 //!   latest answer, kept by [`provider::http::Http`]), the clock it deletes by.
+//! - A store older than the state last flushed, or damaged, is never used
+//!   silently: a generation counter kept in sled and in a file beside it
+//!   (written by every flush that holds a trigger's intent, before the
+//!   trigger, never ahead of sled) is compared at open; `run --recover` starts
+//!   from what is left, every chunk without a remote id in doubt. The
+//!   state directory and its lock are checked (device, inode) before every
+//!   flush and every 2 s: removed or replaced, the daemon stops.
 //! - Crash safety is proven, not assumed: every durable boundary has a named
 //!   [`failpoint`], and `tests/crash_safety.rs` kills the process at each.
 //! - Blocking file work runs on the blocking pool; no lock is held across

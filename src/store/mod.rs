@@ -17,6 +17,13 @@
 //! | `meta`   | `build_times/` key      | the last [`BUILD_SAMPLES`] build times, ms, u64 big-endian each |
 //! | `schedules` | job                  | [`ScheduleRecord`] |
 //!
+//! | `meta`   | `generation`            | u64 big-endian: see [`guard`] |
+//!
+//! `<state_dir>/generation` holds the generation last made durable (see
+//! [`guard`]): a store whose own is lower is older than the state the
+//! daemon flushed, and is refused; [`Store::open_for_recovery`] and
+//! [`Store::recover`] start again from what is left (`run --recover`).
+//!
 //! `dedup_key` history lives in `<state_dir>/dedup/<job>/<run_id>.keys`: the
 //! sorted 16-byte key hashes of each complete run, read as a stream.
 //!
@@ -25,12 +32,21 @@
 //! [`Store::seal_inputs`] before the run leaves `planning`. They are kept out
 //! of sled because sled holds written values in memory (about 55 KB per
 //! 44 KB chunk measured), which made memory grow with the number of inputs.
+//! Beside them, `run.json` is a copy of the run's record as planned and as
+//! set in progress: what `--recover` rebuilds a run from when sled lost it.
+
+mod guard;
+mod recover;
+
+pub use guard::GENERATION_FILE;
+pub use recover::Recovered;
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use guard::FileGeneration;
 use indexmap::IndexSet;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -45,8 +61,14 @@ const VERSION: u32 = 1;
 pub enum StoreError {
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
-    #[error("state store: corrupt record {key}: {message}")]
+    #[error("state store: corrupt record {key}: {message}; the store is damaged: start with `harvestd run --recover` to continue from what is left")]
     Corrupt { key: String, message: String },
+    #[error("state store {path} is damaged: {detail}; start with `harvestd run --recover` to continue from what is left (every chunk not proven unpaid is settled at the provider first)")]
+    Damaged { path: String, detail: String },
+    #[error("state store {path} is older than the state this daemon last flushed (its generation {store}, the generation file says {file}): sled lost flushed state (its data file truncated, overwritten in part, or restored from a copy); start with `harvestd run --recover` to continue from what is left (every chunk not proven unpaid is settled at the provider first)")]
+    Stale { path: String, store: u64, file: u64 },
+    #[error("the state directory {path} was removed or replaced under the running daemon ({detail}); stopping before any further trigger")]
+    Replaced { path: String, detail: String },
     #[error("state store: {path}: {source}")]
     Io {
         path: String,
@@ -247,6 +269,8 @@ impl ScheduleRecord {
 /// The daemon's state. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    generation: Arc<guard::Generation>,
+    place: Arc<guard::Place>,
     db: sled::Db,
     runs: sled::Tree,
     chunks: sled::Tree,
@@ -301,6 +325,61 @@ const OPEN: u8 = 0xff;
 /// `meta` key marking that the open index is complete (stores from before
 /// it are indexed once, when first opened).
 const OPEN_INDEX_MARK: &str = "open_index/1";
+/// The copy of a run's record beside its inputs.
+const RUN_COPY: &str = "run.json";
+/// `meta` key of the generation counter (see [`guard`]).
+const GENERATION_KEY: &str = "generation";
+
+/// Opens sled's database under `dir`.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let config = sled::Config::new()
+        .path(dir.join("db"))
+        // Records are small and read mostly at start; a small cache keeps
+        // memory flat (1M-input benchmark: 23 MB peak with 2 MiB, 26 MB
+        // with 8 MiB, same speed).
+        .cache_capacity(2 * 1024 * 1024);
+    // sled 0.34 lets go of its file lock from a background thread some
+    // time after the last handle is dropped (spacejam/sled#1234,
+    // #1289), so opening a store just closed in the same process can
+    // find the lock still held. The daemon holds the state directory's
+    // own lock (`harvestd.lock`) before it opens the store, so there a
+    // held sled lock is only ever that: it is tried again for up to 2 s.
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match config.open() {
+            Err(e) if is_lock_error(&e) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            opened => return Ok(opened?),
+        }
+    }
+}
+
+/// sled words a held lock itself, as an `Other` I/O error.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(e) if e.to_string().starts_with("could not acquire lock"))
+}
+
+/// sled failing to open its files is damage, unless it is only its lock
+/// (or another I/O error of the directory itself, such as permissions).
+fn damaged(dir: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Sled(ref s) if is_lock_error(s) => e,
+        StoreError::Sled(sled::Error::Io(ref io))
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            e
+        }
+        StoreError::Sled(s) => StoreError::Damaged {
+            path: dir.join("db").display().to_string(),
+            detail: format!("sled cannot open it: {s}"),
+        },
+        other => other,
+    }
+}
 
 fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     // Records are plain data; serialising them cannot fail.
@@ -327,36 +406,58 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
 }
 
 impl Store {
+    /// Opens the store. A damaged store (sled cannot open it, or a record
+    /// read at start does not decode) or one older than the state last
+    /// flushed (see [`guard`]) is refused with an error naming the way out,
+    /// `harvestd run --recover`.
+    ///
+    /// A first start (no generation file, nothing counted in sled) writes
+    /// the file with generation 0; so does the first start of a store made
+    /// before the counter existed, which is accepted as it is and counted
+    /// from then on. A store that has counted but whose file is missing is
+    /// refused: the file is only ever replaced by a rename, so it was
+    /// removed, or the directory copied without it, and nothing then tells
+    /// whether the store is current.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let config = sled::Config::new()
-            .path(dir.join("db"))
-            // Records are small and read mostly at start; a small cache keeps
-            // memory flat (1M-input benchmark: 23 MB peak with 2 MiB, 26 MB
-            // with 8 MiB, same speed).
-            .cache_capacity(2 * 1024 * 1024);
-        // sled 0.34 lets go of its file lock from a background thread some
-        // time after the last handle is dropped (spacejam/sled#1234,
-        // #1289), so opening a store just closed in the same process can
-        // find the lock still held. The daemon holds the state directory's
-        // own lock (`harvestd.lock`) before it opens the store, so there a
-        // held sled lock is only ever that: it is tried again for up to 2 s.
-        use std::time::{Duration, Instant};
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut pause = Duration::from_millis(5);
-        let db = loop {
-            match config.open() {
-                // sled words the error itself, as an `Other` I/O error.
-                Err(sled::Error::Io(e))
-                    if e.to_string().starts_with("could not acquire lock")
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
-                opened => break opened?,
+        let file = guard::read_generation(dir)?;
+        let mut store = Store::open_parts(dir).map_err(|e| damaged(dir, e))?;
+        let stored = store.stored_generation()?;
+        let file = match (file, stored) {
+            (FileGeneration::Value(f), s) if s.unwrap_or(0) < f => {
+                return Err(StoreError::Stale {
+                    path: dir.join("db").display().to_string(),
+                    store: s.unwrap_or(0),
+                    file: f,
+                })
+            }
+            (FileGeneration::Value(f), _) => f,
+            (FileGeneration::Missing, Some(g)) => {
+                return Err(StoreError::Damaged {
+                    path: dir.join(GENERATION_FILE).display().to_string(),
+                    detail: format!(
+                        "the generation file is missing although the store has counted to {g} \
+                         (removed, or the state directory copied without it): whether the \
+                         store is current cannot be checked"
+                    ),
+                })
+            }
+            (FileGeneration::Missing, None) => {
+                guard::write_generation(dir, 0)?;
+                0
             }
         };
-        let store = Store {
+        store.generation = Arc::new(guard::Generation::new(dir, stored.unwrap_or(0), file));
+        store.index_open_chunks()?;
+        store.verify()?;
+        Ok(store)
+    }
+
+    /// sled's database and trees, with a generation counter at zero.
+    fn open_parts(dir: &Path) -> Result<Store, StoreError> {
+        let db = open_db(dir)?;
+        Ok(Store {
+            generation: Arc::new(guard::Generation::new(dir, 0, 0)),
+            place: Arc::new(guard::Place::of(dir)?),
             runs: db.open_tree("runs")?,
             chunks: db.open_tree("chunks")?,
             inputs_dir: dir.join("inputs"),
@@ -367,9 +468,47 @@ impl Store {
             schedules: db.open_tree("schedules")?,
             db,
             observer: Arc::default(),
-        };
-        store.index_open_chunks()?;
-        Ok(store)
+        })
+    }
+
+    /// The generation sled holds; `None` before the counter existed.
+    fn stored_generation(&self) -> Result<Option<u64>, StoreError> {
+        match self.meta.get(GENERATION_KEY)? {
+            None => Ok(None),
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(|b| Some(u64::from_be_bytes(b)))
+                .map_err(|_| StoreError::Corrupt {
+                    key: format!("meta/{GENERATION_KEY}"),
+                    message: format!("{} bytes where 8 were written", v.len()),
+                }),
+        }
+    }
+
+    /// Decodes what resume reads: every run, job and schedule, and the
+    /// chunks in the open index. Finished chunks are not read (a store of
+    /// many old runs would make every start slow); a damaged one is
+    /// reported when it is read, with the same advice.
+    fn verify(&self) -> Result<(), StoreError> {
+        self.runs()?;
+        self.jobs()?;
+        self.schedules()?;
+        for key in self.chunks.scan_prefix([OPEN]).keys() {
+            let key = key?;
+            let chunk_key = key.get(1..).unwrap_or_default();
+            if let Some(v) = self.chunks.get(chunk_key)? {
+                decode::<ChunkRecord>(chunk_key, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when the state directory or its lock file was removed or
+    /// replaced since the store was opened: the daemon checks it every few
+    /// seconds, and every flush (so every trigger's intent) checks it too.
+    pub fn check_place(&self) -> Result<(), StoreError> {
+        self.place.check()
     }
 
     /// Builds the open index of a store written before it existed: one
@@ -397,7 +536,9 @@ impl Store {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, and the generation file
+    /// cover it when a trigger's intent was among it (see [`guard`]). Fails, writing nothing, when the state directory was
+    /// removed or replaced.
     ///
     /// sled 0.34's `flush_async` deadlocks under concurrent callers
     /// (spacejam/sled#1308, fixed only on its unreleased main branch; seen
@@ -408,14 +549,13 @@ impl Store {
             path: "flush".into(),
             source,
         })?;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.flush_blocking())
             .await
             .map_err(|e| StoreError::Io {
                 path: "flush".into(),
                 source: std::io::Error::other(e.to_string()),
-            })??;
-        Ok(())
+            })?
     }
 
     /// [`flush`](Self::flush) for code already on the blocking pool.
@@ -429,13 +569,39 @@ impl Store {
     }
 
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.place.check()?;
+        let target = self.generation.before_flush(|g| {
+            self.meta.insert(GENERATION_KEY, &g.to_be_bytes())?;
+            Ok(())
+        })?;
         self.db.flush()?;
-        Ok(())
+        self.generation.after_flush(target)
     }
 
+    /// A flush that always brings the generation file up to date: at a
+    /// clean shutdown, so that afterwards the loss of anything is noticed.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.generation.mark_dirty();
+        self.flush().await
+    }
+
+    /// Stores a run. A run entering `planning` or `in_progress` is also
+    /// copied to `run.json` beside its inputs (durably, once per change of
+    /// state): what `--recover` rebuilds it from if sled loses it.
     pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
-        self.runs
-            .insert(run_key(&run.job, &run.run_id), encode(run))?;
+        let key = run_key(&run.job, &run.run_id);
+        if !run.state.is_terminal() {
+            let previous = self.runs.get(&key)?;
+            let changed = previous
+                .and_then(|v| decode::<RunRecord>(&key, &v).ok())
+                .is_none_or(|p| p.state != run.state);
+            if changed {
+                let dir = self.run_inputs_dir(&run.job, &run.run_id);
+                fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+                guard::write_durable(&dir.join(RUN_COPY), &encode(run))?;
+            }
+        }
+        self.runs.insert(key, encode(run))?;
         if let Some(o) = self.observer() {
             o.run(run);
         }
@@ -515,6 +681,11 @@ impl Store {
             batch.insert(open, &[]);
         }
         self.chunks.apply_batch(batch)?;
+        if matches!(chunk.state, ChunkState::Triggering { .. }) {
+            // A trigger's intent: the flush that makes it durable brings
+            // the generation file up to date too (see [`guard`]).
+            self.generation.mark_dirty();
+        }
         if let Some(o) = self.observer() {
             o.chunk(job, run_id, chunk);
         }
@@ -1059,6 +1230,213 @@ mod tests {
         let kept: Vec<u64> = (3..=10u64).map(|s| s * 1000).collect();
         assert_eq!(store.build_times("c_a").unwrap(), kept);
         assert_eq!(store.build_times("c_b").unwrap(), [7]);
+    }
+
+    fn in_progress_run(run_id: &str) -> RunRecord {
+        RunRecord {
+            v: VERSION,
+            job: "j".into(),
+            run_id: run_id.into(),
+            spec: spec(),
+            spec_sha256: "content".into(),
+            started_at: 7,
+            finished_at: None,
+            state: RunState::Planning,
+            inputs: 0,
+            chunks: 0,
+            cancel_requested: false,
+        }
+    }
+
+    /// Plans a run of `chunks` chunks as intake does.
+    fn plan(store: &Store, run_id: &str, chunks: u32) -> RunRecord {
+        let mut run = in_progress_run(run_id);
+        store.put_run(&run).unwrap();
+        for i in 0..chunks {
+            let rec = ChunkRecord::planned(i, 2, crate::plan::chunk_name("j", run_id, i));
+            store
+                .put_planned_chunk("j", run_id, &rec, b"{\"url\":\"a\"}\n{\"url\":\"b\"}\n")
+                .unwrap();
+        }
+        store.seal_inputs("j", run_id).unwrap();
+        run.state = RunState::InProgress;
+        run.chunks = chunks;
+        run.inputs = 2 * u64::from(chunks);
+        store.put_run(&run).unwrap();
+        store.mark_seen("j", "content", run_id).unwrap();
+        run
+    }
+
+    fn trigger(store: &Store, run_id: &str, index: u32) {
+        let mut rec = store.chunk("j", run_id, index).unwrap().unwrap();
+        rec.state = ChunkState::Triggering { intent_at: 8 };
+        store.put_chunk("j", run_id, &rec).unwrap();
+        store.flush_blocking().unwrap();
+        rec.state = ChunkState::Triggered {
+            remote_id: format!("j_{index}"),
+            triggered_at: 9,
+        };
+        store.put_chunk("j", run_id, &rec).unwrap();
+        store.flush_blocking().unwrap();
+    }
+
+    fn copy_db(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_store_restored_from_an_older_copy_is_refused_and_recover_leaves_nothing_unsettled() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            plan(&store, "r1", 3);
+            trigger(&store, "r1", 0);
+            store.flush_blocking().unwrap();
+        }
+        // A copy of sled's files taken now, with only chunk 0 triggered.
+        copy_db(&dir.path().join("db"), old.path());
+        {
+            let store = Store::open(dir.path()).unwrap();
+            trigger(&store, "r1", 1);
+            trigger(&store, "r1", 2);
+        }
+        // Polls and downloads only flush sled: the file moved with triggers.
+        fs::remove_dir_all(dir.path().join("db")).unwrap();
+        copy_db(old.path(), &dir.path().join("db"));
+        let err = Store::open(dir.path())
+            .err()
+            .expect("the older copy is refused");
+        assert!(matches!(err, StoreError::Stale { .. }), "{err}");
+        assert!(err.to_string().contains("harvestd run --recover"), "{err}");
+
+        let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
+        let recovered = store.recover(found, &|_| None).unwrap();
+        assert_eq!(recovered.chunks_in_doubt, 2, "{recovered:?}");
+        let states: Vec<ChunkState> = store
+            .chunks("j", "r1")
+            .unwrap()
+            .into_iter()
+            .map(|c| c.state)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ChunkState::Triggered {
+                    remote_id: "j_0".into(),
+                    triggered_at: 9
+                },
+                ChunkState::Triggering { intent_at: 7 },
+                ChunkState::Triggering { intent_at: 7 },
+            ],
+            "what the copy proves stays; the rest is in doubt"
+        );
+        drop(store);
+        // Recovered, the store opens plainly again.
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn recover_rebuilds_a_lost_run_from_its_copy_and_keeps_its_content_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            plan(&store, "r1", 2);
+            trigger(&store, "r1", 0);
+            plan(&store, "done", 1);
+            let mut done = store.run("j", "done").unwrap().unwrap();
+            done.state = RunState::Complete;
+            store.put_run(&done).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        // Everything in sled lost: truncated to nothing.
+        let data = dir.path().join("db").join("db");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(Store::open(dir.path()).is_err());
+        let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
+        // "done" finished: its manifest says so.
+        let finished = |run: &RunRecord| (run.run_id == "done").then_some(RunState::Complete);
+        let recovered = store.recover(found, &finished).unwrap();
+        assert_eq!(recovered.runs_rebuilt, 2, "{recovered:?}");
+        assert_eq!(recovered.chunks_in_doubt, 2);
+        let run = store.run("j", "r1").unwrap().unwrap();
+        assert_eq!(
+            (run.state, run.chunks, run.inputs),
+            (RunState::InProgress, 2, 4)
+        );
+        assert_eq!(
+            store.run("j", "done").unwrap().unwrap().state,
+            RunState::Complete
+        );
+        assert_eq!(store.unfinished_chunks("j", "r1").count(), 2);
+        let rec = store.chunk("j", "r1", 1).unwrap().unwrap();
+        assert_eq!(rec.name, crate::plan::chunk_name("j", "r1", 1));
+        assert_eq!(rec.triggers, 1);
+        assert!(store.seen("j", "content").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_store_sled_cannot_open_is_moved_aside_by_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            plan(&store, "r1", 2);
+            trigger(&store, "r1", 0);
+        }
+        // sled's configuration, which it reads first, overwritten.
+        fs::write(dir.path().join("db").join("conf"), [0x5au8; 32]).unwrap();
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains("damaged") && err.to_string().contains("--recover"),
+            "{err}"
+        );
+        let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
+        let aside = found.moved_aside.clone().expect("moved aside");
+        assert!(aside.join("db").join("conf").exists());
+        let recovered = store.recover(found, &|_| None).unwrap();
+        assert_eq!(recovered.runs_rebuilt, 1);
+        assert_eq!(
+            recovered.chunks_in_doubt, 2,
+            "a fresh store knows no remote id"
+        );
+        drop(store);
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_the_counter_is_accepted_but_a_missing_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            plan(&store, "r1", 1);
+            store.flush_blocking().unwrap();
+        }
+        // As an older harvestd left it: no file, no counter in sled.
+        fs::remove_file(dir.path().join(GENERATION_FILE)).unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.stored_generation().unwrap(), None);
+            trigger(&store, "r1", 0);
+        }
+        assert!(Store::open(dir.path()).is_ok());
+        // Counted since, the file removed: it cannot be checked.
+        fs::remove_file(dir.path().join(GENERATION_FILE)).unwrap();
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains("generation file is missing"),
+            "{err}"
+        );
     }
 
     #[test]
