@@ -1,4 +1,4 @@
-//! The command line (SPEC §2): parsing with clap, then one library call per
+//! The command line (`docs/cli.md`): parsing with clap, then one library call per
 //! subcommand, each returning the process exit code.
 
 use std::net::SocketAddr;
@@ -155,7 +155,7 @@ pub fn execute(cli: Cli) -> u8 {
             let Some(rt) = runtime(Some(config.worker_threads as usize)) else {
                 return EXIT_FAILURE;
             };
-            rt.block_on(async {
+            let code = rt.block_on(async {
                 let signals = match crate::signals::listen() {
                     Ok(s) => s,
                     Err(e) => {
@@ -192,7 +192,12 @@ pub fn execute(cli: Cli) -> u8 {
                         e.exit_code()
                     }
                 }
-            })
+            });
+            // The daemon has drained within shutdown_grace; a job still
+            // being read (a big inputs file being hashed) is not waited
+            // for: its half-made plan is discarded at the next start.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
         }
     }
 }

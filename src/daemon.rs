@@ -1,7 +1,7 @@
 //! The supervisor: owns the event loop. It takes the state directory's
 //! lock, resumes every unfinished run from the store, scans the jobs
 //! directory, spawns and tracks one task per run, and drains them on
-//! shutdown within `shutdown_grace` (SPEC §2 `run`, §11, §12).
+//! shutdown within `shutdown_grace` (`docs/operations.md`, `docs/durability.md`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -38,7 +38,7 @@ pub struct RunOptions {
     pub once: bool,
     /// Serve the built-in emulator in-process and point providers at it.
     pub emulator: bool,
-    /// Start from what is left of a damaged or stale store (SPEC §11).
+    /// Start from what is left of a damaged or stale store (`docs/durability.md`).
     pub recover: bool,
 }
 
@@ -57,7 +57,7 @@ pub enum DaemonError {
 }
 
 impl DaemonError {
-    /// SPEC §2 exit codes.
+    /// The exit codes of `docs/cli.md`.
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Locked(_) => 75,
@@ -766,7 +766,7 @@ impl Supervisor {
 }
 
 /// How often the running daemon checks that its state directory is still
-/// the one it locked (SPEC §11: stop within 10 s).
+/// the one it locked (`docs/durability.md`: stop within 10 s).
 const PLACE_CHECK: Duration = Duration::from_secs(2);
 
 /// `run --recover`: opens the store whatever its state and rebuilds what

@@ -1,5 +1,5 @@
 //! A damaged or stale state store, and a state directory that disappears
-//! (SPEC §11): the real binary against an emulator that outlives it, so the
+//! (`docs/durability.md`): the real binary against an emulator that outlives it, so the
 //! emulator's ledger counts every trigger across the daemon's lives.
 //!
 //! - A store truncated to half, to zero, or with garbage written into it

@@ -282,7 +282,7 @@ pub struct Store {
     schedules: sled::Tree,
     /// Told of every run, chunk, job and schedule record written, so the
     /// admin API answers from figures kept in memory instead of walking
-    /// the store per request (SPEC §8). Set once, by the daemon.
+    /// the store per request (`docs/admin-api.md`). Set once, by the daemon.
     observer: Arc<OnceLock<Arc<dyn Observer>>>,
 }
 
