@@ -22,18 +22,18 @@
 //! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it (and sets jemalloc as the allocator) |
 //! | [`logging`] | text on a TTY, flat JSON lines (span fields included) otherwise |
 //! | [`config`] | daemon configuration: file → environment → flags; tokens that never print |
-//! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers |
+//! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers (1 MiB per line or record); [`spec::confine`] opens only files inside the jobs directory |
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
 //! | [`plan`] | run ids, chunk names, chunking (pure) |
 //! | [`chunk`] | the chunk state machine: states carry their data; `next` is pure |
 //! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs, run copies and dedup keys in files beside it; the generation counter and state-dir guard; `--recover` |
-//! | [`intake`] | which files are jobs, content identity, planning a run into the store |
+//! | [`intake`] | which files are jobs; a cheap stamp per job each scan, [`intake::Watch`] holding a job until it has settled and its run in progress has ended, then [`intake::settle`] on a thread of its own: content identity, checks, the plan (hashed as it is read) |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, manifest |
-//! | [`daemon`] | the supervisor: lock, resume, scan, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
+//! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
@@ -81,6 +81,9 @@
 //!   flush and every 2 s: removed or replaced, the daemon stops.
 //! - Crash safety is proven, not assumed: every durable boundary has a named
 //!   [`failpoint`], and `tests/crash_safety.rs` kills the process at each.
+//! - Nothing is read through a path a job file names unless it resolves
+//!   inside the jobs directory ([`spec::confine`]); what is planned is what
+//!   was hashed; runs of one job never overlap.
 //! - Blocking file work runs on the blocking pool; no lock is held across
 //!   an `.await`.
 //! - What costs memory per chunk is kept as data, not tasks: a run holds
