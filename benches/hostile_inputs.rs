@@ -14,7 +14,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -68,18 +67,7 @@ fn first_good_trigger(rt: &tokio::runtime::Runtime, with_big: bool) -> f64 {
         std::fs::write(jobs.join("a-big.toml"), BIG).unwrap();
     }
     support::write_config(dir.path(), "");
-    let started = Instant::now();
-    let mut child = support::daemon(dir.path(), &emulator.url(), "warn", &[])
-        .spawn()
-        .unwrap();
-    support::drain_stderr(&mut child);
-    rt.block_on(emulator.wait_for_ledger(1, Duration::from_secs(120)))
-        .expect("the good job's trigger");
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    let elapsed = support::until_first_trigger(rt, dir.path(), &emulator, |_| {});
     assert!(emulator.ledger().iter().all(|e| e.key == "c_good"));
     elapsed
 }

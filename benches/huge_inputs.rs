@@ -12,8 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::BufRead;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -59,19 +58,10 @@ fn one_run(rt: &tokio::runtime::Runtime) -> Sample {
     )
     .unwrap();
     support::write_config(dir.path(), "");
-    let started = Instant::now();
-    let mut child = support::daemon(dir.path(), &emulator.url(), "warn", &[])
-        .spawn()
-        .unwrap();
-    support::drain_stderr(&mut child);
-    rt.block_on(emulator.wait_for_ledger(1, Duration::from_secs(120)))
-        .expect("a first trigger");
-    let first_trigger = started.elapsed().as_secs_f64();
-    let peak_mb = support::peak_mb(&child.id().to_string());
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    let mut peak_mb = 0.0;
+    let first_trigger = support::until_first_trigger(rt, dir.path(), &emulator, |pid| {
+        peak_mb = support::peak_mb(pid)
+    });
     Sample {
         first_trigger,
         peak_mb,

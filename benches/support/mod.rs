@@ -229,3 +229,26 @@ pub fn daemon(dir: &Path, url: &str, log: &str, under: &[&str]) -> Command {
         .stderr(Stdio::piped());
     c
 }
+
+/// Starts a daemon on `dir`'s config against `emulator`, waits until the
+/// emulator has recorded its first trigger, calls `at_trigger` with the
+/// daemon's pid then (to read its memory), stops it, and returns the
+/// seconds from start to that trigger.
+pub fn until_first_trigger(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    emulator: &Emulator,
+    at_trigger: impl FnOnce(&str),
+) -> f64 {
+    let started = std::time::Instant::now();
+    let mut child = daemon(dir, &emulator.url(), "warn", &[]).spawn().unwrap();
+    drain_stderr(&mut child);
+    rt.block_on(emulator.wait_for_ledger(1, std::time::Duration::from_secs(120)))
+        .expect("a first trigger");
+    let elapsed = started.elapsed().as_secs_f64();
+    let pid = child.id().to_string();
+    at_trigger(&pid);
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = child.wait();
+    elapsed
+}
