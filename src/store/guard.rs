@@ -237,6 +237,45 @@ impl Place {
         }
         Ok(())
     }
+
+    /// Makes `dir` and the directories above it up to the state
+    /// directory, never the state directory itself: `create_dir_all`
+    /// would make a removed state directory again, and a daemon writing
+    /// into a new, unlocked directory is the second daemon that triggers
+    /// again. Fails as [`check`](Self::check) does when the directory is no
+    /// longer the one this store opened.
+    pub fn make_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        self.check()?;
+        let Ok(below) = dir.strip_prefix(&self.dir) else {
+            return Err(StoreError::Io {
+                path: dir.display().to_string(),
+                source: std::io::Error::other("not inside the state directory"),
+            });
+        };
+        let mut at = self.dir.clone();
+        for part in below.components() {
+            at.push(part);
+            match fs::create_dir(&at) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // A parent vanished between the check and here.
+                    self.check()?;
+                    return Err(StoreError::Io {
+                        path: at.display().to_string(),
+                        source: e,
+                    });
+                }
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        path: at.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

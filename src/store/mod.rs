@@ -597,7 +597,7 @@ impl Store {
                 .is_none_or(|p| p.state != run.state);
             if changed {
                 let dir = self.run_inputs_dir(&run.job, &run.run_id);
-                fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+                self.place.make_dir(&dir)?;
                 guard::write_durable(&dir.join(RUN_COPY), &encode(run))?;
             }
         }
@@ -722,7 +722,7 @@ impl Store {
         inputs_ndjson: &[u8],
     ) -> Result<(), StoreError> {
         let dir = self.run_inputs_dir(job, run_id);
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        self.place.make_dir(&dir)?;
         let path = self.inputs_path(job, run_id, chunk.index);
         let tmp = path.with_extension("ndjson.tmp");
         let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
@@ -904,7 +904,7 @@ impl Store {
     /// Remembers a complete run's key hashes (sorted), durably.
     pub fn dedup_record(&self, job: &str, run_id: &str, hashes: &[u128]) -> Result<(), StoreError> {
         let dir = self.dedup_dir.join(job);
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        self.place.make_dir(&dir)?;
         let path = dir.join(format!("{run_id}.keys"));
         let tmp = dir.join(format!(".{run_id}.keys.tmp"));
         let mut out = std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_error(&tmp))?);
@@ -1384,6 +1384,27 @@ mod tests {
         assert_eq!(rec.name, crate::plan::chunk_name("j", "r1", 1));
         assert_eq!(rec.triggers, 1);
         assert!(store.seen("j", "content").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_removed_state_directory_is_never_made_again() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        let store = Store::open(&dir).unwrap();
+        plan(&store, "r1", 1);
+        fs::remove_dir_all(&dir).unwrap();
+        // Each write that makes a directory under the state directory:
+        // a run's copy, a chunk's inputs, a run's dedup keys.
+        let err = store.dedup_record("j", "r1", &[1]).unwrap_err();
+        assert!(matches!(err, StoreError::Replaced { .. }), "{err}");
+        assert!(matches!(
+            store.put_run(&in_progress_run("r2")),
+            Err(StoreError::Replaced { .. })
+        ));
+        assert!(
+            !dir.exists(),
+            "the daemon made its removed state directory again"
+        );
     }
 
     #[test]
