@@ -148,7 +148,7 @@ async fn four_chunks_triggered_then_stopped(h: &Harness) {
         .await
         .unwrap();
     for _ in 0..INPUTS / CHUNK {
-        d.wait_for_line("\"triggered\"").await;
+        d.wait_for_line("\"message\":\"triggered\"").await;
     }
     d.signal(15);
     assert_eq!(d.wait().await, 0, "a clean stop");
@@ -306,7 +306,7 @@ async fn state_dir_gone_under_the_daemon(how: Gone) {
     h.write_config("[limits.keys.\"c_removed001\"]\ntriggers_per_minute = 12\n");
     write_job(&h, Api::ScraperStudio, "c_removed001");
     let mut d = h.start_daemon().await;
-    d.wait_for_line("\"triggered\"").await;
+    d.wait_for_line("\"message\":\"triggered\"").await;
     let before = h.ledger().len();
     let state = h.path("state");
     let changed = Instant::now();

@@ -105,7 +105,7 @@ async fn restart_while_building(signal: i32) {
     let mut daemon = h.start_daemon().await;
     h.emulator.wait_for_ledger(5, common::WAIT).await.unwrap();
     // Let at least one poll happen against a collection that is still building.
-    daemon.wait_for_line("triggered").await;
+    daemon.wait_for_line("\"message\":\"triggered\"").await;
     daemon.signal(signal);
     let code = daemon.wait().await;
     if signal == SIGTERM {

@@ -134,7 +134,7 @@ async fn sigterm_while_a_chunk_waits_for_its_trigger_slot_exits_at_once() {
     h.write_job("t.toml", &job("c_slot0001"));
     let mut d = h.start_daemon().await;
     h.emulator.wait_for_ledger(1, common::WAIT).await.unwrap();
-    d.wait_for_line("triggered").await;
+    d.wait_for_line("\"message\":\"triggered\"").await;
     let start = Instant::now();
     d.signal(SIGTERM);
     let code = d.wait().await;
