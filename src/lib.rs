@@ -3,7 +3,7 @@
 //! Users drop job files into a directory; harvestd splits their inputs into
 //! chunks, triggers one collection per chunk, remembers every remote id in
 //! sled, polls until each dataset is ready, and writes it to CSV / JSON /
-//! NDJSON long before the provider deletes it. The user-facing reference is
+//! NDJSON / Parquet long before the provider deletes it. The user-facing reference is
 //! `docs/` (README.md lists it); this is the map of the code.
 //!
 //! ## Data flow
@@ -32,7 +32,7 @@
 //! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
 //! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together |
-//! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, manifest |
+//! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, `data.parquet` (schema learned in a first pass, then Arrow record batches), manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |

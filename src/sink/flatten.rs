@@ -192,7 +192,7 @@ impl<'de, F: FnMut(&str, &str)> serde::de::Visitor<'de> for Walk<'_, F> {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<bool, A::Error> {
         if self.escape.is_none() {
-            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            while seq.next_element::<Checked>()?.is_some() {}
             self.leaf("");
             return Ok(false);
         }
@@ -247,6 +247,64 @@ impl<'de, F: FnMut(&str, &str)> serde::de::Visitor<'de> for Walk<'_, F> {
             cell(column, "{}");
         }
         Ok(false)
+    }
+}
+
+/// Any JSON value, read as fully as [`Value`] reads it and then dropped.
+/// `IgnoredAny` would skip numbers without converting them, so a row with
+/// `[1e400]` would pass the download's check and then fail every later
+/// full parse (the CSV cells, Parquet, dedup keys): a row the final files
+/// could never be written past.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, Checked>()?
+            .is_some()
+        {}
+        Ok(Checked)
     }
 }
 

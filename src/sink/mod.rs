@@ -16,6 +16,7 @@ mod file;
 pub mod flatten;
 pub mod manifest;
 pub mod outputs;
+pub mod parquet;
 pub mod part;
 
 use std::fs::{self, File};

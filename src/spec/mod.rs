@@ -46,6 +46,7 @@ pub enum OutputFormat {
     Csv,
     Json,
     Ndjson,
+    Parquet,
 }
 
 impl OutputFormat {
@@ -54,6 +55,7 @@ impl OutputFormat {
             OutputFormat::Csv => "data.csv",
             OutputFormat::Json => "data.json",
             OutputFormat::Ndjson => "data.ndjson",
+            OutputFormat::Parquet => "data.parquet",
         }
     }
 }
@@ -635,10 +637,11 @@ impl Checker<'_> {
                 Some("csv") => OutputFormat::Csv,
                 Some("json") => OutputFormat::Json,
                 Some("ndjson") => OutputFormat::Ndjson,
+                Some("parquet") => OutputFormat::Parquet,
                 _ => {
                     self.report(
                         "formats",
-                        format!("{item} is not one of \"csv\", \"json\", \"ndjson\""),
+                        format!("{item} is not one of \"csv\", \"json\", \"ndjson\", \"parquet\""),
                     );
                     continue;
                 }
@@ -652,7 +655,7 @@ impl Checker<'_> {
         if items.is_empty() {
             self.report(
                 "formats",
-                "is empty: name at least one of csv, json, ndjson".into(),
+                "is empty: name at least one of csv, json, ndjson, parquet".into(),
             );
         }
         formats

@@ -1,0 +1,157 @@
+//! `data.parquet` (`docs/outputs.md`): read back with the Arrow project's
+//! own reader and compared with `data.json` row by row, for rows of odd
+//! shapes through the writer, and for each provider through the daemon.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{read_json, Harness};
+use harvestd::sink::parquet::{read_rows, ParquetOut, Schema};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Whether a row read back from Parquet says what its JSON row says:
+/// numbers by value (an integer field may have been widened to float), a
+/// field kept as JSON text by the JSON it holds, a null the same as a
+/// missing field (the reader leaves nulls out). A row that is not an object
+/// is the `value` column.
+fn agrees(back: &Value, json: &Value) -> bool {
+    match (back, json) {
+        (Value::Object(a), b) if !b.is_object() => {
+            a.len() <= 1 && agrees(a.get("value").unwrap_or(&Value::Null), b)
+        }
+        (Value::Null, Value::Null) => true,
+        (Value::String(text), other) => {
+            other.as_str() == Some(text)
+                || serde_json::from_str::<Value>(text).is_ok_and(|v| v == *other)
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| agrees(x, y))
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            b.iter()
+                .all(|(k, v)| agrees(a.get(k).unwrap_or(&Value::Null), v))
+                && a.iter().all(|(k, v)| v.is_null() || b.contains_key(k))
+        }
+        (a, b) => a == b,
+    }
+}
+
+fn assert_agree(back: &[Value], json: &[Value]) {
+    assert_eq!(back.len(), json.len(), "as many rows in Parquet as in JSON");
+    for (i, (b, j)) in back.iter().zip(json).enumerate() {
+        assert!(agrees(b, j), "row {i}: read back {b}\nfor {j}");
+    }
+}
+
+fn round_trip(rows: &[Value]) -> Vec<Value> {
+    let mut schema = Schema::default();
+    rows.iter().for_each(|r| schema.learn(r));
+    let mut out = ParquetOut::create(Vec::new(), schema).unwrap();
+    for row in rows {
+        out.row(row.clone(), row.to_string().len()).unwrap();
+    }
+    assert_eq!(out.rows, rows.len() as u64);
+    read_rows(out.finish().unwrap().into()).unwrap()
+}
+
+#[test]
+fn rows_of_every_shape_read_back_as_their_json() {
+    let mut rows = vec![
+        json!({"url": "a", "n": 1, "x": 1, "tags": ["a", "b"], "about": {"k": 1, "deep": {"z": [1, 2]}}}),
+        json!({"url": "b", "n": 2.5, "x": "one", "tags": [], "about": {"k": 2, "extra": true}}),
+        json!({"url": "c", "x": {"o": [1, {"p": null}]}, "about": null, "big": 18446744073709551615u64}),
+        json!({"url": "ü ✓ \"q\"", "n": -3, "empty": {}, "mixed": [1, "a", null], "": "blank key"}),
+        json!("a bare string"),
+        json!([1, 2]),
+    ];
+    // More rows than one record batch holds, so batches join up.
+    rows.extend((0..10_000).map(|i| json!({"url": format!("u{i}"), "n": i})));
+    let back = round_trip(&rows);
+    assert_agree(&back, &rows);
+    // As the file has them: widened, or JSON text where types disagree.
+    assert_eq!(back[0]["n"], json!(1.0));
+    assert_eq!(back[1]["x"], json!("\"one\""));
+    assert_eq!(back[2]["x"], json!(r#"{"o":[1,{"p":null}]}"#));
+    assert_eq!(back[3]["empty"], json!("{}"));
+    assert_eq!(back[4]["value"], json!("\"a bare string\""));
+}
+
+#[test]
+fn no_rows_and_rows_without_fields_make_a_readable_file() {
+    assert!(round_trip(&[]).is_empty());
+    assert_eq!(round_trip(&[json!({}), json!({})]), [json!({}), json!({})]);
+}
+
+/// Each provider's rows through the daemon: `data.parquet` holds what
+/// `data.json` holds, row by row, never an error row, and the manifest
+/// names it with its rows and the sha256 of its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_providers_rows_land_in_parquet_as_in_json() {
+    let h = Harness::new(
+        "[defaults]\nbuild_time = \"100ms\"\nerror_every = 9\n\
+         [firecrawl]\nbuild_time = \"100ms\"\nfail_every = 7\n",
+    )
+    .await;
+    let urls = |n: usize, host: &str| -> String {
+        (0..n)
+            .map(|i| format!("https://{host}/p/{i:04}\n"))
+            .collect()
+    };
+    let formats = "formats = [\"json\", \"parquet\"]\n";
+    std::fs::write(h.path("jobs/studio.txt"), urls(120, "studio.example.com")).unwrap();
+    h.write_job(
+        "studio.toml",
+        &format!(
+            "provider = \"scraper_studio\"\ncollector = \"c_parquet001\"\n\
+             inputs_file = \"studio.txt\"\nchunk_size = 50\n{formats}"
+        ),
+    );
+    std::fs::write(h.path("jobs/web.txt"), urls(120, "web.example.com")).unwrap();
+    h.write_job(
+        "web.toml",
+        &format!(
+            "provider = \"web_scraper\"\ndataset_id = \"gd_parquet001\"\n\
+             inputs_file = \"web.txt\"\nchunk_size = 50\n{formats}"
+        ),
+    );
+    std::fs::write(h.path("jobs/docs.txt"), urls(60, "docs.example.com")).unwrap();
+    h.write_job(
+        "docs.toml",
+        &format!(
+            "provider = \"firecrawl\"\ninputs_file = \"docs.txt\"\nchunk_size = 25\n{formats}"
+        ),
+    );
+
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    for job in ["studio", "web", "docs"] {
+        let run = h.run_dir(job);
+        let json = read_json(&run.join("data.json"));
+        let json = json.as_array().unwrap();
+        assert!(!json.is_empty(), "{job}: rows");
+        let bytes = std::fs::read(run.join("data.parquet")).unwrap();
+        let back = read_rows(bytes.clone().into()).unwrap();
+        assert_agree(&back, json);
+        assert!(
+            back.iter().all(|r| r.get("error").is_none()),
+            "{job}: no error row in data.parquet"
+        );
+        let manifest = h.manifest(job);
+        let entry = manifest["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["file"] == "data.parquet")
+            .unwrap_or_else(|| panic!("{job}: data.parquet in {manifest}"))
+            .clone();
+        assert_eq!(entry["rows"], json.len(), "{job}");
+        assert_eq!(entry["bytes"], bytes.len(), "{job}");
+        assert_eq!(
+            entry["sha256"],
+            hex::encode(Sha256::digest(&bytes)),
+            "{job}"
+        );
+    }
+}
