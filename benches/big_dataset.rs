@@ -10,7 +10,8 @@
 //! filesystem.
 //!
 //! `cargo bench --bench big_dataset [-- RUNS]` (default 3);
-//! `HARVESTD_BENCH_ROWS=100000,1000000` sets the sizes (the default).
+//! `HARVESTD_BENCH_ROWS=100000,1000000` sets the sizes (the default);
+//! `HARVESTD_BENCH_FORMATS=parquet` the job's formats (default `csv,json`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::BufRead;
@@ -33,8 +34,8 @@ struct Sample {
     rss_mb: f64,
     json_mb: f64,
     yardstick_cpu: f64,
-    /// Seconds to write and fsync as many bytes as harvestd wrote (part,
-    /// data.csv, data.json) on the same disk: the floor this machine sets.
+    /// Seconds to write and fsync as many bytes as harvestd wrote (the
+    /// part and the final files) on the same disk: the floor this machine sets.
     disk_floor: f64,
 }
 
@@ -102,6 +103,16 @@ fn disk_floor(dir: &std::path::Path, bytes: u64) -> f64 {
     took
 }
 
+/// The job's `formats`, as a TOML array.
+fn formats() -> String {
+    let list = std::env::var("HARVESTD_BENCH_FORMATS").unwrap_or_else(|_| "csv,json".into());
+    let quoted: Vec<String> = list
+        .split(',')
+        .map(|f| format!("\"{}\"", f.trim()))
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
+
 fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
     let (emulator, dir, jobs) = support::setup(
         rt,
@@ -109,8 +120,11 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
     );
     std::fs::write(
         jobs.join("big.toml"),
-        "provider = \"scraper_studio\"\ncollector = \"c_bigdata001\"\n\
-         inputs = [{url = \"https://big.example/catalog\"}]\nformats = [\"csv\", \"json\"]\n",
+        format!(
+            "provider = \"scraper_studio\"\ncollector = \"c_bigdata001\"\n\
+             inputs = [{{url = \"https://big.example/catalog\"}}]\nformats = {}\n",
+            formats()
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -126,10 +140,13 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
         serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["rows"], rows, "every row saved");
     let yardstick_cpu = yardstick(&part);
-    let written: u64 = ["parts/chunk-000000.ndjson", "data.csv", "data.json"]
-        .iter()
-        .map(|f| std::fs::metadata(run.join(f)).unwrap().len())
-        .sum();
+    let written: u64 = json_bytes
+        + manifest["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["bytes"].as_u64().unwrap())
+            .sum::<u64>();
     let disk_floor = disk_floor(dir.path(), written);
     drop(emulator);
     Sample {
