@@ -99,30 +99,30 @@ async fn each_providers_rows_land_in_parquet_as_in_json() {
             .map(|i| format!("https://{host}/p/{i:04}\n"))
             .collect()
     };
-    let formats = "formats = [\"json\", \"parquet\"]\n";
-    std::fs::write(h.path("jobs/studio.txt"), urls(120, "studio.example.com")).unwrap();
-    h.write_job(
-        "studio.toml",
-        &format!(
-            "provider = \"scraper_studio\"\ncollector = \"c_parquet001\"\n\
-             inputs_file = \"studio.txt\"\nchunk_size = 50\n{formats}"
+    let jobs = [
+        (
+            "studio",
+            120,
+            "provider = \"scraper_studio\"\ncollector = \"c_parquet001\"\nchunk_size = 50",
         ),
-    );
-    std::fs::write(h.path("jobs/web.txt"), urls(120, "web.example.com")).unwrap();
-    h.write_job(
-        "web.toml",
-        &format!(
-            "provider = \"web_scraper\"\ndataset_id = \"gd_parquet001\"\n\
-             inputs_file = \"web.txt\"\nchunk_size = 50\n{formats}"
+        (
+            "web",
+            120,
+            "provider = \"web_scraper\"\ndataset_id = \"gd_parquet001\"\nchunk_size = 50",
         ),
-    );
-    std::fs::write(h.path("jobs/docs.txt"), urls(60, "docs.example.com")).unwrap();
-    h.write_job(
-        "docs.toml",
-        &format!(
-            "provider = \"firecrawl\"\ninputs_file = \"docs.txt\"\nchunk_size = 25\n{formats}"
-        ),
-    );
+        ("docs", 60, "provider = \"firecrawl\"\nchunk_size = 25"),
+    ];
+    for (job, n, head) in jobs {
+        std::fs::write(
+            h.path(&format!("jobs/{job}.txt")),
+            urls(n, &format!("{job}.example.com")),
+        )
+        .unwrap();
+        h.write_job(
+            &format!("{job}.toml"),
+            &format!("{head}\ninputs_file = \"{job}.txt\"\nformats = [\"json\", \"parquet\"]\n"),
+        );
+    }
 
     let (code, _, stderr) = h.run_once().await;
     assert_eq!(code, 0, "{stderr}");
