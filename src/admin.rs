@@ -737,6 +737,10 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
         let _ = writeln!(out, "harvestd_unsaved_datasets{{level=\"{level}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP harvestd_last_successful_poll_timestamp_seconds Unix time of the last successful status poll.\n# TYPE harvestd_last_successful_poll_timestamp_seconds gauge\nharvestd_last_successful_poll_timestamp_seconds {}", last_poll / 1000);
+    // Every context shares one notifier.
+    if let Some(ctx) = state.contexts.first() {
+        ctx.notify.write_metrics(&mut out);
+    }
     Ok(out)
 }
 

@@ -51,6 +51,41 @@ pub struct Config {
     pub worker_threads: u32,
     pub providers: Providers,
     pub limits: LimitsConfig,
+    /// `[[notify]]` targets: webhooks and commands told of events
+    /// (`docs/notifications.md`).
+    pub notify: Vec<NotifyConfig>,
+}
+
+/// One notification target: a URL to POST to, or a command to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    pub url: Option<String>,
+    pub command: Option<Vec<String>>,
+    /// The events this target wants; unset: every event but `run.complete`.
+    pub events: Option<Vec<String>>,
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// A file holding the HMAC-SHA256 key for `X-Harvestd-Signature`.
+    pub secret_file: Option<PathBuf>,
+    /// How long one attempt may take: the request, or the command before
+    /// it is killed.
+    #[serde(default = "default_notify_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    /// The event as JSON.
+    #[default]
+    Json,
+    /// `{"text": "…"}`, what a Slack incoming webhook takes.
+    Slack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -195,6 +230,7 @@ impl Default for Config {
             worker_threads: 1,
             providers: Providers::default(),
             limits: LimitsConfig::default(),
+            notify: Vec::new(),
         }
     }
 }
@@ -439,6 +475,45 @@ impl Config {
                         "{name}: '{url}' is not an http(s) URL such as https://api.example.com"
                     )))
                 }
+            }
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            let name = format!("notify[{i}]");
+            match (&n.url, &n.command) {
+                (Some(url), None) => match reqwest::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                    // The URL may hold a secret (a Slack webhook's path is
+                    // one), so it is not quoted.
+                    _ => {
+                        return Err(ConfigError::Invalid(format!(
+                            "{name}.url is not an http(s) URL"
+                        )))
+                    }
+                },
+                (None, Some(command)) if !command.is_empty() && !command[0].is_empty() => {}
+                (None, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                    "{name}.command must name a program: command = [\"/usr/local/bin/on-event\"]"
+                )))
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name} needs exactly one of url or command"
+                    )))
+                }
+            }
+            for event in n.events.iter().flatten() {
+                if !crate::notify::EVENTS.contains(&event.as_str()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name}.events: '{event}' is not one of {}",
+                        crate::notify::EVENTS.join(", ")
+                    )));
+                }
+            }
+            if n.timeout.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}.timeout must be longer than 0s"
+                )));
             }
         }
         if self.admin_listen != "off" {

@@ -137,6 +137,7 @@ impl Contexts {
         park_on_block: bool,
         brightdata_token: Option<Token>,
         firecrawl_token: Option<Token>,
+        notify: &Arc<crate::notify::Notifier>,
     ) -> Contexts {
         let brightdata = ProviderGate::new(&config.limits);
         if brightdata_token.is_none() {
@@ -163,6 +164,7 @@ impl Contexts {
                 stop: stop.clone(),
                 park_on_block,
                 counters: counters.clone(),
+                notify: notify.clone(),
             })
         };
         let bd = config.brightdata_url();
@@ -853,6 +855,7 @@ pub async fn run(
         Store::open(&state_dir)?
     };
     let stop = CancellationToken::new();
+    let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
 
     let contexts = Contexts::build(
         &config,
@@ -861,7 +864,18 @@ pub async fn run(
         options.once,
         brightdata_token,
         firecrawl_token,
+        &notify,
     );
+    // Notifications go out on tasks of their own: a dead or slow receiver
+    // never holds up the event loop or a run.
+    tokio::spawn(notify.clone().run(stop.clone()));
+    for (name, gate) in contexts.gates() {
+        tokio::spawn(
+            notify
+                .clone()
+                .watch_blocks(name, gate.watch_blocked(), stop.clone()),
+        );
+    }
     let settle = config.intake_settle;
     let mut sup = Supervisor {
         keys: Arc::new(KeyedLimits::new(config.limits.clone())),
@@ -1041,6 +1055,15 @@ pub async fn run(
         }
     }
 
+    if options.once {
+        let waiting = notify.drain(sup.config.shutdown_grace).await;
+        if waiting > 0 {
+            warn!(
+                waiting,
+                "notifications not yet delivered; the next start sends them"
+            );
+        }
+    }
     crate::systemd::stopping();
     sup.stop.cancel();
     let grace = sup.config.shutdown_grace;

@@ -35,6 +35,7 @@
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, `data.parquet` (schema learned in a first pass, then Arrow record batches), manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from |
+//! | [`notify`] | events told to webhooks and commands at least once: an outbox in the store, a sender with backoff for 24 h |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
@@ -104,6 +105,7 @@ pub mod intake;
 pub mod jsonstream;
 pub mod limits;
 pub mod logging;
+pub mod notify;
 pub mod plan;
 pub mod progress;
 pub mod provider;

@@ -466,6 +466,11 @@ impl ProviderGate {
         self.blocked.send_replace(None);
     }
 
+    /// Told each time the provider is blocked or unblocked.
+    pub fn watch_blocked(&self) -> watch::Receiver<Option<Block>> {
+        self.blocked.subscribe()
+    }
+
     pub fn blocked(&self) -> Option<Block> {
         self.blocked.borrow().clone()
     }

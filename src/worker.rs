@@ -214,6 +214,7 @@ pub struct Context {
     /// waiting for the block to lift.
     pub park_on_block: bool,
     pub counters: Arc<Counters>,
+    pub notify: Arc<crate::notify::Notifier>,
 }
 
 impl Context {
@@ -555,7 +556,7 @@ async fn finalize(
     };
     let finished_at = now_ms();
     let mut attempt = 0;
-    loop {
+    let counts = loop {
         let (run_c, dir_c, chunks_c) = (run.clone(), dir.to_path_buf(), chunks.clone());
         let store = ctx.store.clone();
         let written = tokio::task::spawn_blocking(move || {
@@ -564,12 +565,14 @@ async fn finalize(
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match written {
-            Ok((rows, bytes)) => {
-                ctx.counters.rows_written.fetch_add(rows, Ordering::Relaxed);
+            Ok((bytes, counts)) => {
+                ctx.counters
+                    .rows_written
+                    .fetch_add(counts.rows, Ordering::Relaxed);
                 ctx.counters
                     .bytes_written
                     .fetch_add(bytes, Ordering::Relaxed);
-                break;
+                break counts;
             }
             Err(e) => {
                 error!(job = %run.job, run = %run.run_id, error = %e, "cannot write the run's final files; will retry");
@@ -586,10 +589,34 @@ async fn finalize(
                 }
             }
         }
-    }
+    };
     let mut done = run.clone();
     done.state = state;
     done.finished_at = Some(finished_at);
+    // Stored with the run's end, by the same flush: a crash cannot keep
+    // the one without the other.
+    ctx.notify.raise(&crate::notify::Event {
+        event: match state {
+            RunState::Complete => "run.complete",
+            RunState::Partial => "run.partial",
+            RunState::Cancelled => "run.cancelled",
+            _ => "run.failed",
+        },
+        job: Some(run.job.clone()),
+        run_id: Some(run.run_id.clone()),
+        state: Some(state.as_str().to_string()),
+        summary: format!(
+            "run {} of '{}' {}: {} row(s) from {} input(s), {} chunk(s) failed",
+            run.run_id,
+            run.job,
+            state.as_str(),
+            counts.rows,
+            counts.inputs,
+            counts.chunks_failed
+        ),
+        counts: Some(counts),
+        occurrence: finished_at.to_string(),
+    });
     ctx.store.put_run(&done)?;
     ctx.store.flush().await?;
     let level_error = state != RunState::Complete;
@@ -698,7 +725,7 @@ fn write_outputs(
     chunks: &[ChunkRecord],
     state: RunState,
     finished_at: UnixMs,
-) -> std::io::Result<(u64, u64)> {
+) -> std::io::Result<(u64, crate::notify::Counts)> {
     crate::sink::create_dir_durable(dir)?;
     let parts: Vec<Part<'_>> = chunks
         .iter()
@@ -764,6 +791,14 @@ fn write_outputs(
         outputs,
     };
     let bytes = manifest.outputs.iter().map(|o| o.bytes).sum();
+    let counts = crate::notify::Counts {
+        inputs: run.inputs,
+        rows,
+        error_rows,
+        malformed_rows,
+        chunks_failed: (chunks.len() - parts.len()) as u64,
+        credits_used: None,
+    };
     let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
     crate::sink::write_file(&dir.join("manifest.json"), &json)?;
     crate::failpoint::crash("after-manifest");
@@ -789,7 +824,7 @@ fn write_outputs(
             }
         }
     }
-    Ok((rows, bytes))
+    Ok((bytes, counts))
 }
 
 fn manifest_chunk(c: &ChunkRecord) -> ManifestChunk {
@@ -1006,12 +1041,37 @@ impl ChunkDriver {
 
     /// Persists a transition and flushes it before anything else happens.
     async fn apply(&mut self, event: ChunkEvent) -> Result<(), WorkerError> {
+        if let ChunkEvent::Expired { error } = &event {
+            // Stored with the chunk's new state, by the same flush.
+            self.tell(
+                "expiry.lost",
+                format!(
+                    "chunk {} of run {}: {error}",
+                    self.rec.index, self.run.run_id
+                ),
+            );
+        }
         self.rec.state = chunk::next(&self.rec.state, event)?;
         self.ctx
             .store
             .put_chunk(&self.run.job, &self.run.run_id, &self.rec)?;
         self.ctx.store.flush().await?;
         Ok(())
+    }
+
+    /// Raises `event` for this chunk's run. Once per run and event: a run
+    /// with many chunks near expiry is one warning, not one per chunk or
+    /// per attempt.
+    fn tell(&self, event: &'static str, summary: String) {
+        self.ctx.notify.raise(&crate::notify::Event {
+            event,
+            job: Some(self.run.job.clone()),
+            run_id: Some(self.run.run_id.clone()),
+            state: Some(self.run.state.as_str().to_string()),
+            summary,
+            counts: None,
+            occurrence: String::new(),
+        });
     }
 
     async fn check_block(&self) -> Option<ChunkEnd> {
@@ -1335,6 +1395,7 @@ impl ChunkDriver {
         let now = now_ms();
         let (left, level) = self.ctx.expiry(expires_at);
         let expires = timestamp(expires_at);
+        let tell = |event: &'static str, summary: String| self.tell(event, summary);
         match level {
             ExpiryLevel::Expired => {
                 let error = format!("the dataset expired at {expires} before it could be saved");
@@ -1342,18 +1403,40 @@ impl ChunkDriver {
                 self.apply(ChunkEvent::Expired { error }).await?;
                 return Ok(Next::Continue);
             }
-            ExpiryLevel::Error => error!(
-                remote_id,
-                expires_at = %expires,
-                left = %left_text(left),
-                "ready dataset still unsaved and about to expire"
-            ),
-            ExpiryLevel::Warning => warn!(
-                remote_id,
-                expires_at = %expires,
-                left = %left_text(left),
-                "ready dataset still unsaved; it expires soon"
-            ),
+            ExpiryLevel::Error => {
+                error!(
+                    remote_id,
+                    expires_at = %expires,
+                    left = %left_text(left),
+                    "ready dataset still unsaved and about to expire"
+                );
+                tell(
+                    "expiry.error",
+                    format!(
+                        "chunk {} of run {}: a ready dataset is still unsaved and expires at {expires} ({} left)",
+                        self.rec.index,
+                        self.run.run_id,
+                        left_text(left)
+                    ),
+                );
+            }
+            ExpiryLevel::Warning => {
+                warn!(
+                    remote_id,
+                    expires_at = %expires,
+                    left = %left_text(left),
+                    "ready dataset still unsaved; it expires soon"
+                );
+                tell(
+                    "expiry.warning",
+                    format!(
+                        "chunk {} of run {}: a ready dataset is still unsaved and expires at {expires} ({} left)",
+                        self.rec.index,
+                        self.run.run_id,
+                        left_text(left)
+                    ),
+                );
+            }
             ExpiryLevel::Fine => {}
         }
         if self.rec.download.fetched {

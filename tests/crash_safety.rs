@@ -431,9 +431,12 @@ async fn expiry_is_announced_then_recorded(api: Api, retention_h: u64, warn_h: u
     );
     // One chunk at a time: the first saves its 5 rows, then every row
     // write fails, so the second stays ready and unsaved.
-    h.write_config(
-        "[limits.keys.\"c_crash00001\"]\nmax_in_flight = 1\n[limits.keys.account]\nmax_in_flight = 1\n",
-    );
+    let hook = common::receiver::Receiver::start(([127, 0, 0, 1], 0).into(), &[]).await;
+    h.write_config(&format!(
+        "[limits.keys.\"c_crash00001\"]\nmax_in_flight = 1\n[limits.keys.account]\nmax_in_flight = 1\n\
+         [[notify]]\nurl = \"{}\"\n",
+        hook.url()
+    ));
     h.env = vec![
         ("FAILPOINTS".into(), "part-write=5*off->return".into()),
         ("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
@@ -512,6 +515,24 @@ async fn expiry_is_announced_then_recorded(api: Api, retention_h: u64, warn_h: u
         .unwrap()
         .contains("expired"));
     assert_eq!(manifest["rows"], 5);
+    // Told once per occurrence, however many download attempts saw each
+    // level: warning, error, lost, then the partial run.
+    let events: Vec<String> = hook
+        .got()
+        .iter()
+        .map(|g| g.body["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "expiry.warning",
+            "expiry.error",
+            "expiry.lost",
+            "run.partial"
+        ],
+        "{:?}",
+        hook.got()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@
 //! | `meta`   | `last_trigger/` key     | UnixMs of the last trigger intent |
 //! | `meta`   | `build_times/` key      | the last [`BUILD_SAMPLES`] build times, ms, u64 big-endian each |
 //! | `schedules` | job                  | [`ScheduleRecord`] |
+//! | `outbox`, `notified` | event id `\0` target | see [`outbox`] |
 //!
 //! | `meta`   | `generation`            | u64 big-endian: see [`guard`] |
 //!
@@ -36,9 +37,11 @@
 //! set in progress: what `--recover` rebuilds a run from when sled lost it.
 
 mod guard;
+mod outbox;
 mod recover;
 
 pub use guard::GENERATION_FILE;
+pub use outbox::OutboxRecord;
 pub use recover::Recovered;
 
 use std::fs;

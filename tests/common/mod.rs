@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod kill_loop;
+pub mod receiver;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
