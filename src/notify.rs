@@ -154,11 +154,7 @@ impl Target {
                 )))
             }
         };
-        let secret = c
-            .secret_file
-            .as_deref()
-            .map(read_secret)
-            .transpose()?;
+        let secret = c.secret_file.as_deref().map(read_secret).transpose()?;
         Ok(Target {
             id: hex::encode(&Sha256::digest(digest_of.as_bytes())[..8]),
             label,

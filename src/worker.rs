@@ -1395,7 +1395,12 @@ impl ChunkDriver {
         let now = now_ms();
         let (left, level) = self.ctx.expiry(expires_at);
         let expires = timestamp(expires_at);
-        let tell = |event: &'static str, summary: String| self.tell(event, summary);
+        let unsaved = format!(
+            "chunk {} of run {}: a ready dataset is still unsaved and expires at {expires} ({} left)",
+            self.rec.index,
+            self.run.run_id,
+            left_text(left)
+        );
         match level {
             ExpiryLevel::Expired => {
                 let error = format!("the dataset expired at {expires} before it could be saved");
@@ -1410,15 +1415,7 @@ impl ChunkDriver {
                     left = %left_text(left),
                     "ready dataset still unsaved and about to expire"
                 );
-                tell(
-                    "expiry.error",
-                    format!(
-                        "chunk {} of run {}: a ready dataset is still unsaved and expires at {expires} ({} left)",
-                        self.rec.index,
-                        self.run.run_id,
-                        left_text(left)
-                    ),
-                );
+                self.tell("expiry.error", unsaved);
             }
             ExpiryLevel::Warning => {
                 warn!(
@@ -1427,15 +1424,7 @@ impl ChunkDriver {
                     left = %left_text(left),
                     "ready dataset still unsaved; it expires soon"
                 );
-                tell(
-                    "expiry.warning",
-                    format!(
-                        "chunk {} of run {}: a ready dataset is still unsaved and expires at {expires} ({} left)",
-                        self.rec.index,
-                        self.run.run_id,
-                        left_text(left)
-                    ),
-                );
+                self.tell("expiry.warning", unsaved);
             }
             ExpiryLevel::Fine => {}
         }
