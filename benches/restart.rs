@@ -48,7 +48,7 @@ fn build_store(dir: &std::path::Path) -> f64 {
     )
     .unwrap();
     let store = Store::open(&dir.join("state")).unwrap();
-    let now = harvestd::worker::now_ms();
+    let now = harvestd::clock::now_ms();
     let scan = harvestd::intake::scan(&jobs, &store, now).unwrap();
     let run = &scan.new_runs[0];
     let mut chunks = store.chunks(&run.job, &run.run_id).unwrap();

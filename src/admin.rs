@@ -27,9 +27,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::sink::manifest::timestamp;
+use crate::clock::timestamp;
+use crate::run::Context;
 use crate::store::Store;
-use crate::worker::Context;
 
 mod view;
 pub use view::View;
@@ -582,7 +582,7 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let reuse = cached.filter(|c| {
-        let limit = JOBS_ANSWER_REUSE.as_millis() as i64;
+        let limit = crate::clock::millis(JOBS_ANSWER_REUSE);
         c.generation == generation
             && c.at.elapsed() < JOBS_ANSWER_REUSE
             && c.clocks.len() == clocks.len()
@@ -701,7 +701,7 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
     let mut counters = [0u64; 7];
     let mut last_poll = 0i64;
     // Contexts may share their counters: each set is added once.
-    let mut seen: Vec<&Arc<crate::worker::Counters>> = Vec::new();
+    let mut seen: Vec<&Arc<crate::run::Counters>> = Vec::new();
     for c in &state.contexts {
         if seen.iter().any(|k| Arc::ptr_eq(k, &c.counters)) {
             continue;

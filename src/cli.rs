@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat, ProcessEnv};
 use crate::daemon::{self, RunOptions};
 use crate::emulator::{Emulator, Scenario};
+use crate::exit;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,12 +82,6 @@ pub enum Command {
     },
 }
 
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_FAILURE: u8 = 1;
-pub const EXIT_INVALID: u8 = 65;
-pub const EXIT_UNREACHABLE: u8 = 69;
-pub const EXIT_CONFIG: u8 = 78;
-
 /// Runs a parsed command; returns the exit code.
 pub fn execute(cli: Cli) -> u8 {
     match cli.command {
@@ -128,10 +123,10 @@ pub fn execute(cli: Cli) -> u8 {
                 Ok(s) => s.unwrap_or_default(),
                 Err(e) => {
                     eprintln!("harvestd: scenario: {e}");
-                    return EXIT_CONFIG;
+                    return exit::CONFIG;
                 }
             };
-            runtime(None).map_or(EXIT_FAILURE, |rt| {
+            runtime(None).map_or(exit::FAILURE, |rt| {
                 rt.block_on(serve_emulator(listen, scenario))
             })
         }
@@ -148,19 +143,19 @@ pub fn execute(cli: Cli) -> u8 {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("harvestd: configuration: {e}");
-                    return EXIT_CONFIG;
+                    return exit::CONFIG;
                 }
             };
             init_logging(config.log_format);
             let Some(rt) = runtime(Some(config.worker_threads as usize)) else {
-                return EXIT_FAILURE;
+                return exit::FAILURE;
             };
             let code = rt.block_on(async {
                 let signals = match crate::signals::listen() {
                     Ok(s) => s,
                     Err(e) => {
                         eprintln!("harvestd: cannot listen for signals: {e}");
-                        return EXIT_FAILURE;
+                        return exit::FAILURE;
                     }
                 };
                 match daemon::run(config, RunOptions { once, emulator, recover }, &ProcessEnv, signals, reload).await {
@@ -184,7 +179,7 @@ pub fn execute(cli: Cli) -> u8 {
                             }
                             summary.exit_code()
                         } else {
-                            EXIT_OK
+                            exit::OK
                         }
                     }
                     Err(e) => {
@@ -247,9 +242,9 @@ fn validate(files: &[PathBuf]) -> u8 {
         }
     }
     if invalid == 0 {
-        EXIT_OK
+        exit::OK
     } else {
-        EXIT_INVALID
+        exit::INVALID
     }
 }
 
@@ -258,13 +253,13 @@ async fn serve_emulator(listen: SocketAddr, scenario: Scenario) -> u8 {
         Ok(e) => e,
         Err(e) => {
             eprintln!("harvestd: emulator: cannot listen on {listen}: {e}");
-            return EXIT_FAILURE;
+            return exit::FAILURE;
         }
     };
     // The address goes to stdout so scripts (and tests) can read it.
     println!("{}", emulator.url());
     let Ok(mut signals) = crate::signals::listen() else {
-        return EXIT_FAILURE;
+        return exit::FAILURE;
     };
     while let Some(signal) = signals.recv().await {
         if signal == crate::signals::Signal::Shutdown {
@@ -272,7 +267,7 @@ async fn serve_emulator(listen: SocketAddr, scenario: Scenario) -> u8 {
         }
     }
     emulator.stop().await;
-    EXIT_OK
+    exit::OK
 }
 
 /// Where the running daemon's admin API is, and its token.
@@ -293,7 +288,7 @@ where
         Ok(c) => c,
         Err(e) => {
             eprintln!("harvestd: configuration: {e}");
-            return EXIT_CONFIG;
+            return exit::CONFIG;
         }
     };
     let dirs = [config.state_dir.clone(), config.state_dir.join("emulator")];
@@ -309,10 +304,10 @@ where
             "harvestd: no running daemon found ({} has no admin.addr; is admin_listen off?)",
             config.state_dir.display()
         );
-        return EXIT_UNREACHABLE;
+        return exit::UNREACHABLE;
     };
     let Some(rt) = runtime(Some(1)) else {
-        return EXIT_FAILURE;
+        return exit::FAILURE;
     };
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
@@ -333,7 +328,7 @@ async fn get_json(admin: &Admin, path: &str) -> Result<(u16, serde_json::Value),
         .await
         .map_err(|e| {
             eprintln!("harvestd: daemon not reachable at {}: {e}", admin.base);
-            EXIT_UNREACHABLE
+            exit::UNREACHABLE
         })?;
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
@@ -354,14 +349,14 @@ async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
             "harvestd: {}",
             body["error"].as_str().unwrap_or("not found")
         );
-        return EXIT_FAILURE;
+        return exit::FAILURE;
     }
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&body).unwrap_or_default()
         );
-        return EXIT_OK;
+        return exit::OK;
     }
     let jobs = match job {
         Some(_) => vec![body.clone()],
@@ -383,7 +378,7 @@ async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
             );
         }
     }
-    EXIT_OK
+    exit::OK
 }
 
 /// The `status` table: one line per job.
@@ -420,7 +415,7 @@ pub fn status_table(jobs: &[serde_json::Value]) -> String {
                 "{} EXPIRES {} (in {}) {error}",
                 expiry["level"].as_str().unwrap_or_default().to_uppercase(),
                 expiry["expires_at"].as_str().unwrap_or("?"),
-                crate::worker::left_text(expiry["seconds_left"].as_i64().unwrap_or(0) * 1000),
+                crate::clock::left_text(expiry["seconds_left"].as_i64().unwrap_or(0) * 1000),
             );
         }
         rows.push([
@@ -468,7 +463,7 @@ async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8
         Ok(r) => r,
         Err(e) => {
             eprintln!("harvestd: daemon not reachable at {}: {e}", admin.base);
-            return EXIT_UNREACHABLE;
+            return exit::UNREACHABLE;
         }
     };
     let code = response.status().as_u16();
@@ -481,12 +476,12 @@ async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8
             _ => "cancelling run(s)",
         };
         println!("{job}: {verb} {}", body["result"].as_str().unwrap_or("?"));
-        EXIT_OK
+        exit::OK
     } else {
         eprintln!(
             "harvestd: {action} {job}: {}",
             body["error"].as_str().unwrap_or("failed")
         );
-        EXIT_FAILURE
+        exit::FAILURE
     }
 }

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::clock::timestamp;
 use crate::config::{
     find_token, Config, ConfigError, Env, Token, BRIGHTDATA_TOKEN_VARS, FIRECRAWL_TOKEN_VARS,
 };
@@ -24,13 +25,12 @@ use crate::provider::http::Http;
 use crate::provider::scraper_studio::ScraperStudio;
 use crate::provider::web_scraper::WebScraper;
 use crate::provider::Provider;
+use crate::run::{self, Context, Counters, RunOutcome, WorkerError};
 use crate::schedule::{jitter_offset, next_due, on_due, Due, Recurrence};
 use crate::signals::Signal;
-use crate::sink::manifest::timestamp;
 use crate::spec::{ApiVersion, JobSpec, ProviderKind};
 use crate::store::{RunRecord, RunState, ScheduleRecord, Store, StoreError};
 use crate::watcher::Watcher;
-use crate::worker::{self, Context, Counters, RunOutcome, WorkerError};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -60,9 +60,9 @@ impl DaemonError {
     /// The exit codes of `docs/cli.md`.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Locked(_) => 75,
-            DaemonError::Config(_) => 78,
-            _ => 1,
+            DaemonError::Locked(_) => crate::exit::LOCKED,
+            DaemonError::Config(_) => crate::exit::CONFIG,
+            _ => crate::exit::FAILURE,
         }
     }
 }
@@ -85,11 +85,11 @@ impl Summary {
     /// every run completed but a job file was invalid.
     pub fn exit_code(&self) -> u8 {
         if self.incomplete > 0 || !self.parked.is_empty() || self.stopped > 0 {
-            1
+            crate::exit::FAILURE
         } else if self.invalid_jobs > 0 {
-            65
+            crate::exit::INVALID
         } else {
-            0
+            crate::exit::OK
         }
     }
 }
@@ -232,17 +232,6 @@ impl Contexts {
 
 type RunResult = (String, String, Result<RunOutcome, WorkerError>);
 
-/// Sleeps until a wall-clock time in ms; forever for `None`.
-async fn sleep_until_ms(at: Option<i64>) {
-    match at {
-        Some(at) => {
-            let wait = (at - worker::now_ms()).max(0) as u64;
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
 struct Supervisor {
     config: Config,
     store: Store,
@@ -276,20 +265,20 @@ impl Supervisor {
         }
         let stop = self.stop.child_token();
         self.active.insert(id.clone(), stop.clone());
-        let now = worker::now_ms();
+        let now = crate::clock::now_ms();
         let ago = self
             .store
             .last_trigger(&run.spec.key)
             .ok()
             .flatten()
-            .map(|t| Duration::from_millis((now - t).max(0) as u64));
+            .map(|t| crate::clock::between(t, now));
         let key = self.keys.key(&run.spec.key, ago);
         if let Ok(samples) = self.store.build_times(&run.spec.key) {
             key.learn_builds(&samples);
         }
         let ctx = self.contexts.for_spec(&run.spec).clone();
         self.runs.spawn(async move {
-            let result = worker::drive_run(ctx, key, run, stop).await;
+            let result = run::drive_run(ctx, key, run, stop).await;
             (id.0, id.1, result)
         });
     }
@@ -351,7 +340,7 @@ impl Supervisor {
                     shown,
                     String::new(),
                     vec![problem],
-                    worker::now_ms(),
+                    crate::clock::now_ms(),
                 );
                 record.stamp = None;
                 self.store.put_job(&record)?;
@@ -378,15 +367,15 @@ impl Supervisor {
     /// Starts reading every job that has settled and has no run in progress.
     fn start_settled(&mut self) {
         let active = &self.active;
-        let ready = self
-            .watch
-            .take_ready(tokio::time::Instant::now(), worker::now_ms(), |job| {
-                active.keys().any(|(j, _)| j == job)
-            });
+        let ready =
+            self.watch
+                .take_ready(tokio::time::Instant::now(), crate::clock::now_ms(), |job| {
+                    active.keys().any(|(j, _)| j == job)
+                });
         for sighting in ready {
             let store = self.store.clone();
             self.intake.spawn_blocking(move || {
-                let settled = crate::intake::settle(&store, &sighting, worker::now_ms());
+                let settled = crate::intake::settle(&store, &sighting, crate::clock::now_ms());
                 (sighting, settled)
             });
         }
@@ -441,7 +430,7 @@ impl Supervisor {
         present: Vec<(String, Recurrence, Duration)>,
         listed: bool,
     ) -> Result<(), DaemonError> {
-        let now = worker::now_ms();
+        let now = crate::clock::now_ms();
         let existing: HashMap<String, ScheduleRecord> = self
             .store
             .schedules()?
@@ -490,7 +479,7 @@ impl Supervisor {
                     job.clone(),
                 );
                 let planned = tokio::task::spawn_blocking(move || {
-                    crate::intake::plan_due(&dir, &store, &name, worker::now_ms())
+                    crate::intake::plan_due(&dir, &store, &name, crate::clock::now_ms())
                 })
                 .await
                 .map_err(|e| DaemonError::Io(e.to_string()))??;
@@ -538,7 +527,7 @@ impl Supervisor {
                 run.run_id
             ));
         }
-        let count = worker::retry_run(&self.store, &mut run)
+        let count = run::retry_run(&self.store, &mut run)
             .await
             .map_err(|e| e.to_string())?;
         if count == 0 {
@@ -722,7 +711,7 @@ impl Supervisor {
 
     /// Starts (or skips) every job whose due time has passed.
     async fn fire_due(&mut self) -> Result<(), DaemonError> {
-        let now = worker::now_ms();
+        let now = crate::clock::now_ms();
         for mut record in self.store.schedules()? {
             let in_progress = self.active.keys().any(|(job, _)| *job == record.job);
             let jitter = Duration::from_millis(record.jitter_ms);
@@ -775,9 +764,9 @@ const PLACE_CHECK: Duration = Duration::from_secs(2);
 /// it can; every chunk not proven unpaid is left in doubt, for the workers
 /// to settle at the provider before any trigger.
 fn open_recovering(state_dir: &Path, output_dir: &Path) -> Result<Store, DaemonError> {
-    let (store, found) = Store::open_for_recovery(state_dir, worker::now_ms())?;
+    let (store, found) = Store::open_for_recovery(state_dir, crate::clock::now_ms())?;
     let finished = |run: &RunRecord| -> Option<RunState> {
-        let manifest = worker::run_dir(output_dir, run).join("manifest.json");
+        let manifest = run::run_dir(output_dir, run).join("manifest.json");
         let bytes = std::fs::read(manifest).ok()?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         serde_json::from_value(value.get("state")?.clone()).ok()
@@ -849,10 +838,23 @@ pub async fn run(
     };
     std::fs::create_dir_all(&config.output_dir)
         .map_err(|e| DaemonError::Io(format!("{}: {e}", config.output_dir.display())))?;
-    let store = if options.recover {
-        open_recovering(&state_dir, &config.output_dir)?
-    } else {
-        Store::open(&state_dir)?
+    // Opening may wait for sled's own lock (`Store::open`), and recovery
+    // reads every inputs directory: both on the blocking pool.
+    let store = {
+        let (state_dir, output_dir, recover) = (
+            state_dir.clone(),
+            config.output_dir.clone(),
+            options.recover,
+        );
+        tokio::task::spawn_blocking(move || {
+            if recover {
+                open_recovering(&state_dir, &output_dir)
+            } else {
+                Store::open(&state_dir).map_err(DaemonError::from)
+            }
+        })
+        .await
+        .map_err(|e| DaemonError::Io(format!("opening the state store: {e}")))??
     };
     let stop = CancellationToken::new();
     let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
@@ -994,7 +996,7 @@ pub async fn run(
         }
         let settle_due = sup
             .watch
-            .next_due(tokio::time::Instant::now(), worker::now_ms());
+            .next_due(tokio::time::Instant::now(), crate::clock::now_ms());
         tokio::select! {
             signal = signals.recv() => match signal {
                 Some(Signal::Shutdown) | None => {
@@ -1023,7 +1025,7 @@ pub async fn run(
             _ = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
                 sup.scan().await?;
             }
-            _ = sleep_until_ms(sup.next_wake()) => {
+            _ = crate::clock::sleep_until(sup.next_wake()) => {
                 sup.fire_due().await?;
             }
             // A job has been quiet for intake_settle: look once more, then read it.

@@ -373,8 +373,7 @@ impl Watch {
             .filter(|w| w.phase == Phase::Settling)
             .map(|w| {
                 let by_watch = w.since + self.settle;
-                let quiet =
-                    Duration::from_millis(wall.saturating_sub(w.sighting.changed_at).max(0) as u64);
+                let quiet = crate::clock::between(w.sighting.changed_at, wall);
                 let by_times = now + self.settle.saturating_sub(quiet);
                 by_watch.min(by_times)
             })

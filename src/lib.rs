@@ -12,7 +12,7 @@
 //! job file ─> spec ─> plan ─> trigger ─> poll ─> download ─> part file ─> final files
 //!   intake ──┘  │        └───────── store (sled): every step persisted ─────────┘
 //!  watcher      │                  limits (in-flight, pacing, rate, 429 brake)
-//!               └─ daemon supervises one worker task per run
+//!               └─ daemon supervises one run task per run
 //! ```
 //!
 //! ## Modules
@@ -20,6 +20,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it (and sets jemalloc as the allocator) |
+//! | [`exit`] | the exit codes of every command, one list |
 //! | [`logging`] | text on a TTY, flat JSON lines (span fields included) otherwise |
 //! | [`config`] | daemon configuration: file → environment → flags; tokens that never print |
 //! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers (1 MiB per line or record); [`spec::confine`] opens only files inside the jobs directory |
@@ -31,9 +32,10 @@
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
-//! | [`worker`] | drives a run's chunks trigger → poll → download, persisting before acting; building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together |
+//! | [`run`] | drives a run's chunks trigger → poll → download, persisting before acting: [`run::drive_run`] schedules a run's chunks (building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together); one chunk's task is a loop over its persisted state, its steps in `trigger`, `poll` and `download`; `finish` writes the final files, manifest, `_SUCCESS`, `latest` |
+//! | [`clock`] | the one clock: instants as ms since the epoch ([`clock::UnixMs`]), waits between them that never underflow, RFC 3339 and day formatting |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, `data.parquet` (schema learned in a first pass, then Arrow record batches), manifest |
-//! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one worker context per API, Bright Data's two sharing a gate |
+//! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one run context per API, Bright Data's two sharing a gate |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from |
 //! | [`notify`] | events told to webhooks and commands at least once: an outbox in the store, a sender with backoff for 24 h |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
@@ -45,8 +47,8 @@
 //!
 //! ## Invariants
 //!
-//! - Dependencies point one way: daemon → worker → provider / store / sink /
-//!   limits → chunk, spec; admin reads its view and sends commands to the
+//! - Dependencies point one way: daemon → run → provider / store / sink /
+//!   limits → chunk, spec, clock; nothing below `run` imports it; admin reads its view and sends commands to the
 //!   daemon, which alone starts, retries and cancels runs. `chunk`,
 //!   `schedule`, `plan` and `spec` do no IO besides reading the job and
 //!   inputs files. `provider` never imports `store`.
@@ -71,6 +73,9 @@
 //!   percent-encoded path segment; arithmetic on provider values is
 //!   checked or saturating. Polls and downloads are given up at shutdown.
 //! - A chunk held up records why as its `last_error` in the store.
+//! - Time is read from [`clock`] only; a wait between two instants comes from
+//!   [`clock::between`] (or `until`/`since`), never a bare subtraction, so
+//!   a skewed clock or a time in the past waits zero.
 //! - Expiry is judged on the provider's clock (the `Date` header of its
 //!   latest answer, kept by [`provider::http::Http`]), the clock it deletes by.
 //! - A store older than the state last flushed, or damaged, is never used
@@ -97,9 +102,11 @@
 pub mod admin;
 pub mod chunk;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod emulator;
+pub mod exit;
 pub mod failpoint;
 pub mod intake;
 pub mod jsonstream;
@@ -109,6 +116,7 @@ pub mod notify;
 pub mod plan;
 pub mod progress;
 pub mod provider;
+pub mod run;
 pub mod schedule;
 pub mod signals;
 pub mod sink;
@@ -116,4 +124,3 @@ pub mod spec;
 pub mod store;
 pub mod systemd;
 pub mod watcher;
-pub mod worker;

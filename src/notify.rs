@@ -105,7 +105,7 @@ impl Event {
         json!({
             "id": id,
             "event": self.event,
-            "at": crate::sink::manifest::timestamp(now),
+            "at": crate::clock::timestamp(now),
             "job": self.job,
             "run_id": self.run_id,
             "state": self.state,
@@ -263,7 +263,7 @@ impl Notifier {
         if wanting.is_empty() {
             return;
         }
-        let now = crate::worker::now_ms();
+        let now = crate::clock::now_ms();
         let id = event.id();
         let body = event.body(&id, now);
         for target in wanting {
@@ -314,18 +314,17 @@ impl Notifier {
     /// Sends what is waiting until `stop`. Attempts under way when it comes
     /// are abandoned; they are sent again at the next start.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let now = crate::worker::now_ms();
-        let _ = self.store.notified_prune(now - REMEMBER.as_millis() as i64);
+        let now = crate::clock::now_ms();
+        let _ = self
+            .store
+            .notified_prune(now.saturating_sub(crate::clock::millis(REMEMBER)));
         let mut under_way: HashSet<(String, String)> = HashSet::new();
         let mut attempts: JoinSet<(OutboxRecord, Result<(), String>)> = JoinSet::new();
         loop {
             let next = self.start_due(&mut under_way, &mut attempts).await;
             let sleep = async {
                 match next {
-                    Some(at) => {
-                        let wait = (at - crate::worker::now_ms()).max(0) as u64;
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                    }
+                    Some(at) => tokio::time::sleep(crate::clock::until(at)).await,
                     None => std::future::pending().await,
                 }
             };
@@ -354,7 +353,7 @@ impl Notifier {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "cannot read the notification outbox");
-                return Some(crate::worker::now_ms() + 5_000);
+                return Some(crate::clock::now_ms() + 5_000);
             }
         };
         for e in bad {
@@ -363,7 +362,7 @@ impl Notifier {
         self.stats
             .waiting
             .store(waiting.len() as u64, Ordering::Relaxed);
-        let now = crate::worker::now_ms();
+        let now = crate::clock::now_ms();
         // An event is durable before its first attempt.
         if waiting.iter().any(|r| r.attempts == 0) {
             if let Err(e) = self.store.flush().await {
@@ -387,7 +386,7 @@ impl Notifier {
                 let _ = self.store.outbox_done(&record, now);
                 continue;
             };
-            if now - record.first_at > GIVE_UP_AFTER.as_millis() as i64 {
+            if crate::clock::between(record.first_at, now) > GIVE_UP_AFTER {
                 error!(event = record.event, id = record.id, target = %target.label,
                     attempts = record.attempts, last_error = record.last_error.as_deref().unwrap_or(""),
                     "notification dropped: not delivered in 24 hours");
@@ -411,7 +410,7 @@ impl Notifier {
     }
 
     fn finished(&self, mut record: OutboxRecord, result: Result<(), String>) {
-        let now = crate::worker::now_ms();
+        let now = crate::clock::now_ms();
         let label = self
             .targets
             .iter()
@@ -438,7 +437,7 @@ impl Notifier {
                     crate::limits::jitter(),
                 );
                 record.attempts += 1;
-                record.next_at = now + wait.as_millis() as i64;
+                record.next_at = now.saturating_add(crate::clock::millis(wait));
                 warn!(event = record.event, id = record.id, target = label,
                     attempt = record.attempts, error = %why, retry_in = ?wait,
                     "notification not delivered; will retry");
@@ -493,7 +492,7 @@ impl Notifier {
                     state: None,
                     summary: format!("{provider} is blocked: {}", block.reason),
                     counts: None,
-                    occurrence: format!("{provider}/{}", crate::worker::now_ms()),
+                    occurrence: format!("{provider}/{}", crate::clock::now_ms()),
                 });
             }
             was = now.is_some();

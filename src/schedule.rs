@@ -236,7 +236,7 @@ pub fn next_due(
             Err(_) => UnixMs::MAX,
         },
     };
-    base.saturating_add(jitter.as_millis() as i64)
+    base.saturating_add(crate::clock::millis(jitter))
 }
 
 /// A fixed offset in `[0, jitter)` for a job, from its name: spreads jobs
@@ -278,7 +278,7 @@ pub fn on_due(
     }
     // `every` keeps its rhythm: the grid runs from the unjittered due time,
     // so neither a late wake-up nor the jitter makes it drift.
-    let base = due.saturating_sub(jitter.as_millis() as i64);
+    let base = due.saturating_sub(crate::clock::millis(jitter));
     let next = next_due(recurrence, base, now, jitter);
     if run_in_progress {
         Due::Skip { next }

@@ -29,7 +29,11 @@ pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
             if event == Signal::Shutdown {
                 if shutting_down {
                     tracing::warn!("second shutdown signal: exiting now");
-                    std::process::exit(130);
+                    // The operator asked twice: the drain is given up on
+                    // purpose. What was flushed is safe; a trigger in flight
+                    // is settled as in doubt at the next start.
+                    #[allow(clippy::disallowed_methods)]
+                    std::process::exit(crate::exit::INTERRUPTED);
                 }
                 shutting_down = true;
             }

@@ -26,7 +26,7 @@ fn backdate(h: &Harness, job: &str, by_ms: i64) -> i64 {
         .into_iter()
         .find(|r| r.job == job)
         .expect("a stored schedule");
-    let now = harvestd::worker::now_ms();
+    let now = harvestd::clock::now_ms();
     record.next_due = now - by_ms;
     store.put_schedule(&record).unwrap();
     store.flush_blocking().unwrap();

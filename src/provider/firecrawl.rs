@@ -500,7 +500,7 @@ impl Provider for Firecrawl {
                     .completed_at
                     .as_deref()
                     .and_then(parse_time)
-                    .map(|t| t + RETENTION.as_millis() as i64)
+                    .map(|t| t.saturating_add(crate::clock::millis(RETENTION)))
                     .or_else(|| page.expires_at.as_deref().and_then(parse_time)),
                 start: None,
             },

@@ -104,7 +104,7 @@ impl Http {
 
     /// Now on the provider's clock, as its latest answer told it.
     pub fn provider_now(&self) -> crate::chunk::UnixMs {
-        crate::worker::now_ms() + self.clock_offset.load(Ordering::Relaxed)
+        crate::clock::now_ms() + self.clock_offset.load(Ordering::Relaxed)
     }
 
     /// Notes the provider's clock from an answer's `Date` header.
@@ -117,9 +117,9 @@ impl Http {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
         if let Some(date) = date {
             // The header has whole seconds: on average half a second behind.
-            let theirs = date.as_millis() as i64 + 500;
+            let theirs = crate::clock::millis(date).saturating_add(500);
             self.clock_offset
-                .store(theirs - crate::worker::now_ms(), Ordering::Relaxed);
+                .store(theirs - crate::clock::now_ms(), Ordering::Relaxed);
         }
     }
 

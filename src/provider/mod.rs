@@ -316,13 +316,6 @@ pub fn answer_id(text: &str, field: &str) -> Result<String, CallError> {
 
 pub const DAY_MS: i64 = 24 * 3600 * 1000;
 
-/// The UTC day of a time, `YYYY-MM-DD`, as listing filters take it.
-pub fn utc_date(ms: UnixMs) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
-}
-
 /// An RFC 3339 time as ms since the epoch.
 pub fn parse_time(text: &str) -> Option<UnixMs> {
     let t =
@@ -381,9 +374,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_and_times() {
-        assert_eq!(utc_date(0), "1970-01-01");
-        assert_eq!(utc_date(DAY_MS * 365 + 5), "1971-01-01");
+    fn times_parse_as_rfc3339() {
         assert_eq!(parse_time("1970-01-01T00:00:01.500Z"), Some(1500));
         assert_eq!(parse_time("yesterday"), None);
     }

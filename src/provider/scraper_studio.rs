@@ -11,9 +11,9 @@ use serde_json::Value;
 
 use super::http::{error_chain, one_line, read_small, Http, STATUS_MAX};
 use super::{
-    accepted, answer_id, array_body, check_remote_id, id_segment, query_params, utc_date,
-    BoolStyle, CallError, Cursor, DatasetBudget, DownloadOutcome, Found, PollOutcome, Provider,
-    RowSink, TriggerCall, Triggered, DAY_MS,
+    accepted, answer_id, array_body, check_remote_id, id_segment, query_params, BoolStyle,
+    CallError, Cursor, DatasetBudget, DownloadOutcome, Found, PollOutcome, Provider, RowSink,
+    TriggerCall, Triggered, DAY_MS,
 };
 use crate::chunk::UnixMs;
 use crate::jsonstream::{ArraySplitter, Element};
@@ -80,8 +80,8 @@ impl Provider for ScraperStudio {
     async fn find(&self, call: &TriggerCall<'_>, since: UnixMs) -> Result<Found, CallError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
         // Dates are whole days in an unknown time zone: widen by a day each side.
-        let from = utc_date(since - DAY_MS);
-        let to = utc_date(now + DAY_MS);
+        let from = crate::clock::utc_date(since - DAY_MS);
+        let to = crate::clock::utc_date(now + DAY_MS);
         for page in 0..LIST_MAX_PAGES {
             let query = [
                 ("collector", call.key.to_string()),

@@ -14,8 +14,8 @@ use serde_json::{json, Map, Value};
 use super::http::{error_chain, one_line, read_small, Http, STATUS_MAX};
 use super::{
     accepted, answer_id, array_body, check_remote_id, id_segment, input_lines, parse_time,
-    query_params, utc_date, BoolStyle, CallError, Cursor, DatasetBudget, DownloadOutcome, Found,
-    PollOutcome, Provider, RowSink, TriggerCall, Triggered, DAY_MS,
+    query_params, BoolStyle, CallError, Cursor, DatasetBudget, DownloadOutcome, Found, PollOutcome,
+    Provider, RowSink, TriggerCall, Triggered, DAY_MS,
 };
 use crate::chunk::UnixMs;
 use crate::spec::ProviderKind;
@@ -187,8 +187,8 @@ impl Provider for WebScraper {
         for page in 0..LIST_MAX_PAGES {
             let query = [
                 ("dataset_id", call.key.to_string()),
-                ("from_date", utc_date(since - DAY_MS)),
-                ("to_date", utc_date(now + DAY_MS)),
+                ("from_date", crate::clock::utc_date(since - DAY_MS)),
+                ("to_date", crate::clock::utc_date(now + DAY_MS)),
                 ("skip", (page * LIST_PAGE).to_string()),
                 ("limit", LIST_PAGE.to_string()),
             ];

@@ -38,23 +38,3 @@ pub struct ManifestChunk {
     pub expires_at: Option<String>,
     pub error: Option<String>,
 }
-
-/// RFC 3339 UTC with milliseconds.
-pub fn timestamp(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        assert_eq!(super::timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            super::timestamp(1_700_000_000_123),
-            "2023-11-14T22:13:20.123Z"
-        );
-    }
-}

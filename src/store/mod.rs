@@ -353,6 +353,9 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     loop {
         match config.open() {
             Err(e) if is_lock_error(&e) && Instant::now() < deadline => {
+                // Never on the async thread: the daemon opens its store
+                // on the blocking pool.
+                #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(200));
             }
