@@ -52,8 +52,25 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
-    #[error("{0}")]
-    Io(String),
+    /// An I/O error with what was being done (a path, a listener), the
+    /// cause kept as its source.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Work handed to a thread of the blocking pool did not come back.
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("admin_listen '{0}' is not an address")]
+    AdminListen(String),
+}
+
+/// Wraps an I/O error with what was being done.
+fn io_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.to_string();
+    move |source| DaemonError::Io { what, source }
 }
 
 impl DaemonError {
@@ -97,20 +114,18 @@ impl Summary {
 /// Holds the state directory for this process; released on exit, also on
 /// `kill -9`, because the kernel drops the file lock with the process.
 pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
-    std::fs::create_dir_all(dir).map_err(|e| DaemonError::Io(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(io_error(dir.display()))?;
     let path = dir.join("harvestd.lock");
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| DaemonError::Io(format!("{}: {e}", path.display())))?;
+        .map_err(io_error(path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::Locked(dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(DaemonError::Io(format!("{}: {e}", path.display())))
-        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io_error(path.display())(e)),
     }
 }
 
@@ -330,7 +345,7 @@ impl Supervisor {
         let dir = self.config.jobs_dir.clone();
         let look = tokio::task::spawn_blocking(move || crate::intake::look(&dir))
             .await
-            .map_err(|e| DaemonError::Io(e.to_string()))?;
+            .map_err(DaemonError::from)?;
         let mut bad_names = HashSet::new();
         for (shown, problem) in look.bad_names {
             bad_names.insert(shown.clone());
@@ -482,7 +497,7 @@ impl Supervisor {
                     crate::intake::plan_due(&dir, &store, &name, crate::clock::now_ms())
                 })
                 .await
-                .map_err(|e| DaemonError::Io(e.to_string()))??;
+                .map_err(DaemonError::from)??;
                 match planned {
                     Some(run) => {
                         info!(job = %job, run = %run.run_id, "rerun requested");
@@ -744,7 +759,7 @@ impl Supervisor {
                         crate::intake::plan_due(&dir, &store, &job, now)
                     })
                     .await
-                    .map_err(|e| DaemonError::Io(e.to_string()))??;
+                    .map_err(DaemonError::from)??;
                     self.store.flush().await?;
                     if let Some(run) = planned {
                         self.spawn(run);
@@ -807,7 +822,7 @@ pub async fn run(
     let emulator = if options.emulator {
         let emu = Emulator::start(([127, 0, 0, 1], 0).into(), Scenario::default())
             .await
-            .map_err(|e| DaemonError::Io(format!("cannot start the emulator: {e}")))?;
+            .map_err(io_error("cannot start the emulator"))?;
         info!(url = %emu.url(), "built-in emulator serving");
         config.providers.brightdata.base_url = Some(emu.url());
         config.providers.firecrawl.base_url = Some(emu.url());
@@ -836,8 +851,7 @@ pub async fn run(
             )?,
         )
     };
-    std::fs::create_dir_all(&config.output_dir)
-        .map_err(|e| DaemonError::Io(format!("{}: {e}", config.output_dir.display())))?;
+    std::fs::create_dir_all(&config.output_dir).map_err(io_error(config.output_dir.display()))?;
     // Opening may wait for sled's own lock (`Store::open`), and recovery
     // reads every inputs directory: both on the blocking pool.
     let store = {
@@ -853,8 +867,7 @@ pub async fn run(
                 Store::open(&state_dir).map_err(DaemonError::from)
             }
         })
-        .await
-        .map_err(|e| DaemonError::Io(format!("opening the state store: {e}")))??
+        .await??
     };
     let stop = CancellationToken::new();
     let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
@@ -902,14 +915,12 @@ pub async fn run(
     let admin = if sup.config.admin_listen == "off" {
         None
     } else {
-        let listen: std::net::SocketAddr = sup.config.admin_listen.parse().map_err(|_| {
-            DaemonError::Io(format!(
-                "admin_listen '{}' is not an address",
-                sup.config.admin_listen
-            ))
-        })?;
-        let token = crate::admin::admin_token(&state_dir)
-            .map_err(|e| DaemonError::Io(format!("admin token: {e}")))?;
+        let listen: std::net::SocketAddr = sup
+            .config
+            .admin_listen
+            .parse()
+            .map_err(|_| DaemonError::AdminListen(sup.config.admin_listen.clone()))?;
+        let token = crate::admin::admin_token(&state_dir).map_err(io_error("admin token"))?;
         let keys = sup.keys.clone();
         // Attached before resume writes anything, so it misses no write.
         let view = crate::admin::View::attach(&sup.store)?;
@@ -945,7 +956,7 @@ pub async fn run(
             stop.clone(),
         )
         .await
-        .map_err(|e| DaemonError::Io(format!("admin API on {listen}: {e}")))?;
+        .map_err(io_error(format_args!("admin API on {listen}")))?;
         Some((state, task))
     };
 
