@@ -20,6 +20,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`cli`] | subcommands; each returns an exit code. `main.rs` only calls it (and sets jemalloc as the allocator) |
+//! | [`durable`] | small files replaced whole and durably (temp, fsync, rename, directory fsync): generation, run copies, admin token, dedup keys |
 //! | [`exit`] | the exit codes of every command, one list |
 //! | [`logging`] | text on a TTY, flat JSON lines (span fields included) otherwise |
 //! | [`config`] | daemon configuration: file → environment → flags; tokens that never print |
@@ -105,6 +106,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod durable;
 pub mod emulator;
 pub mod exit;
 pub mod failpoint;

@@ -90,8 +90,7 @@ fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
 /// mode) is set back to 0600, with a warning: anyone who read it could
 /// cancel runs.
 pub fn admin_token(state_dir: &Path) -> std::io::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let path = state_dir.join("admin.token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         if !t.trim().is_empty() {
@@ -107,16 +106,7 @@ pub fn admin_token(state_dir: &Path) -> std::io::Result<String> {
     let token: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
-    let tmp = state_dir.join(".admin.token.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(token.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    crate::durable::write(&path, token.as_bytes(), 0o600)?;
     Ok(token)
 }
 

@@ -32,7 +32,6 @@
 //! finds the file at or past the generation it needs writes nothing.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,25 +84,12 @@ pub fn write_generation(dir: &Path, generation: u64) -> Result<(), StoreError> {
     )
 }
 
-/// Writes a small file atomically: temp file, fsync, rename, directory fsync.
+/// Writes a small file atomically and durably ([`crate::durable::write`]).
 pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| StoreError::Io { path: p, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    crate::durable::write(path, bytes, 0o644).map_err(|source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The generation counter's live state, shared by every clone of a store.

@@ -912,19 +912,8 @@ impl Store {
         let dir = self.dedup_dir.join(job);
         self.place.make_dir(&dir)?;
         let path = dir.join(format!("{run_id}.keys"));
-        let tmp = dir.join(format!(".{run_id}.keys.tmp"));
-        let mut out = std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_error(&tmp))?);
-        for h in hashes {
-            out.write_all(&h.to_be_bytes()).map_err(io_error(&tmp))?;
-        }
-        let file = out
-            .into_inner()
-            .map_err(|e| io_error(&tmp)(e.into_error()))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_error(&path))?;
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&dir))
+        let bytes: Vec<u8> = hashes.iter().flat_map(|h| h.to_be_bytes()).collect();
+        guard::write_durable(&path, &bytes)
     }
 
     pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
