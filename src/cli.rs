@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin::api::{JobList, JobView, Reply};
 use crate::config::{Config, LogFormat, ProcessEnv};
 use crate::daemon::{self, RunOptions};
 use crate::emulator::{Emulator, Scenario};
@@ -320,7 +321,8 @@ where
     }))
 }
 
-async fn get_json(admin: &Admin, path: &str) -> Result<(u16, serde_json::Value), u8> {
+/// A GET of the admin API: its status and body text.
+async fn get_text(admin: &Admin, path: &str) -> Result<(u16, String), u8> {
     let response = admin
         .client
         .get(format!("{}{path}", admin.base))
@@ -331,50 +333,56 @@ async fn get_json(admin: &Admin, path: &str) -> Result<(u16, serde_json::Value),
             exit::UNREACHABLE
         })?;
     let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-    ))
+    Ok((status, response.text().await.unwrap_or_default()))
 }
 
 async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
     let path = job.map_or("/v1/jobs".to_string(), |j| format!("/v1/jobs/{j}"));
-    let (code, body) = match get_json(admin, &path).await {
+    let (code, text) = match get_text(admin, &path).await {
         Ok(r) => r,
         Err(exit) => return exit,
     };
-    if code == 404 {
-        eprintln!(
-            "harvestd: {}",
-            body["error"].as_str().unwrap_or("not found")
-        );
+    if code != 200 {
+        let reply: Reply = serde_json::from_str(&text).unwrap_or_default();
+        let why = reply
+            .error
+            .unwrap_or_else(|| format!("the daemon answered {code}"));
+        eprintln!("harvestd: {why}");
         return exit::FAILURE;
     }
     if json {
+        // The daemon's answer as it is, fields this build does not know
+        // included.
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         println!(
             "{}",
-            serde_json::to_string_pretty(&body).unwrap_or_default()
+            serde_json::to_string_pretty(&value).unwrap_or_default()
         );
         return exit::OK;
     }
-    let jobs = match job {
-        Some(_) => vec![body.clone()],
-        None => body["jobs"].as_array().cloned().unwrap_or_default(),
+    let list = match job {
+        Some(_) => serde_json::from_str::<JobView>(&text).map(|j| JobList {
+            jobs: vec![j],
+            providers: Vec::new(),
+        }),
+        None => serde_json::from_str::<JobList>(&text),
     };
-    print!("{}", status_table(&jobs));
-    for p in body["providers"].as_array().into_iter().flatten() {
-        if let Some(reason) = p["blocked"].as_str() {
-            println!(
-                "provider {} BLOCKED: {reason}",
-                p["provider"].as_str().unwrap_or("?")
-            );
+    let list = match list {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("harvestd: the daemon's answer to {path} does not read: {e}");
+            return exit::FAILURE;
         }
-        if let Some(reason) = p["paused"]["reason"].as_str() {
+    };
+    print!("{}", status_table(&list.jobs));
+    for p in &list.providers {
+        if let Some(reason) = &p.blocked {
+            println!("provider {} BLOCKED: {reason}", p.provider);
+        }
+        if let Some(pause) = &p.paused {
             println!(
-                "provider {} PAUSED ({}s left): {reason}",
-                p["provider"].as_str().unwrap_or("?"),
-                p["paused"]["seconds_left"].as_u64().unwrap_or(0)
+                "provider {} PAUSED ({}s left): {}",
+                p.provider, pause.seconds_left, pause.reason
             );
         }
     }
@@ -382,7 +390,7 @@ async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
 }
 
 /// The `status` table: one line per job.
-pub fn status_table(jobs: &[serde_json::Value]) -> String {
+pub fn status_table(jobs: &[JobView]) -> String {
     let mut rows = vec![[
         "JOB".to_string(),
         "PROVIDER".into(),
@@ -393,42 +401,36 @@ pub fn status_table(jobs: &[serde_json::Value]) -> String {
         "LAST ERROR".into(),
     ]];
     for j in jobs {
-        let run = &j["latest_run"];
-        let done = run["chunks"]["downloaded"].as_u64().unwrap_or(0);
-        let total = run["chunks_total"].as_u64().unwrap_or(0);
-        let mut error = j["problems"]
-            .as_array()
-            .and_then(|p| p.first())
-            .or(run.get("last_error"))
-            .and_then(|e| e.as_str())
-            .unwrap_or("")
+        let run = j.latest_run.as_ref();
+        let mut error: String = j
+            .problems
+            .first()
+            .or(run.and_then(|r| r.last_error.as_ref()))
+            .map_or("", |e| e.as_str())
             .chars()
             .take(60)
-            .collect::<String>();
+            .collect();
         // A dataset near deletion outranks any other message.
-        let expiry = &run["expiry"];
-        if matches!(
-            expiry["level"].as_str(),
-            Some("warning" | "error" | "expired")
-        ) {
-            error = format!(
-                "{} EXPIRES {} (in {}) {error}",
-                expiry["level"].as_str().unwrap_or_default().to_uppercase(),
-                expiry["expires_at"].as_str().unwrap_or("?"),
-                crate::clock::left_text(expiry["seconds_left"].as_i64().unwrap_or(0) * 1000),
-            );
+        if let Some(expiry) = run.and_then(|r| r.expiry.as_ref()) {
+            if matches!(expiry.level.as_str(), "warning" | "error" | "expired") {
+                error = format!(
+                    "{} EXPIRES {} (in {}) {error}",
+                    expiry.level.to_uppercase(),
+                    expiry.expires_at,
+                    crate::clock::left_text(expiry.seconds_left.saturating_mul(1000)),
+                );
+            }
         }
         rows.push([
-            j["job"].as_str().unwrap_or("?").to_string(),
-            j["provider"].as_str().unwrap_or("-").to_string(),
-            j["state"].as_str().unwrap_or("?").to_string(),
-            if run.is_null() {
-                "-".into()
-            } else {
-                format!("{done}/{total}")
-            },
-            run["rows"].as_u64().map_or("-".into(), |r| r.to_string()),
-            j["next_due"].as_str().unwrap_or("-").to_string(),
+            j.job.clone(),
+            j.provider.clone().unwrap_or_else(|| "-".into()),
+            j.state.clone(),
+            run.map_or("-".into(), |r| {
+                let done = r.chunks.get("downloaded").copied().unwrap_or(0);
+                format!("{done}/{}", r.chunks_total)
+            }),
+            run.map_or("-".into(), |r| r.rows.to_string()),
+            j.next_due.clone().unwrap_or_else(|| "-".into()),
             error,
         ]);
     }
@@ -467,7 +469,7 @@ async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8
         }
     };
     let code = response.status().as_u16();
-    let body: serde_json::Value =
+    let reply: Reply =
         serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or_default();
     if code == 200 {
         let verb = match action {
@@ -475,12 +477,12 @@ async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8
             "retry" => "retrying run",
             _ => "cancelling run(s)",
         };
-        println!("{job}: {verb} {}", body["result"].as_str().unwrap_or("?"));
+        println!("{job}: {verb} {}", reply.result.as_deref().unwrap_or("?"));
         exit::OK
     } else {
         eprintln!(
             "harvestd: {action} {job}: {}",
-            body["error"].as_str().unwrap_or("failed")
+            reply.error.as_deref().unwrap_or("failed")
         );
         exit::FAILURE
     }

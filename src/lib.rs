@@ -37,7 +37,7 @@
 //! | [`clock`] | the one clock: instants as ms since the epoch ([`clock::UnixMs`]), waits between them that never underflow, RFC 3339 and day formatting |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, `data.parquet` (schema learned in a first pass, then Arrow record batches), manifest |
 //! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one run context per API, Bright Data's two sharing a gate |
-//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from |
+//! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from; [`admin::api`] types its answers, which the CLI reads back with the same types |
 //! | [`notify`] | events told to webhooks and commands at least once: an outbox in the store, a sender with backoff for 24 h |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
 //! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |

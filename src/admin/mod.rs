@@ -22,7 +22,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +30,10 @@ use crate::clock::timestamp;
 use crate::run::Context;
 use crate::store::Store;
 
+pub mod api;
 mod view;
+
+use api::{ExpiryView, JobView, PauseView, ProviderView, Reply, RunRef, RunView};
 pub use view::View;
 use view::{ChunkDigest, RunFigures};
 
@@ -81,8 +83,12 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     r
 }
 
-fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
-    reply(status, "application/json", value.to_string())
+fn json_reply(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    reply(
+        status,
+        "application/json",
+        serde_json::to_string(value).unwrap_or_default(),
+    )
 }
 
 /// Creates the admin token file (mode 0600) if missing and returns the
@@ -337,15 +343,15 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         },
         (&Method::GET, ["v1", "jobs"]) => match all_jobs(state).await {
             Ok(body) => reply(StatusCode::OK, "application/json", body),
-            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
+            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &Reply::error(e)),
         },
         (&Method::GET, ["v1", "jobs", job]) => match one_job(state, job).await {
             Ok(Some(j)) => json_reply(StatusCode::OK, &j),
             Ok(None) => json_reply(
                 StatusCode::NOT_FOUND,
-                &json!({"error": format!("no job '{job}'")}),
+                &Reply::error(format!("no job '{job}'")),
             ),
-            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({"error": e})),
+            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, &Reply::error(e)),
         },
         (&Method::POST, ["v1", "jobs", job, action]) => {
             let authorised = req
@@ -360,7 +366,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             if !authorised {
                 return json_reply(
                     StatusCode::UNAUTHORIZED,
-                    &json!({"error": "needs Authorization: Bearer <the token in admin.token>"}),
+                    &Reply::error("needs Authorization: Bearer <the token in admin.token>"),
                 );
             }
             let run = req
@@ -381,21 +387,21 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 other => {
                     return json_reply(
                         StatusCode::NOT_FOUND,
-                        &json!({"error": format!("no action '{other}'")}),
+                        &Reply::error(format!("no action '{other}'")),
                     );
                 }
             };
             let sent = state.commands.send(command).await;
             match (sent, rx.await) {
-                (Ok(()), Ok(Ok(done))) => json_reply(StatusCode::OK, &json!({"result": done})),
-                (Ok(()), Ok(Err(e))) => json_reply(StatusCode::CONFLICT, &json!({"error": e})),
+                (Ok(()), Ok(Ok(done))) => json_reply(StatusCode::OK, &Reply::done(done)),
+                (Ok(()), Ok(Err(e))) => json_reply(StatusCode::CONFLICT, &Reply::error(e)),
                 _ => json_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"error": "the daemon is stopping"}),
+                    &Reply::error("the daemon is stopping"),
                 ),
             }
         }
-        _ => json_reply(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+        _ => json_reply(StatusCode::NOT_FOUND, &Reply::error("not found")),
     }
 }
 
@@ -408,34 +414,6 @@ fn bearer_token(header: &str) -> Option<&str> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[derive(Serialize, Default)]
-struct RunView {
-    run_id: String,
-    state: String,
-    chunks_total: u32,
-    chunks: std::collections::BTreeMap<String, u32>,
-    inputs: u64,
-    rows: u64,
-    started_at: String,
-    finished_at: Option<String>,
-    last_error: Option<String>,
-    /// The first unsaved ready dataset to expire, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expiry: Option<ExpiryView>,
-}
-
-#[derive(Serialize)]
-struct ExpiryView {
-    /// On the provider's clock.
-    expires_at: String,
-    seconds_left: i64,
-    /// `fine`, `warning` (3 days left; Firecrawl 6 h) or `error` (1 day; 1 h).
-    level: &'static str,
-    chunk: u32,
-    #[serde(skip)]
-    left_ms: i64,
 }
 
 /// The context that drives runs of `kind`.
@@ -462,15 +440,16 @@ fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkDigest) -
         expiry: None,
     };
     if let Some(ctx) = ctx {
+        let mut earliest = None;
         for (&chunk, &expires_at) in &chunks.ready {
             let (left, level) = ctx.expiry(expires_at);
-            if view.expiry.as_ref().is_none_or(|e| left < e.left_ms) {
+            if earliest.is_none_or(|e| left < e) {
+                earliest = Some(left);
                 view.expiry = Some(ExpiryView {
                     expires_at: timestamp(expires_at),
                     seconds_left: left / 1000,
-                    level: level.as_str(),
+                    level: level.as_str().to_string(),
                     chunk,
-                    left_ms: left,
                 });
             }
         }
@@ -478,10 +457,10 @@ fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkDigest) -
     view
 }
 
-/// Every job (or one), as JSON values: state, latest run, schedule,
-/// problems. Built from the view's figures as they are now; takes time in
-/// proportion to the jobs, so it runs on the blocking pool.
-fn job_values(view: &View, contexts: &[Arc<Context>], only: Option<&str>) -> Vec<Value> {
+/// Every job (or one): state, latest run, schedule, problems. Built from
+/// the view's figures as they are now; takes time in proportion to the
+/// jobs, so it runs on the blocking pool.
+fn job_views(view: &View, contexts: &[Arc<Context>], only: Option<&str>) -> Vec<JobView> {
     let figures = view.jobs_now(only);
     let mut jobs = Vec::with_capacity(figures.len());
     for job in figures {
@@ -505,29 +484,41 @@ fn job_values(view: &View, contexts: &[Arc<Context>], only: Option<&str>) -> Vec
                 .as_ref()
                 .map_or("idle".to_string(), |r| r.state.clone())
         };
-        let mut value = json!({
-            "job": job.name,
-            "provider": latest.map(|r| r.provider.as_str()),
-            "state": state_word,
-            "problems": job.problems,
-            "latest_run": latest_view,
-            "runs": job.runs.iter().map(|r| json!({"run_id": r.run_id, "state": r.state.as_str()})).collect::<Vec<_>>(),
-            "schedule": job.schedule.as_ref().map(|s| s.0.clone()),
-            "next_due": job.schedule.as_ref().map(|s| timestamp(s.1)),
+        // The list leaves each job's runs out; one job's answer has them.
+        let runs = only.is_some().then(|| {
+            job.runs
+                .iter()
+                .map(|r| RunRef {
+                    run_id: r.run_id.clone(),
+                    state: r.state.as_str().to_string(),
+                })
+                .collect()
         });
-        if only.is_none() {
-            value.as_object_mut().map(|o| o.remove("runs"));
-        }
-        jobs.push(value);
+        jobs.push(JobView {
+            job: job.name.clone(),
+            provider: latest.map(|r| r.provider.as_str().to_string()),
+            state: state_word,
+            problems: job.problems.clone(),
+            latest_run: latest_view,
+            runs,
+            schedule: job.schedule.as_ref().map(|s| s.0.clone()),
+            next_due: job.schedule.as_ref().map(|s| timestamp(s.1)),
+        });
     }
     jobs
 }
 
-/// The providers and their blocks, as JSON.
-fn providers_value(contexts: &[Arc<Context>]) -> Value {
+/// The providers and what holds their calls back.
+fn provider_views(contexts: &[Arc<Context>]) -> Vec<ProviderView> {
     distinct(contexts)
-        .map(|c| json!({"provider": c.provider.kind().as_str(), "blocked": c.gate.blocked().map(|b| b.reason),
-            "paused": c.gate.paused().map(|p| json!({"reason": p.reason, "seconds_left": p.left.as_secs()}))}))
+        .map(|c| ProviderView {
+            provider: c.provider.kind().as_str().to_string(),
+            blocked: c.gate.blocked().map(|b| b.reason),
+            paused: c.gate.paused().map(|p| PauseView {
+                reason: p.reason,
+                seconds_left: p.left.as_secs(),
+            }),
+        })
         .collect()
 }
 
@@ -587,7 +578,7 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
             state.view.load_latest(&state.store, None).await?;
             let (view, contexts) = (state.view.clone(), state.contexts.clone());
             let json = tokio::task::spawn_blocking(move || {
-                Value::Array(job_values(&view, &contexts, None)).to_string()
+                serde_json::to_string(&job_views(&view, &contexts, None)).unwrap_or_default()
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -601,17 +592,17 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
             json
         }
     };
-    Ok(format!(
-        "{{\"jobs\":{jobs},\"providers\":{}}}",
-        providers_value(&state.contexts)
-    ))
+    // The job list is kept as text to be reused; the providers are
+    // current at every answer.
+    let providers = serde_json::to_string(&provider_views(&state.contexts)).unwrap_or_default();
+    Ok(format!("{{\"jobs\":{jobs},\"providers\":{providers}}}"))
 }
 
 /// `GET /v1/jobs/{job}`: one job with its runs, if the daemon knows it.
-async fn one_job(state: &AdminState, job: &str) -> Result<Option<Value>, String> {
+async fn one_job(state: &AdminState, job: &str) -> Result<Option<JobView>, String> {
     let _building = state.answers.building.lock().await;
     state.view.load_latest(&state.store, Some(job)).await?;
-    Ok(job_values(&state.view, &state.contexts, Some(job))
+    Ok(job_views(&state.view, &state.contexts, Some(job))
         .into_iter()
         .next())
 }
