@@ -69,18 +69,21 @@ fn build_store(dir: &std::path::Path) -> f64 {
                 ChunkEvent::Ready {
                     at: now,
                     expires_at: now + 86_400_000,
+                    start: None,
                 },
             )
             .unwrap();
             s = next(
                 &s,
-                ChunkEvent::Saved {
-                    at: now,
+                ChunkEvent::PageSaved {
+                    next: None,
                     rows: 1,
                     error_rows: 0,
+                    columns: Default::default(),
                 },
             )
             .unwrap();
+            s = next(&s, ChunkEvent::Saved { at: now }).unwrap();
         }
         c.state = s;
         store.put_chunk(&run.job, &run.run_id, c).unwrap();

@@ -1,10 +1,13 @@
 //! A chunk's life as a pure state machine: no IO, no clock, no tokio.
 //!
 //! Every state carries exactly the data that exists at that point: a remote id
-//! exists only from `Triggered` on, row counts only once `Downloaded`. The
-//! worker persists each new state before it acts on it, so the state found in
-//! the store after a crash always says what to do next.
+//! exists only from `Triggered` on, a download's progress (cursor, pages,
+//! rows so far) only while `Ready`, final row counts and columns only once
+//! `Downloaded`. Every change, a saved page included, is a transition of
+//! [`next`]. A chunk's task persists each new state before it acts on it, so
+//! the state found in the store after a crash always says what to do next.
 
+use indexmap::IndexSet;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch, UTC.
@@ -24,12 +27,15 @@ pub enum ChunkState {
         remote_id: String,
         triggered_at: UnixMs,
     },
-    /// The provider says the dataset is ready; it is not saved yet.
+    /// The provider says the dataset is ready; it is not saved yet, or
+    /// only some of its pages are.
     Ready {
         remote_id: String,
         triggered_at: UnixMs,
         ready_at: UnixMs,
         expires_at: UnixMs,
+        #[serde(default)]
+        progress: Progress,
     },
     /// The part file is durable. Terminal.
     Downloaded {
@@ -40,6 +46,11 @@ pub enum ChunkState {
         downloaded_at: UnixMs,
         rows: u64,
         error_rows: u64,
+        /// The CSV columns of its data rows, in first-seen order; `None`
+        /// when a page was saved without them (by an older harvestd), and
+        /// the final files then walk the part for them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        columns: Option<Vec<String>>,
     },
     /// The provider refused the chunk or its collection failed. Terminal.
     Failed {
@@ -56,6 +67,53 @@ pub enum ChunkState {
     },
     /// Cancelled by the user or the provider. Terminal.
     Cancelled { remote_id: Option<String> },
+}
+
+/// How far a ready collection's download has come. A download comes in
+/// pages (Web Scraper API parts, Firecrawl result pages, or one page for
+/// the rest): each saved page is a durable file and is counted here before
+/// the next is fetched, so a restart or a failed fetch resumes at the next
+/// page and never fetches a saved one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The provider's cursor for the next page; `None`: the start.
+    pub cursor: Option<serde_json::Value>,
+    /// Pages saved so far.
+    pub pages: u32,
+    pub rows: u64,
+    pub error_rows: u64,
+    /// Every page is saved; only joining them into the part file remains.
+    pub fetched: bool,
+    /// The CSV columns of the saved pages' data rows, in first-seen order;
+    /// `None` when a page was saved without them (by an older harvestd).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+}
+
+impl Progress {
+    /// Counts one more saved page, with its columns.
+    pub fn add_page(
+        &mut self,
+        next: Option<serde_json::Value>,
+        rows: u64,
+        error_rows: u64,
+        columns: IndexSet<String>,
+    ) {
+        self.columns = match (self.pages, self.columns.take()) {
+            (0, _) => Some(columns.into_iter().collect()),
+            (_, Some(known)) => {
+                let mut all: IndexSet<String> = known.into_iter().collect();
+                all.extend(columns);
+                Some(all.into_iter().collect())
+            }
+            (_, None) => None,
+        };
+        self.pages = self.pages.saturating_add(1);
+        self.rows = self.rows.saturating_add(rows);
+        self.error_rows = self.error_rows.saturating_add(error_rows);
+        self.fetched = next.is_none();
+        self.cursor = next;
+    }
 }
 
 /// What happened to a chunk; input to [`next`].
@@ -77,16 +135,29 @@ pub enum ChunkEvent {
     /// The trigger provably created nothing (refused before it was accepted,
     /// or an in-doubt chunk the provider shows no trace of): plan again.
     NotCreated,
-    /// The collection finished building.
+    /// The collection finished building; its download starts at `start`
+    /// (the provider's first cursor, if it names one).
     Ready {
         at: UnixMs,
         expires_at: UnixMs,
+        start: Option<serde_json::Value>,
     },
-    /// The part file is durable.
-    Saved {
-        at: UnixMs,
+    /// A page of the download is durable; `next` is the cursor of the
+    /// following page, `None` after the last.
+    PageSaved {
+        next: Option<serde_json::Value>,
         rows: u64,
         error_rows: u64,
+        columns: IndexSet<String>,
+    },
+    /// The provider sent the download elsewhere (a cursor to follow)
+    /// before any row.
+    Redirected {
+        cursor: serde_json::Value,
+    },
+    /// The part file, every page joined, is durable.
+    Saved {
+        at: UnixMs,
     },
     /// The collection failed at the provider.
     Failed {
@@ -177,33 +248,61 @@ pub fn next(state: &ChunkState, event: ChunkEvent) -> Result<ChunkState, Transit
                 remote_id,
                 triggered_at,
             },
-            E::Ready { at, expires_at },
+            E::Ready {
+                at,
+                expires_at,
+                start,
+            },
         ) => S::Ready {
             remote_id: remote_id.clone(),
             triggered_at: *triggered_at,
             ready_at: at,
             expires_at,
+            progress: Progress {
+                cursor: start,
+                ..Progress::default()
+            },
         },
+        (
+            S::Ready { progress, .. },
+            E::PageSaved {
+                next,
+                rows,
+                error_rows,
+                columns,
+            },
+        ) if !progress.fetched => {
+            let mut new = state.clone();
+            if let S::Ready { progress, .. } = &mut new {
+                progress.add_page(next, rows, error_rows, columns);
+            }
+            new
+        }
+        (S::Ready { progress, .. }, E::Redirected { cursor }) if !progress.fetched => {
+            let mut new = state.clone();
+            if let S::Ready { progress, .. } = &mut new {
+                progress.cursor = Some(cursor);
+            }
+            new
+        }
         (
             S::Ready {
                 remote_id,
                 triggered_at,
                 ready_at,
                 expires_at,
+                progress,
             },
-            E::Saved {
-                at,
-                rows,
-                error_rows,
-            },
-        ) => S::Downloaded {
+            E::Saved { at },
+        ) if progress.fetched => S::Downloaded {
             remote_id: remote_id.clone(),
             triggered_at: *triggered_at,
             ready_at: *ready_at,
             expires_at: *expires_at,
             downloaded_at: at,
-            rows,
-            error_rows,
+            rows: progress.rows,
+            error_rows: progress.error_rows,
+            columns: progress.columns.clone(),
         },
         (
             S::Triggered {
@@ -280,6 +379,32 @@ mod tests {
             triggered_at: 10,
             ready_at: 20,
             expires_at: 30,
+            progress: Progress::default(),
+        }
+    }
+    /// Every page saved: 3 rows, 1 of them an error row.
+    fn fetched() -> ChunkState {
+        let page = |next: Option<serde_json::Value>, rows, error_rows, columns: &[&str]| {
+            ChunkEvent::PageSaved {
+                next,
+                rows,
+                error_rows,
+                columns: columns.iter().map(|c| c.to_string()).collect(),
+            }
+        };
+        let s = next(
+            &ready(),
+            page(Some(serde_json::json!("p2")), 2, 0, &["a", "b"]),
+        )
+        .unwrap();
+        next(&s, page(None, 1, 1, &["b", "c"])).unwrap()
+    }
+    fn page() -> ChunkEvent {
+        ChunkEvent::PageSaved {
+            next: None,
+            rows: 1,
+            error_rows: 0,
+            columns: IndexSet::new(),
         }
     }
 
@@ -289,11 +414,7 @@ mod tests {
             remote_id: "j_1".into(),
             at: 10,
         };
-        let saved = || ChunkEvent::Saved {
-            at: 25,
-            rows: 3,
-            error_rows: 1,
-        };
+        let saved = || ChunkEvent::Saved { at: 25 };
         // (from, event, expected state name or None for a refused transition)
         let table: Vec<(ChunkState, ChunkEvent, Option<&str>)> = vec![
             (
@@ -340,9 +461,11 @@ mod tests {
                 ChunkEvent::Ready {
                     at: 20,
                     expires_at: 30,
+                    start: None,
                 },
                 Some("ready"),
             ),
+            (triggered(), page(), None),
             (triggered(), saved(), None),
             (
                 triggered(),
@@ -355,7 +478,23 @@ mod tests {
                 Some("expired"),
             ),
             (triggered(), ChunkEvent::Cancelled, Some("cancelled")),
-            (ready(), saved(), Some("downloaded")),
+            // Downloaded only once every page is saved; no page after the last.
+            (ready(), saved(), None),
+            (ready(), page(), Some("ready")),
+            (
+                ready(),
+                ChunkEvent::Redirected {
+                    cursor: serde_json::json!("part-1"),
+                },
+                Some("ready"),
+            ),
+            (fetched(), saved(), Some("downloaded")),
+            (fetched(), page(), None),
+            (
+                fetched(),
+                ChunkEvent::Expired { error: "x".into() },
+                Some("expired"),
+            ),
             (
                 ready(),
                 ChunkEvent::Expired { error: "x".into() },
@@ -385,15 +524,7 @@ mod tests {
 
     #[test]
     fn terminal_states_take_no_events() {
-        let downloaded = next(
-            &ready(),
-            ChunkEvent::Saved {
-                at: 25,
-                rows: 3,
-                error_rows: 1,
-            },
-        )
-        .expect("ready + saved");
+        let downloaded = next(&fetched(), ChunkEvent::Saved { at: 25 }).expect("fetched + saved");
         assert!(downloaded.is_terminal());
         for event in [
             ChunkEvent::Intent { at: 1 },
@@ -407,15 +538,7 @@ mod tests {
 
     #[test]
     fn data_carried_forward() {
-        let s = next(
-            &ready(),
-            ChunkEvent::Saved {
-                at: 25,
-                rows: 3,
-                error_rows: 1,
-            },
-        )
-        .unwrap();
+        let s = next(&fetched(), ChunkEvent::Saved { at: 25 }).unwrap();
         assert_eq!(
             s,
             ChunkState::Downloaded {
@@ -425,9 +548,61 @@ mod tests {
                 expires_at: 30,
                 downloaded_at: 25,
                 rows: 3,
-                error_rows: 1
+                error_rows: 1,
+                columns: Some(vec!["a".into(), "b".into(), "c".into()]),
             }
         );
         assert_eq!(s.remote_id(), Some("j_1"));
+    }
+
+    #[test]
+    fn pages_move_the_cursor_and_count() {
+        let s = next(
+            &triggered(),
+            ChunkEvent::Ready {
+                at: 20,
+                expires_at: 30,
+                start: Some(serde_json::json!("first")),
+            },
+        )
+        .unwrap();
+        let ChunkState::Ready { progress, .. } = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(progress.cursor, Some(serde_json::json!("first")));
+        let s = next(
+            &s,
+            ChunkEvent::Redirected {
+                cursor: serde_json::json!("part-1"),
+            },
+        )
+        .unwrap();
+        let s = next(
+            &s,
+            ChunkEvent::PageSaved {
+                next: Some(serde_json::json!("part-2")),
+                rows: 5,
+                error_rows: 1,
+                columns: IndexSet::new(),
+            },
+        )
+        .unwrap();
+        let ChunkState::Ready { progress, .. } = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            (
+                progress.pages,
+                progress.rows,
+                progress.error_rows,
+                progress.fetched
+            ),
+            (1, 5, 1, false)
+        );
+        assert_eq!(progress.cursor, Some(serde_json::json!("part-2")));
+        // Out of the state machine, progress is gone: a retried chunk starts over.
+        let failed = next(&s, ChunkEvent::Failed { error: "x".into() }).unwrap();
+        let again = next(&failed, ChunkEvent::Retry).unwrap();
+        assert_eq!(again, ChunkState::Planned);
     }
 }

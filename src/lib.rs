@@ -27,7 +27,7 @@
 //! | [`spec`] | job files → checked [`spec::JobSpec`] or every problem with file, line, field; input readers (1 MiB per line or record); [`spec::confine`] opens only files inside the jobs directory |
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
 //! | [`plan`] | run ids, chunk names, chunking (pure) |
-//! | [`chunk`] | the chunk state machine: states carry their data; `next` is pure |
+//! | [`chunk`] | the chunk state machine: states carry their data (a download's page-by-page progress inside `Ready`); `next` is pure and table-tested, the only way a chunk's state changes |
 //! | [`store`] | durable state: typed, versioned records in sled (its only user), an index of open chunks, learned build times; chunk inputs, run copies and dedup keys in files beside it; the generation counter and state-dir guard; `--recover` |
 //! | [`intake`] | which files are jobs; a cheap stamp per job each scan, [`intake::Watch`] holding a job until it has settled and its run in progress has ended, then [`intake::settle`] on a thread of its own: content identity, checks, the plan (hashed as it is read) |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |

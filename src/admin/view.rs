@@ -555,6 +555,7 @@ mod tests {
             downloaded_at: 4,
             rows,
             error_rows: 0,
+            columns: None,
         };
         c
     }

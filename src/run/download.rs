@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use super::driver::{ChunkDriver, ChunkEnd, Next};
 use super::{ExpiryLevel, WorkerError};
-use crate::chunk::{ChunkEvent, UnixMs};
+use crate::chunk::{ChunkEvent, ChunkState, Progress, UnixMs};
 use crate::clock;
 use crate::limits::{jitter, poll_interval};
 use crate::provider::{CallError, Cursor, DownloadOutcome};
@@ -19,7 +19,8 @@ impl ChunkDriver {
     /// Every page is saved: joins them into the part file, then marks the
     /// chunk downloaded.
     async fn join(&mut self, remote_id: &str) -> Result<Next, WorkerError> {
-        let (dir, index, pages) = (self.dir.clone(), self.rec.index, self.rec.download.pages);
+        let progress = self.progress();
+        let (dir, index, pages) = (self.dir.clone(), self.rec.index, progress.pages);
         let joined =
             tokio::task::spawn_blocking(move || crate::sink::part::join_pages(&dir, index, pages))
                 .await
@@ -29,14 +30,12 @@ impl ChunkDriver {
                 .back_off("saving the part file", &CallError::Sink(e))
                 .await);
         }
-        let (rows, error_rows) = (self.rec.download.rows, self.rec.download.error_rows);
+        let (rows, error_rows) = (progress.rows, progress.error_rows);
         info!(remote_id, rows, error_rows, pages, "dataset saved");
         self.attempt = 0;
         self.rec.last_error = None;
         self.apply(ChunkEvent::Saved {
             at: clock::now_ms(),
-            rows,
-            error_rows,
         })
         .await?;
         crate::failpoint::crash("after-downloaded");
@@ -53,7 +52,8 @@ impl ChunkDriver {
         if self.expired(remote_id, expires_at).await? {
             return Ok(Next::Continue);
         }
-        if self.rec.download.fetched {
+        let progress = self.progress();
+        if progress.fetched {
             return self.join(remote_id).await;
         }
         if let Some(why) = self.space_check().await {
@@ -63,7 +63,7 @@ impl ChunkDriver {
             info!(remote_id, "disk space is back; downloading");
         }
         let dir = self.dir.clone();
-        let (index, page) = (self.rec.index, self.rec.download.pages);
+        let (index, page) = (self.rec.index, progress.pages);
         let max_row_bytes = self.ctx.limits().max_row_bytes;
         let mut part = match tokio::task::spawn_blocking(move || {
             PartWriter::create(&dir, index, page).map(|mut p| {
@@ -98,7 +98,7 @@ impl ChunkDriver {
                 }
             }
         }
-        let cursor = self.rec.download.cursor.clone();
+        let cursor = progress.cursor;
         // Raced against shutdown: a download is bounded by progress, not
         // by time, and an endless body must not hold SIGTERM. The page
         // given up is thrown away with its temporary file.
@@ -116,8 +116,7 @@ impl ChunkDriver {
             Ok(DownloadOutcome::Redirect(cursor)) => {
                 drop(part);
                 info!(remote_id, cursor = %cursor, "downloading in parts");
-                self.rec.download.cursor = Some(cursor);
-                self.persist().await?;
+                self.apply(ChunkEvent::Redirected { cursor }).await?;
             }
             Ok(DownloadOutcome::NotReady) => {
                 // Build lag: ready by status, not served yet.
@@ -209,22 +208,30 @@ impl ChunkDriver {
         }
         self.attempt = 0;
         self.rec.last_error = None;
-        let d = &mut self.rec.download;
-        d.add_page_columns(columns);
-        d.pages += 1;
-        d.rows += rows;
-        d.error_rows += error_rows;
-        d.fetched = next.is_none();
-        d.cursor = next;
-        if !d.fetched {
-            info!(remote_id, page = d.pages, rows, "page saved");
+        let last = next.is_none();
+        self.apply(ChunkEvent::PageSaved {
+            next,
+            rows,
+            error_rows,
+            columns,
+        })
+        .await?;
+        if !last {
+            info!(remote_id, page = self.progress().pages, rows, "page saved");
         }
-        self.persist().await?;
         crate::failpoint::crash("after-page");
-        if self.rec.download.fetched {
+        if last {
             return self.join(remote_id).await;
         }
         Ok(Next::Continue)
+    }
+
+    /// How far the download has come (nothing, out of `ready`).
+    fn progress(&self) -> Progress {
+        match &self.rec.state {
+            ChunkState::Ready { progress, .. } => progress.clone(),
+            _ => Progress::default(),
+        }
     }
 
     /// Warns (log and notification) while a ready dataset is still unsaved

@@ -236,15 +236,6 @@ impl ChunkDriver {
         self.trigger(call).await
     }
 
-    /// Persists the record as it is and flushes it.
-    pub(super) async fn persist(&mut self) -> Result<(), WorkerError> {
-        self.ctx
-            .store
-            .put_chunk(&self.run.job, &self.run.run_id, &self.rec)?;
-        self.ctx.store.flush().await?;
-        Ok(())
-    }
-
     /// Persists a transition and flushes it before anything else happens.
     pub(super) async fn apply(&mut self, event: ChunkEvent) -> Result<(), WorkerError> {
         if let ChunkEvent::Expired { error } = &event {

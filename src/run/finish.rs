@@ -16,7 +16,7 @@ use crate::limits::{backoff, jitter};
 use crate::provider::{CallError, Found, TriggerCall};
 use crate::sink::manifest::{Manifest, ManifestChunk};
 use crate::sink::outputs::Part;
-use crate::store::{ChunkRecord, Download, RunRecord, RunState, Store};
+use crate::store::{ChunkRecord, RunRecord, RunState, Store};
 
 /// Writes the final files, the manifest, `_SUCCESS` and `latest`, then
 /// records the run as finished. Repeats after I/O errors until it succeeds
@@ -115,7 +115,6 @@ pub async fn retry_run(store: &Store, run: &mut RunRecord) -> Result<u32, Worker
             rec.state = chunk::next(&rec.state, ChunkEvent::Retry)?;
             rec.last_error = None;
             rec.rejected.clear();
-            rec.download = Download::default();
             store.put_chunk(&run.job, &run.run_id, &rec)?;
             count += 1;
         }
@@ -207,10 +206,12 @@ fn write_outputs(
     crate::sink::create_dir_durable(dir)?;
     let parts: Vec<Part<'_>> = chunks
         .iter()
-        .filter(|c| matches!(c.state, ChunkState::Downloaded { .. }))
-        .map(|c| Part {
-            index: c.index,
-            columns: c.download.columns.as_deref(),
+        .filter_map(|c| match &c.state {
+            ChunkState::Downloaded { columns, .. } => Some(Part {
+                index: c.index,
+                columns: columns.as_deref(),
+            }),
+            _ => None,
         })
         .collect();
     // A previous attempt's _SUCCESS must not outlive a rewrite.

@@ -9,7 +9,6 @@ use super::WorkerError;
 use crate::chunk::{ChunkEvent, ChunkState, UnixMs};
 use crate::clock;
 use crate::provider::{CallError, PollOutcome};
-use crate::store::Download;
 
 impl ChunkDriver {
     /// Acts on a status poll's answer (the wait before the poll is
@@ -44,14 +43,11 @@ impl ChunkDriver {
                     .store
                     .record_build_time(&self.run.spec.key, built)?;
                 self.key.learn_builds(&samples);
-                self.rec.download = Download {
-                    cursor: start,
-                    ..Download::default()
-                };
                 self.rec.last_error = None;
                 self.apply(ChunkEvent::Ready {
                     at: now,
                     expires_at,
+                    start,
                 })
                 .await?;
             }

@@ -12,7 +12,6 @@ use super::WorkerError;
 use crate::chunk::{ChunkEvent, UnixMs};
 use crate::clock;
 use crate::provider::{CallError, Found, TriggerCall, Triggered};
-use crate::store::Download;
 
 impl ChunkDriver {
     fn call<'a>(&'a self, inputs: &'a [u8]) -> TriggerCall<'a> {
@@ -92,7 +91,6 @@ impl ChunkDriver {
         self.attempt = 0;
         self.rec.last_error = None;
         self.rec.rejected = triggered.rejected;
-        self.rec.download = Download::default();
         self.apply(ChunkEvent::Accepted {
             remote_id: triggered.remote_id,
             at: clock::now_ms(),

@@ -308,13 +308,13 @@ mod tests {
         // Chunk 0 came in two pages, chunk 1 in one; each download records
         // its pages' columns as the worker does.
         let mut recorded = [
-            crate::store::Download::default(),
-            crate::store::Download::default(),
+            crate::chunk::Progress::default(),
+            crate::chunk::Progress::default(),
         ];
         let mut save = |mut page: PartWriter, chunk: usize| {
             let d = &mut recorded[chunk];
-            d.add_page_columns(std::mem::take(&mut page.columns).into_names());
-            d.pages += 1;
+            let more = Some(serde_json::Value::Null);
+            d.add_page(more, 0, 0, std::mem::take(&mut page.columns).into_names());
             page.commit().unwrap();
         };
         let mut p0 = PartWriter::create(run, 0, 0).unwrap();

@@ -50,10 +50,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use guard::FileGeneration;
-use indexmap::IndexSet;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::chunk::{ChunkState, UnixMs};
+use crate::chunk::{ChunkState, Progress, UnixMs};
 use crate::schedule::Recurrence;
 use crate::spec::JobSpec;
 
@@ -136,6 +135,7 @@ pub struct RunRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredChunk")]
 pub struct ChunkRecord {
     pub v: u32,
     pub index: u32,
@@ -153,43 +153,54 @@ pub struct ChunkRecord {
     /// written with the chunk's rows.
     #[serde(default)]
     pub rejected: Vec<String>,
-    /// The download's progress, page by page (see [`Download`]).
-    #[serde(default)]
-    pub download: Download,
 }
 
-/// A download in pages (Web Scraper API parts, Firecrawl result pages):
-/// each saved page is a durable file and is counted here, so a restart or
-/// a failed fetch resumes at the next page and never fetches a saved one.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Download {
-    /// The provider's cursor for the next page; `None`: the start.
-    pub cursor: Option<serde_json::Value>,
-    /// Pages saved so far.
-    pub pages: u32,
-    pub rows: u64,
-    pub error_rows: u64,
-    /// Every page is saved; only joining them into the part file remains.
-    pub fetched: bool,
-    /// The CSV columns of the saved pages' data rows, in first-seen order;
-    /// `None` when a page was saved without them (by an older version),
-    /// and the final files then walk the part for them.
+/// A chunk record as stored, in every form a harvestd has written. Before
+/// the download's progress moved into [`ChunkState::Ready`] (and its
+/// columns into `Downloaded`), it sat beside the state as `download`; such
+/// a record is read into today's form, so an upgrade in the middle of a
+/// paged download resumes at its next page.
+#[derive(Deserialize)]
+struct StoredChunk {
+    v: u32,
+    index: u32,
+    inputs: u64,
+    name: String,
+    state: ChunkState,
+    triggers: u32,
+    in_doubt: u32,
+    last_error: Option<String>,
     #[serde(default)]
-    pub columns: Option<Vec<String>>,
+    rejected: Vec<String>,
+    #[serde(default)]
+    download: Option<Progress>,
 }
 
-impl Download {
-    /// Records a saved page's columns, before it is counted in `pages`.
-    pub fn add_page_columns(&mut self, page: IndexSet<String>) {
-        self.columns = match (self.pages, self.columns.take()) {
-            (0, _) => Some(page.into_iter().collect()),
-            (_, Some(known)) => {
-                let mut all: IndexSet<String> = known.into_iter().collect();
-                all.extend(page);
-                Some(all.into_iter().collect())
+impl From<StoredChunk> for ChunkRecord {
+    fn from(c: StoredChunk) -> ChunkRecord {
+        let mut state = c.state;
+        if let Some(old) = c.download {
+            match &mut state {
+                ChunkState::Ready { progress, .. } if *progress == Progress::default() => {
+                    *progress = old;
+                }
+                ChunkState::Downloaded { columns, .. } if columns.is_none() => {
+                    *columns = old.columns;
+                }
+                _ => {}
             }
-            (_, None) => None,
-        };
+        }
+        ChunkRecord {
+            v: c.v,
+            index: c.index,
+            inputs: c.inputs,
+            name: c.name,
+            state,
+            triggers: c.triggers,
+            in_doubt: c.in_doubt,
+            last_error: c.last_error,
+            rejected: c.rejected,
+        }
     }
 }
 
@@ -205,7 +216,6 @@ impl ChunkRecord {
             in_doubt: 0,
             last_error: None,
             rejected: Vec::new(),
-            download: Download::default(),
         }
     }
 }
@@ -999,6 +1009,48 @@ fn decode_build_times(bytes: &[u8]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records written before the download's progress moved into the
+    /// state: an upgrade mid-download resumes at the next page, and a
+    /// downloaded chunk keeps its columns.
+    #[test]
+    fn a_chunk_record_from_before_progress_moved_into_its_state_keeps_it() {
+        let record = |state: &str| {
+            format!(
+                r#"{{"v":1,"index":3,"inputs":2,"name":"n","state":{state},"triggers":1,"in_doubt":0,"last_error":null,"rejected":[],"download":{{"cursor":"p3","pages":2,"rows":7,"error_rows":1,"fetched":false,"columns":["a"]}}}}"#
+            )
+        };
+        let ready = record(
+            r#"{"state":"ready","remote_id":"r","triggered_at":1,"ready_at":2,"expires_at":3}"#,
+        );
+        let rec: ChunkRecord = decode(b"k", ready.as_bytes()).unwrap();
+        let ChunkState::Ready { progress, .. } = &rec.state else {
+            panic!("{rec:?}")
+        };
+        assert_eq!(
+            *progress,
+            Progress {
+                cursor: Some(serde_json::json!("p3")),
+                pages: 2,
+                rows: 7,
+                error_rows: 1,
+                fetched: false,
+                columns: Some(vec!["a".into()]),
+            }
+        );
+        let again = String::from_utf8(encode(&rec)).unwrap();
+        assert!(!again.contains("\"download\""), "{again}");
+        assert_eq!(decode::<ChunkRecord>(b"k", again.as_bytes()).unwrap(), rec);
+
+        let downloaded = record(
+            r#"{"state":"downloaded","remote_id":"r","triggered_at":1,"ready_at":2,"expires_at":3,"downloaded_at":4,"rows":7,"error_rows":1}"#,
+        );
+        let rec: ChunkRecord = decode(b"k", downloaded.as_bytes()).unwrap();
+        let ChunkState::Downloaded { columns, .. } = &rec.state else {
+            panic!("{rec:?}")
+        };
+        assert_eq!(*columns, Some(vec!["a".to_string()]));
+    }
     use crate::spec::{ApiVersion, InputSource, OutputFormat, ProviderKind};
 
     fn spec() -> JobSpec {
@@ -1146,12 +1198,15 @@ mod tests {
                 ChunkEvent::Ready {
                     at: 2,
                     expires_at: 3,
+                    start: None,
                 },
-                ChunkEvent::Saved {
-                    at: 2,
+                ChunkEvent::PageSaved {
+                    next: None,
                     rows: 1,
                     error_rows: 0,
+                    columns: Default::default(),
                 },
+                ChunkEvent::Saved { at: 2 },
             ] {
                 rec.state = next(&rec.state, event).unwrap();
             }
