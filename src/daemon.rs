@@ -273,6 +273,63 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// Resumes unfinished runs before anything new: they continue without
+    /// a new trigger. A run caught mid-planning is discarded and planned
+    /// again. Returns how many runs resumed.
+    async fn resume(&mut self) -> Result<usize, DaemonError> {
+        let mut resumed = 0;
+        for run in self.store.runs()? {
+            match run.state {
+                RunState::Planning => {
+                    info!(job = %run.job, run = %run.run_id, "discarding a run caught mid-planning; it is planned again");
+                    self.store.delete_run(&run.job, &run.run_id)?;
+                }
+                RunState::InProgress => {
+                    resumed += 1;
+                    self.spawn(run);
+                }
+                _ => {}
+            }
+        }
+        self.store.flush().await?;
+        Ok(resumed)
+    }
+
+    /// Stops: with `--once` first gives notifications `shutdown_grace` to
+    /// go out; then cancels every run and waits up to `shutdown_grace` for
+    /// calls in flight to finish and be recorded.
+    async fn drain(&mut self, notify: &crate::notify::Notifier) {
+        if self.once {
+            let waiting = notify.drain(self.config.shutdown_grace).await;
+            if waiting > 0 {
+                warn!(
+                    waiting,
+                    "notifications not yet delivered; the next start sends them"
+                );
+            }
+        }
+        crate::systemd::stopping();
+        self.stop.cancel();
+        let grace = self.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = self.runs.join_next().await {
+                if let Ok(result) = joined {
+                    if let Err(e) = self.record(result) {
+                        error!(error = %e, "while draining");
+                    }
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                ?grace,
+                "shutdown grace passed with work still running; the store has every step"
+            );
+            self.summary.stopped += self.runs.len();
+        }
+    }
+
     fn spawn(&mut self, run: RunRecord) {
         let id = (run.job.clone(), run.run_id.clone());
         if self.active.contains_key(&id) {
@@ -802,6 +859,231 @@ fn open_recovering(state_dir: &Path, output_dir: &Path) -> Result<Store, DaemonE
 pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 /// Runs the daemon until shutdown (or, with `once`, until the runs end).
+/// What the event loop listens to besides the supervisor's own work.
+struct Inputs<'a> {
+    signals: &'a mut tokio::sync::mpsc::UnboundedReceiver<Signal>,
+    commands: &'a mut tokio::sync::mpsc::Receiver<crate::admin::Command>,
+    reload: &'a Reload,
+    env: &'a dyn Env,
+    emulator: bool,
+    admin: Option<&'a Arc<crate::admin::AdminState>>,
+    state_dir: &'a Path,
+}
+
+impl Supervisor {
+    /// The daemon's event loop, until a shutdown signal (or, with `--once`,
+    /// until every run and job read has ended): signals, job changes, due
+    /// schedules, settled jobs, admin commands, finished runs, and the
+    /// periodic checks (state directory, watchdog, status, progress).
+    async fn event_loop(&mut self, inputs: Inputs<'_>) -> Result<(), DaemonError> {
+        // The state directory is looked at every 2 s (and before every flush,
+        // so before every trigger): removed or replaced, the daemon stops.
+        let mut place_tick = tokio::time::interval(PLACE_CHECK);
+        let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
+        let mut status_tick = tokio::time::interval(Duration::from_secs(10));
+        // Bars move smoothly; progress lines come every 10 s with --once, every
+        // 30 s for the daemon.
+        let mut progress_tick = tokio::time::interval(match (&self.bars, self.once) {
+            (Some(_), _) => Duration::from_millis(250),
+            (None, true) => Duration::from_secs(10),
+            (None, false) => Duration::from_secs(30),
+        });
+        progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        self.scan().await?;
+        let mut watcher =
+            (!self.once).then(|| Watcher::new(&self.config.jobs_dir, self.config.rescan_interval));
+        loop {
+            if self.once
+                && self.runs.is_empty()
+                && self.intake.is_empty()
+                && !self.watch.has_waiting()
+            {
+                break;
+            }
+            let settle_due = self
+                .watch
+                .next_due(tokio::time::Instant::now(), crate::clock::now_ms());
+            tokio::select! {
+                signal = inputs.signals.recv() => match signal {
+                    Some(Signal::Shutdown) | None => {
+                        info!("shutdown requested: finishing calls in flight");
+                        break;
+                    }
+                    Some(Signal::Reload) => {
+                        // A configuration or token file that fails keeps the
+                        // one in force; the daemon never stops for a reload.
+                        match (inputs.reload)().map_err(DaemonError::from).and_then(|new| self.apply_config(new, inputs.env, inputs.emulator)) {
+                            Err(e) => error!(error = %e, "SIGHUP: configuration not reloaded; the one in force stays"),
+                            Ok(()) => info!("SIGHUP: configuration reloaded"),
+                        }
+                        if let Some(state) = inputs.admin {
+                            match crate::admin::admin_token(inputs.state_dir) {
+                                Ok(t) => *state.token.write().unwrap_or_else(|e| e.into_inner()) = t,
+                                Err(e) => error!(error = %e, "SIGHUP: cannot read the admin token; the old one stays"),
+                            }
+                        }
+                        for (_, gate) in self.contexts.gates() {
+                            gate.unblock();
+                        }
+                        self.scan().await?;
+                    }
+                },
+                _ = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
+                    self.scan().await?;
+                }
+                _ = crate::clock::sleep_until(self.next_wake()) => {
+                    self.fire_due().await?;
+                }
+                // A job has been quiet for intake_settle: look once more, then read it.
+                _ = async { match settle_due { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    self.scan().await?;
+                }
+                Some(joined) = self.intake.join_next() => match joined {
+                    Ok(settled) => {
+                        if self.settled(settled).await? {
+                            // A new run shows its progress from its start.
+                            progress_tick.reset_immediately();
+                        }
+                    }
+                    Err(e) => error!(error = %e, "job intake task panicked"),
+                },
+                Some(command) = inputs.commands.recv() => self.command(command).await?,
+                // The watchdog is fed from the event loop itself: a stuck loop
+                // stops feeding it and systemd restarts the daemon.
+                _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
+                    crate::systemd::watchdog();
+                }
+                _ = status_tick.tick() => crate::systemd::status(&self.status_line()),
+                _ = place_tick.tick() => self.store.check_place()?,
+                _ = progress_tick.tick() => self.report_progress(),
+                Some(joined) = self.runs.join_next() => match joined {
+                    Ok(result) => self.record(result)?,
+                    Err(e) => error!(error = %e, "run task panicked"),
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the built-in emulator and points both providers at it.
+async fn start_emulator(config: &mut Config) -> Result<Emulator, DaemonError> {
+    let emu = Emulator::start(([127, 0, 0, 1], 0).into(), Scenario::default())
+        .await
+        .map_err(io_error("cannot start the emulator"))?;
+    info!(url = %emu.url(), "built-in emulator serving");
+    config.providers.brightdata.base_url = Some(emu.url());
+    config.providers.firecrawl.base_url = Some(emu.url());
+    Ok(emu)
+}
+
+/// The providers' tokens: the emulator's demo tokens, or each found in the
+/// environment, the configured file or the systemd credential.
+fn tokens(
+    config: &Config,
+    env: &dyn Env,
+    emulator: bool,
+) -> Result<(Option<Token>, Option<Token>), DaemonError> {
+    if emulator {
+        return Ok((
+            Some(Token::new(DEMO_BRIGHTDATA_TOKEN)),
+            Some(Token::new(DEMO_FIRECRAWL_TOKEN)),
+        ));
+    }
+    Ok((
+        find_token(
+            env,
+            BRIGHTDATA_TOKEN_VARS,
+            config.providers.brightdata.token_file.as_deref(),
+            "brightdata-token",
+        )?,
+        find_token(
+            env,
+            FIRECRAWL_TOKEN_VARS,
+            config.providers.firecrawl.token_file.as_deref(),
+            "firecrawl-token",
+        )?,
+    ))
+}
+
+/// Opens the state store, or recovers it. Opening may wait for sled's own
+/// lock (`Store::open`), and recovery reads every inputs directory: both on
+/// the blocking pool.
+async fn open_store(
+    state_dir: &Path,
+    output_dir: &Path,
+    recover: bool,
+) -> Result<Store, DaemonError> {
+    let (state_dir, output_dir) = (state_dir.to_path_buf(), output_dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        if recover {
+            open_recovering(&state_dir, &output_dir)
+        } else {
+            Store::open(&state_dir).map_err(DaemonError::from)
+        }
+    })
+    .await?
+}
+
+/// The admin API and the handle of its server task; none with
+/// `admin_listen = "off"`.
+async fn start_admin(
+    sup: &Supervisor,
+    state_dir: &Path,
+    env: &dyn Env,
+    fd_limit: Option<u64>,
+    commands_tx: tokio::sync::mpsc::Sender<crate::admin::Command>,
+) -> Result<Option<(Arc<crate::admin::AdminState>, tokio::task::JoinHandle<()>)>, DaemonError> {
+    if sup.config.admin_listen == "off" {
+        return Ok(None);
+    }
+    let stop = &sup.stop;
+    let listen: std::net::SocketAddr = sup
+        .config
+        .admin_listen
+        .parse()
+        .map_err(|_| DaemonError::AdminListen(sup.config.admin_listen.clone()))?;
+    let token = crate::admin::admin_token(state_dir).map_err(io_error("admin token"))?;
+    let keys = sup.keys.clone();
+    // Attached before resume writes anything, so it misses no write.
+    let view = crate::admin::View::attach(&sup.store)?;
+    let state = Arc::new(crate::admin::AdminState {
+        store: sup.store.clone(),
+        view,
+        answers: Default::default(),
+        contexts: sup.contexts.all().into_iter().cloned().collect(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+        token: std::sync::RwLock::new(token),
+        commands: commands_tx,
+        in_flight: Box::new(move || keys.in_flight()),
+    });
+    let mut limits = crate::admin::ServerLimits::for_fd_limit(fd_limit);
+    // Undocumented, for tests: a shorter header timeout and another cap.
+    if let Some(ms) = env
+        .var("HARVESTD_ADMIN_HEADER_TIMEOUT_MS")
+        .and_then(|v| v.parse().ok())
+    {
+        limits.header_timeout = Duration::from_millis(ms);
+    }
+    if let Some(n) = env
+        .var("HARVESTD_ADMIN_MAX_CONNECTIONS")
+        .and_then(|v| v.parse().ok())
+    {
+        limits.max_connections = n;
+    }
+    let task = crate::admin::serve(
+        listen,
+        state_dir.to_path_buf(),
+        state.clone(),
+        limits,
+        stop.clone(),
+    )
+    .await
+    .map_err(io_error(format_args!("admin API on {listen}")))?;
+    Ok(Some((state, task)))
+}
+
 pub async fn run(
     mut config: Config,
     options: RunOptions,
@@ -819,56 +1101,13 @@ pub async fn run(
     // Every descriptor the system allows: the admin API's cap is set well
     // under it, so local clients cannot starve the jobs scan or sled.
     let fd_limit = crate::admin::raise_fd_limit();
-    let emulator = if options.emulator {
-        let emu = Emulator::start(([127, 0, 0, 1], 0).into(), Scenario::default())
-            .await
-            .map_err(io_error("cannot start the emulator"))?;
-        info!(url = %emu.url(), "built-in emulator serving");
-        config.providers.brightdata.base_url = Some(emu.url());
-        config.providers.firecrawl.base_url = Some(emu.url());
-        Some(emu)
-    } else {
-        None
+    let emulator = match options.emulator {
+        true => Some(start_emulator(&mut config).await?),
+        false => None,
     };
-    let (brightdata_token, firecrawl_token) = if emulator.is_some() {
-        (
-            Some(Token::new(DEMO_BRIGHTDATA_TOKEN)),
-            Some(Token::new(DEMO_FIRECRAWL_TOKEN)),
-        )
-    } else {
-        (
-            find_token(
-                env,
-                BRIGHTDATA_TOKEN_VARS,
-                config.providers.brightdata.token_file.as_deref(),
-                "brightdata-token",
-            )?,
-            find_token(
-                env,
-                FIRECRAWL_TOKEN_VARS,
-                config.providers.firecrawl.token_file.as_deref(),
-                "firecrawl-token",
-            )?,
-        )
-    };
+    let (brightdata_token, firecrawl_token) = tokens(&config, env, emulator.is_some())?;
     std::fs::create_dir_all(&config.output_dir).map_err(io_error(config.output_dir.display()))?;
-    // Opening may wait for sled's own lock (`Store::open`), and recovery
-    // reads every inputs directory: both on the blocking pool.
-    let store = {
-        let (state_dir, output_dir, recover) = (
-            state_dir.clone(),
-            config.output_dir.clone(),
-            options.recover,
-        );
-        tokio::task::spawn_blocking(move || {
-            if recover {
-                open_recovering(&state_dir, &output_dir)
-            } else {
-                Store::open(&state_dir).map_err(DaemonError::from)
-            }
-        })
-        .await??
-    };
+    let store = open_store(&state_dir, &config.output_dir, options.recover).await?;
     let stop = CancellationToken::new();
     let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
 
@@ -912,70 +1151,9 @@ pub async fn run(
     };
 
     let (commands_tx, mut commands) = tokio::sync::mpsc::channel(16);
-    let admin = if sup.config.admin_listen == "off" {
-        None
-    } else {
-        let listen: std::net::SocketAddr = sup
-            .config
-            .admin_listen
-            .parse()
-            .map_err(|_| DaemonError::AdminListen(sup.config.admin_listen.clone()))?;
-        let token = crate::admin::admin_token(&state_dir).map_err(io_error("admin token"))?;
-        let keys = sup.keys.clone();
-        // Attached before resume writes anything, so it misses no write.
-        let view = crate::admin::View::attach(&sup.store)?;
-        let state = Arc::new(crate::admin::AdminState {
-            store: sup.store.clone(),
-            view,
-            answers: Default::default(),
-            contexts: sup.contexts.all().into_iter().cloned().collect(),
-            ready: std::sync::atomic::AtomicBool::new(false),
-            token: std::sync::RwLock::new(token),
-            commands: commands_tx,
-            in_flight: Box::new(move || keys.in_flight()),
-        });
-        let mut limits = crate::admin::ServerLimits::for_fd_limit(fd_limit);
-        // Undocumented, for tests: a shorter header timeout and another cap.
-        if let Some(ms) = env
-            .var("HARVESTD_ADMIN_HEADER_TIMEOUT_MS")
-            .and_then(|v| v.parse().ok())
-        {
-            limits.header_timeout = Duration::from_millis(ms);
-        }
-        if let Some(n) = env
-            .var("HARVESTD_ADMIN_MAX_CONNECTIONS")
-            .and_then(|v| v.parse().ok())
-        {
-            limits.max_connections = n;
-        }
-        let task = crate::admin::serve(
-            listen,
-            state_dir.clone(),
-            state.clone(),
-            limits,
-            stop.clone(),
-        )
-        .await
-        .map_err(io_error(format_args!("admin API on {listen}")))?;
-        Some((state, task))
-    };
+    let admin = start_admin(&sup, &state_dir, env, fd_limit, commands_tx).await?;
 
-    // Resume before anything new: unfinished runs continue without a new trigger.
-    let mut resumed = 0;
-    for run in sup.store.runs()? {
-        match run.state {
-            RunState::Planning => {
-                info!(job = %run.job, run = %run.run_id, "discarding a run caught mid-planning; it is planned again");
-                sup.store.delete_run(&run.job, &run.run_id)?;
-            }
-            RunState::InProgress => {
-                resumed += 1;
-                sup.spawn(run);
-            }
-            _ => {}
-        }
-    }
-    sup.store.flush().await?;
+    let resumed = sup.resume().await?;
     if let Some((state, _)) = &admin {
         state
             .ready
@@ -983,120 +1161,18 @@ pub async fn run(
     }
     crate::systemd::ready(&format!("resumed {resumed} run(s)"));
     info!(resumed, "state loaded; ready");
-    // The state directory is looked at every 2 s (and before every flush,
-    // so before every trigger): removed or replaced, the daemon stops.
-    let mut place_tick = tokio::time::interval(PLACE_CHECK);
-    let mut watchdog = crate::systemd::watchdog_interval().map(tokio::time::interval);
-    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
-    // Bars move smoothly; progress lines come every 10 s with --once, every
-    // 30 s for the daemon.
-    let mut progress_tick = tokio::time::interval(match (&sup.bars, options.once) {
-        (Some(_), _) => Duration::from_millis(250),
-        (None, true) => Duration::from_secs(10),
-        (None, false) => Duration::from_secs(30),
-    });
-    progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    sup.scan().await?;
-    let mut watcher =
-        (!options.once).then(|| Watcher::new(&sup.config.jobs_dir, sup.config.rescan_interval));
-    loop {
-        if options.once && sup.runs.is_empty() && sup.intake.is_empty() && !sup.watch.has_waiting()
-        {
-            break;
-        }
-        let settle_due = sup
-            .watch
-            .next_due(tokio::time::Instant::now(), crate::clock::now_ms());
-        tokio::select! {
-            signal = signals.recv() => match signal {
-                Some(Signal::Shutdown) | None => {
-                    info!("shutdown requested: finishing calls in flight");
-                    break;
-                }
-                Some(Signal::Reload) => {
-                    // A configuration or token file that fails keeps the
-                    // one in force; the daemon never stops for a reload.
-                    match reload().map_err(DaemonError::from).and_then(|new| sup.apply_config(new, env, emulator.is_some())) {
-                        Err(e) => error!(error = %e, "SIGHUP: configuration not reloaded; the one in force stays"),
-                        Ok(()) => info!("SIGHUP: configuration reloaded"),
-                    }
-                    if let Some((state, _)) = &admin {
-                        match crate::admin::admin_token(&state_dir) {
-                            Ok(t) => *state.token.write().unwrap_or_else(|e| e.into_inner()) = t,
-                            Err(e) => error!(error = %e, "SIGHUP: cannot read the admin token; the old one stays"),
-                        }
-                    }
-                    for (_, gate) in sup.contexts.gates() {
-                        gate.unblock();
-                    }
-                    sup.scan().await?;
-                }
-            },
-            _ = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
-                sup.scan().await?;
-            }
-            _ = crate::clock::sleep_until(sup.next_wake()) => {
-                sup.fire_due().await?;
-            }
-            // A job has been quiet for intake_settle: look once more, then read it.
-            _ = async { match settle_due { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
-                sup.scan().await?;
-            }
-            Some(joined) = sup.intake.join_next() => match joined {
-                Ok(settled) => {
-                    if sup.settled(settled).await? {
-                        // A new run shows its progress from its start.
-                        progress_tick.reset_immediately();
-                    }
-                }
-                Err(e) => error!(error = %e, "job intake task panicked"),
-            },
-            Some(command) = commands.recv() => sup.command(command).await?,
-            // The watchdog is fed from the event loop itself: a stuck loop
-            // stops feeding it and systemd restarts the daemon.
-            _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
-                crate::systemd::watchdog();
-            }
-            _ = status_tick.tick() => crate::systemd::status(&sup.status_line()),
-            _ = place_tick.tick() => sup.store.check_place()?,
-            _ = progress_tick.tick() => sup.report_progress(),
-            Some(joined) = sup.runs.join_next() => match joined {
-                Ok(result) => sup.record(result)?,
-                Err(e) => error!(error = %e, "run task panicked"),
-            },
-        }
-    }
-
-    if options.once {
-        let waiting = notify.drain(sup.config.shutdown_grace).await;
-        if waiting > 0 {
-            warn!(
-                waiting,
-                "notifications not yet delivered; the next start sends them"
-            );
-        }
-    }
-    crate::systemd::stopping();
-    sup.stop.cancel();
-    let grace = sup.config.shutdown_grace;
-    let drained = tokio::time::timeout(grace, async {
-        while let Some(joined) = sup.runs.join_next().await {
-            if let Ok(result) = joined {
-                if let Err(e) = sup.record(result) {
-                    error!(error = %e, "while draining");
-                }
-            }
-        }
+    sup.event_loop(Inputs {
+        signals: &mut signals,
+        commands: &mut commands,
+        reload: &reload,
+        env,
+        emulator: emulator.is_some(),
+        admin: admin.as_ref().map(|(state, _)| state),
+        state_dir: &state_dir,
     })
-    .await;
-    if drained.is_err() {
-        warn!(
-            ?grace,
-            "shutdown grace passed with work still running; the store has every step"
-        );
-        sup.summary.stopped += sup.runs.len();
-    }
+    .await?;
+
+    sup.drain(&notify).await;
     // The generation file then covers everything: any later loss shows.
     sup.store.checkpoint().await?;
     drop(sup.bars.take());
