@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::clock::UnixMs;
 use crate::config::LimitsConfig;
 
 /// Exponential backoff with full jitter: uniform in `[0, min(cap, base·2^attempt)]`.
@@ -314,6 +316,10 @@ pub struct ProviderGate {
     state: Mutex<GateState>,
     blocked: watch::Sender<Option<Block>>,
     config: Mutex<LimitsConfig>,
+    /// The provider's clock minus ours (ms), from the `Date` header of its
+    /// latest answer to any API of the account: deletion happens on the
+    /// provider's clock, so expiry is judged on it.
+    clock_offset: AtomicI64,
 }
 
 impl ProviderGate {
@@ -332,7 +338,20 @@ impl ProviderGate {
             }),
             blocked: watch::channel(None).0,
             config: Mutex::new(config.clone()),
+            clock_offset: AtomicI64::new(0),
         })
+    }
+
+    /// Now on the provider's clock, as its latest answer told it (ours
+    /// until it has answered).
+    pub fn provider_now(&self) -> UnixMs {
+        crate::clock::now_ms().saturating_add(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Notes the provider's clock (`theirs`, from an answer's `Date`).
+    pub fn note_provider_clock(&self, theirs: UnixMs) {
+        let offset = theirs.saturating_sub(crate::clock::now_ms());
+        self.clock_offset.store(offset, Ordering::Relaxed);
     }
 
     /// The limits in force (SIGHUP replaces them).

@@ -39,6 +39,7 @@ enum Api {
     ScraperStudio,
     WebScraper,
     FirecrawlV1,
+    FirecrawlV2,
 }
 
 impl Api {
@@ -47,7 +48,7 @@ impl Api {
             Api::ScraperStudio | Api::WebScraper => {
                 "[defaults]\nbuild_time = \"100ms\"\nerror_every = 7\n"
             }
-            Api::FirecrawlV1 => {
+            Api::FirecrawlV1 | Api::FirecrawlV2 => {
                 "[firecrawl]\nbuild_time = \"100ms\"\nfail_every = 7\npage_docs = 8\n"
             }
         }
@@ -58,6 +59,7 @@ impl Api {
             Api::ScraperStudio => "provider = \"scraper_studio\"\ncollector = \"c_crash00001\"\n",
             Api::WebScraper => "provider = \"web_scraper\"\ndataset_id = \"gd_crash00001\"\n",
             Api::FirecrawlV1 => "provider = \"firecrawl\"\napi_version = \"v1\"\n",
+            Api::FirecrawlV2 => "provider = \"firecrawl\"\napi_version = \"v2\"\n",
         };
         format!(
             "{head}inputs_file = \"in.txt\"\nchunk_size = {CHUNK}\nformats = [\"csv\", \"json\", \"ndjson\"]\n"
@@ -543,4 +545,11 @@ async fn an_unsavable_bright_data_dataset_warns_at_3_days_errs_at_1_then_expires
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsavable_firecrawl_batch_warns_at_6_hours_errs_at_1_then_expires() {
     expiry_is_announced_then_recorded(Api::FirecrawlV1, 24, 6, 1).await;
+}
+
+/// A v2 batch's expiry is judged on Firecrawl's clock like a v1 batch's:
+/// the two APIs are one account with one clock, whichever answered last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsavable_firecrawl_v2_batch_warns_at_6_hours_errs_at_1_then_expires() {
+    expiry_is_announced_then_recorded(Api::FirecrawlV2, 24, 6, 1).await;
 }

@@ -5,7 +5,6 @@
 //! provider to decode.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -59,10 +58,6 @@ pub struct Http {
     pub gate: Arc<ProviderGate>,
     pub timeout: Duration,
     pub stats: CallStats,
-    /// The provider's clock minus ours (ms), from the `Date` header of its
-    /// latest answer: deletion happens on the provider's clock, so expiry
-    /// is judged on it too.
-    clock_offset: AtomicI64,
 }
 
 /// The endpoints that create a collection (for the `after-send` fail point).
@@ -98,13 +93,13 @@ impl Http {
             gate,
             timeout,
             stats: CallStats::default(),
-            clock_offset: AtomicI64::new(0),
         }
     }
 
-    /// Now on the provider's clock, as its latest answer told it.
+    /// Now on the provider's clock, as its latest answer to any API of
+    /// the account told it.
     pub fn provider_now(&self) -> crate::chunk::UnixMs {
-        crate::clock::now_ms() + self.clock_offset.load(Ordering::Relaxed)
+        self.gate.provider_now()
     }
 
     /// Notes the provider's clock from an answer's `Date` header.
@@ -117,9 +112,8 @@ impl Http {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
         if let Some(date) = date {
             // The header has whole seconds: on average half a second behind.
-            let theirs = crate::clock::millis(date).saturating_add(500);
-            self.clock_offset
-                .store(theirs - crate::clock::now_ms(), Ordering::Relaxed);
+            self.gate
+                .note_provider_clock(crate::clock::millis(date).saturating_add(500));
         }
     }
 
