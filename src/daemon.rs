@@ -13,22 +13,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::accounts::{Accounts, Common, Tokens};
 use crate::clock::timestamp;
-use crate::config::{
-    find_token, Config, ConfigError, Env, Token, BRIGHTDATA_TOKEN_VARS, FIRECRAWL_TOKEN_VARS,
-};
-use crate::emulator::{Emulator, Scenario, DEMO_BRIGHTDATA_TOKEN, DEMO_FIRECRAWL_TOKEN};
+use crate::config::{Config, ConfigError, Env};
+use crate::emulator::{Emulator, Scenario};
 use crate::intake::Settled;
-use crate::limits::{KeyedLimits, ProviderGate};
-use crate::provider::firecrawl::Firecrawl;
-use crate::provider::http::Http;
-use crate::provider::scraper_studio::ScraperStudio;
-use crate::provider::web_scraper::WebScraper;
-use crate::provider::Provider;
-use crate::run::{self, Context, Counters, RunOutcome, WorkerError};
+use crate::limits::KeyedLimits;
+use crate::run::{self, RunOutcome, WorkerError};
 use crate::schedule::{jitter_offset, next_due, on_due, Due, Recurrence};
 use crate::signals::Signal;
-use crate::spec::{ApiVersion, JobSpec, ProviderKind};
 use crate::store::{RunRecord, RunState, ScheduleRecord, Store, StoreError};
 use crate::watcher::Watcher;
 
@@ -129,128 +122,12 @@ pub fn lock_state_dir(dir: &Path) -> Result<File, DaemonError> {
     }
 }
 
-const NO_BRIGHTDATA_TOKEN: &str =
-    "no Bright Data API token: set BRIGHT_DATA_API_TOKEN or providers.brightdata.token_file";
-const NO_FIRECRAWL_TOKEN: &str =
-    "no Firecrawl API key: set FIRECRAWL_API_KEY or providers.firecrawl.token_file";
-
-/// One worker context per API. Bright Data's two APIs share a gate (one
-/// provider for the request rate, 429s and blocks), as do Firecrawl v1 and
-/// v2; every context shares the store, the limits and the counters.
-struct Contexts {
-    studio: Arc<Context>,
-    web_scraper: Arc<Context>,
-    firecrawl_v1: Arc<Context>,
-    firecrawl_v2: Arc<Context>,
-}
-
-impl Contexts {
-    fn build(
-        config: &Config,
-        store: &Store,
-        stop: &CancellationToken,
-        park_on_block: bool,
-        brightdata_token: Option<Token>,
-        firecrawl_token: Option<Token>,
-        notify: &Arc<crate::notify::Notifier>,
-    ) -> Contexts {
-        let brightdata = ProviderGate::new(&config.limits);
-        if brightdata_token.is_none() {
-            brightdata.block(NO_BRIGHTDATA_TOKEN.into());
-        }
-        let firecrawl = ProviderGate::new(&config.limits);
-        if firecrawl_token.is_none() {
-            firecrawl.block(NO_FIRECRAWL_TOKEN.into());
-        }
-        let counters = Arc::new(Counters::default());
-        let limits = Arc::new(config.limits.clone());
-        let timeout = config.limits.request_timeout;
-        let http = |name, base: &str, token: &Option<Token>, gate: &Arc<ProviderGate>| {
-            Http::new(name, base, token.clone(), gate.clone(), timeout)
-        };
-        let context = |provider: Arc<dyn Provider>, gate: &Arc<ProviderGate>| {
-            Arc::new(Context {
-                store: store.clone(),
-                provider,
-                gate: gate.clone(),
-                limits: std::sync::RwLock::new(limits.clone()),
-                output_dir: config.output_dir.clone(),
-                state_dir: config.state_dir.clone(),
-                stop: stop.clone(),
-                park_on_block,
-                counters: counters.clone(),
-                notify: notify.clone(),
-            })
-        };
-        let bd = config.brightdata_url();
-        let fc = config.firecrawl_url();
-        Contexts {
-            studio: context(
-                Arc::new(ScraperStudio::new(http(
-                    "scraper_studio",
-                    bd,
-                    &brightdata_token,
-                    &brightdata,
-                ))),
-                &brightdata,
-            ),
-            web_scraper: context(
-                Arc::new(WebScraper::new(
-                    http("web_scraper", bd, &brightdata_token, &brightdata),
-                    config.limits.snapshot_batch_size,
-                )),
-                &brightdata,
-            ),
-            firecrawl_v1: context(
-                Arc::new(Firecrawl::new(
-                    http("firecrawl", fc, &firecrawl_token, &firecrawl),
-                    ApiVersion::V1,
-                )),
-                &firecrawl,
-            ),
-            firecrawl_v2: context(
-                Arc::new(Firecrawl::new(
-                    http("firecrawl", fc, &firecrawl_token, &firecrawl),
-                    ApiVersion::V2,
-                )),
-                &firecrawl,
-            ),
-        }
-    }
-
-    fn for_spec(&self, spec: &JobSpec) -> &Arc<Context> {
-        match (spec.provider, spec.api_version) {
-            (ProviderKind::ScraperStudio, _) => &self.studio,
-            (ProviderKind::WebScraper, _) => &self.web_scraper,
-            (ProviderKind::Firecrawl, ApiVersion::V1) => &self.firecrawl_v1,
-            (ProviderKind::Firecrawl, ApiVersion::V2) => &self.firecrawl_v2,
-        }
-    }
-
-    fn all(&self) -> [&Arc<Context>; 4] {
-        [
-            &self.studio,
-            &self.web_scraper,
-            &self.firecrawl_v1,
-            &self.firecrawl_v2,
-        ]
-    }
-
-    /// The two gates: Bright Data's and Firecrawl's.
-    fn gates(&self) -> [(&'static str, &Arc<ProviderGate>); 2] {
-        [
-            ("brightdata", &self.studio.gate),
-            ("firecrawl", &self.firecrawl_v2.gate),
-        ]
-    }
-}
-
 type RunResult = (String, String, Result<RunOutcome, WorkerError>);
 
 struct Supervisor {
     config: Config,
     store: Store,
-    contexts: Contexts,
+    accounts: Arc<Accounts>,
     keys: Arc<KeyedLimits>,
     runs: JoinSet<RunResult>,
     /// Runs being driven, with their stop tokens.
@@ -348,7 +225,7 @@ impl Supervisor {
         if let Ok(samples) = self.store.build_times(&run.spec.key) {
             key.learn_builds(&samples);
         }
-        let ctx = self.contexts.for_spec(&run.spec).clone();
+        let ctx = self.accounts.for_spec(&run.spec).clone();
         self.runs.spawn(async move {
             let result = run::drive_run(ctx, key, run, stop).await;
             (id.0, id.1, result)
@@ -651,23 +528,10 @@ impl Supervisor {
     ) -> Result<(), DaemonError> {
         // Tokens first: a token file that cannot be used (unreadable, or
         // readable by others) fails the reload before anything changes.
-        let tokens = if emulator {
-            None
-        } else {
-            Some((
-                find_token(
-                    env,
-                    BRIGHTDATA_TOKEN_VARS,
-                    new.providers.brightdata.token_file.as_deref(),
-                    "brightdata-token",
-                )?,
-                find_token(
-                    env,
-                    FIRECRAWL_TOKEN_VARS,
-                    new.providers.firecrawl.token_file.as_deref(),
-                    "firecrawl-token",
-                )?,
-            ))
+        // The emulator's demo tokens never change.
+        let tokens = match emulator {
+            true => None,
+            false => Some(Tokens::find(&new, env)?),
         };
         let old = &self.config;
         if new.jobs_dir != old.jobs_dir
@@ -684,32 +548,7 @@ impl Supervisor {
             warn!("SIGHUP: snapshot_batch_size changes only with a restart");
         }
         self.keys.reconfigure(new.limits.clone());
-        for (_, gate) in self.contexts.gates() {
-            gate.reconfigure(&new.limits);
-        }
-        let limits = Arc::new(new.limits.clone());
-        for c in self.contexts.all() {
-            *c.limits.write().unwrap_or_else(|e| e.into_inner()) = limits.clone();
-        }
-        if let Some((brightdata, firecrawl)) = tokens {
-            let c = &self.contexts;
-            for (token, contexts, missing) in [
-                (brightdata, [&c.studio, &c.web_scraper], NO_BRIGHTDATA_TOKEN),
-                (
-                    firecrawl,
-                    [&c.firecrawl_v1, &c.firecrawl_v2],
-                    NO_FIRECRAWL_TOKEN,
-                ),
-            ] {
-                let absent = token.is_none();
-                for ctx in contexts {
-                    ctx.provider.set_token(token.clone());
-                }
-                if absent {
-                    contexts[0].gate.block(missing.into());
-                }
-            }
-        }
+        self.accounts.reconfigure(&new.limits, tokens);
         let old = &self.config;
         new.jobs_dir = old.jobs_dir.clone();
         new.state_dir = old.state_dir.clone();
@@ -759,9 +598,9 @@ impl Supervisor {
             self.summary.complete,
             self.summary.incomplete
         );
-        for (name, gate) in self.contexts.gates() {
-            if let Some(block) = gate.blocked() {
-                line.push_str(&format!("; {name} blocked: {}", block.reason));
+        for account in self.accounts.each() {
+            if let Some(block) = account.gate.blocked() {
+                line.push_str(&format!("; {} blocked: {}", account.name, block.reason));
             }
         }
         line
@@ -923,8 +762,8 @@ impl Supervisor {
                                 Err(e) => error!(error = %e, "SIGHUP: cannot read the admin token; the old one stays"),
                             }
                         }
-                        for (_, gate) in self.contexts.gates() {
-                            gate.unblock();
+                        for account in self.accounts.each() {
+                            account.gate.unblock();
                         }
                         self.scan().await?;
                     }
@@ -978,35 +817,6 @@ async fn start_emulator(config: &mut Config) -> Result<Emulator, DaemonError> {
     Ok(emu)
 }
 
-/// The providers' tokens: the emulator's demo tokens, or each found in the
-/// environment, the configured file or the systemd credential.
-fn tokens(
-    config: &Config,
-    env: &dyn Env,
-    emulator: bool,
-) -> Result<(Option<Token>, Option<Token>), DaemonError> {
-    if emulator {
-        return Ok((
-            Some(Token::new(DEMO_BRIGHTDATA_TOKEN)),
-            Some(Token::new(DEMO_FIRECRAWL_TOKEN)),
-        ));
-    }
-    Ok((
-        find_token(
-            env,
-            BRIGHTDATA_TOKEN_VARS,
-            config.providers.brightdata.token_file.as_deref(),
-            "brightdata-token",
-        )?,
-        find_token(
-            env,
-            FIRECRAWL_TOKEN_VARS,
-            config.providers.firecrawl.token_file.as_deref(),
-            "firecrawl-token",
-        )?,
-    ))
-}
-
 /// Opens the state store, or recovers it. Opening may wait for sled's own
 /// lock (`Store::open`), and recovery reads every inputs directory: both on
 /// the blocking pool.
@@ -1052,7 +862,7 @@ async fn start_admin(
         store: sup.store.clone(),
         view,
         answers: Default::default(),
-        contexts: sup.contexts.all().into_iter().cloned().collect(),
+        accounts: sup.accounts.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
         token: std::sync::RwLock::new(token),
         commands: commands_tx,
@@ -1105,29 +915,34 @@ pub async fn run(
         true => Some(start_emulator(&mut config).await?),
         false => None,
     };
-    let (brightdata_token, firecrawl_token) = tokens(&config, env, emulator.is_some())?;
+    let tokens = match emulator {
+        Some(_) => Tokens::emulator(),
+        None => Tokens::find(&config, env)?,
+    };
     std::fs::create_dir_all(&config.output_dir).map_err(io_error(config.output_dir.display()))?;
     let store = open_store(&state_dir, &config.output_dir, options.recover).await?;
     let stop = CancellationToken::new();
     let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
 
-    let contexts = Contexts::build(
-        &config,
-        &store,
-        &stop,
-        options.once,
-        brightdata_token,
-        firecrawl_token,
-        &notify,
+    let accounts = Accounts::build(
+        Common {
+            config: &config,
+            store: &store,
+            stop: &stop,
+            park_on_block: options.once,
+            notify: &notify,
+        },
+        tokens,
     );
     // Notifications go out on tasks of their own: a dead or slow receiver
     // never holds up the event loop or a run.
     tokio::spawn(notify.clone().run(stop.clone()));
-    for (name, gate) in contexts.gates() {
+    for account in accounts.each() {
+        let blocks = account.gate.watch_blocked();
         tokio::spawn(
             notify
                 .clone()
-                .watch_blocks(name, gate.watch_blocked(), stop.clone()),
+                .watch_blocks(account.name, blocks, stop.clone()),
         );
     }
     let settle = config.intake_settle;
@@ -1135,7 +950,7 @@ pub async fn run(
         keys: Arc::new(KeyedLimits::new(config.limits.clone())),
         config,
         store,
-        contexts,
+        accounts: Arc::new(accounts),
         runs: JoinSet::new(),
         active: HashMap::new(),
         cancelling: HashSet::new(),

@@ -36,7 +36,8 @@
 //! | [`run`] | drives a run's chunks trigger → poll → download, persisting before acting: [`run::drive_run`] schedules a run's chunks (building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together); one chunk's task is a loop over its persisted state, its steps in `trigger`, `poll` and `download`; `finish` writes the final files, manifest, `_SUCCESS`, `latest` |
 //! | [`clock`] | the one clock: instants as ms since the epoch ([`clock::UnixMs`]), waits between them that never underflow, RFC 3339 and day formatting |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, `data.parquet` (schema learned in a first pass, then Arrow record batches), manifest |
-//! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain; one run context per API, Bright Data's two sharing a gate |
+//! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain |
+//! | [`accounts`] | the two provider accounts, each with one gate and token shared by its APIs' run contexts (Bright Data: Scraper Studio, Web Scraper API; Firecrawl: v1, v2); the limits, counters and notifier every context shares; a reload's limits and tokens applied in one place |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from; [`admin::api`] types its answers, which the CLI reads back with the same types |
 //! | [`notify`] | events told to webhooks and commands at least once: an outbox in the store, a sender with backoff for 24 h |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
@@ -48,9 +49,10 @@
 //!
 //! ## Invariants
 //!
-//! - Dependencies point one way: daemon → run → provider / store / sink /
-//!   limits → chunk, spec, clock; nothing below `run` imports it; admin reads its view and sends commands to the
-//!   daemon, which alone starts, retries and cancels runs. `chunk`,
+//! - Dependencies point one way: daemon → accounts → run → provider /
+//!   store / sink / limits → chunk, spec, clock; nothing below `run`
+//!   imports it; admin reads its view and the accounts and sends commands
+//!   to the daemon, which alone starts, retries and cancels runs. `chunk`,
 //!   `schedule`, `plan` and `spec` do no IO besides reading the job and
 //!   inputs files. `provider` never imports `store`.
 //! - The admin API never walks the store per request: `/v1/jobs` and
@@ -100,6 +102,7 @@
 //!   only when the answer changes something. Resume reads only the open
 //!   index's chunks.
 
+pub mod accounts;
 pub mod admin;
 pub mod chunk;
 pub mod cli;

@@ -64,7 +64,8 @@ pub struct AdminState {
     /// The figures `/v1/jobs` and `/metrics` answer from.
     pub view: Arc<View>,
     pub answers: Answers,
-    pub contexts: Vec<Arc<Context>>,
+    /// The provider accounts: their gates, clocks and call counts.
+    pub accounts: Arc<crate::accounts::Accounts>,
     pub ready: AtomicBool,
     /// Re-read from `admin.token` on SIGHUP.
     pub token: std::sync::RwLock<String>,
@@ -510,7 +511,8 @@ fn job_views(view: &View, contexts: &[Arc<Context>], only: Option<&str>) -> Vec<
 
 /// The providers and what holds their calls back.
 fn provider_views(contexts: &[Arc<Context>]) -> Vec<ProviderView> {
-    distinct(contexts)
+    contexts
+        .iter()
         .map(|c| ProviderView {
             provider: c.provider.kind().as_str().to_string(),
             blocked: c.gate.blocked().map(|b| b.reason),
@@ -553,7 +555,10 @@ const JOBS_ANSWER_REUSE: Duration = Duration::from_secs(1);
 async fn all_jobs(state: &AdminState) -> Result<String, String> {
     let _building = state.answers.building.lock().await;
     let generation = state.view.generation();
-    let clocks: Vec<i64> = distinct(&state.contexts)
+    let clocks: Vec<i64> = state
+        .accounts
+        .per_kind()
+        .iter()
         .map(|c| c.provider.now_ms())
         .collect();
     let cached = state
@@ -576,7 +581,7 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
         Some(c) => c.json,
         None => {
             state.view.load_latest(&state.store, None).await?;
-            let (view, contexts) = (state.view.clone(), state.contexts.clone());
+            let (view, contexts) = (state.view.clone(), state.accounts.per_kind());
             let json = tokio::task::spawn_blocking(move || {
                 serde_json::to_string(&job_views(&view, &contexts, None)).unwrap_or_default()
             })
@@ -594,7 +599,8 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
     };
     // The job list is kept as text to be reused; the providers are
     // current at every answer.
-    let providers = serde_json::to_string(&provider_views(&state.contexts)).unwrap_or_default();
+    let providers =
+        serde_json::to_string(&provider_views(&state.accounts.per_kind())).unwrap_or_default();
     Ok(format!("{{\"jobs\":{jobs},\"providers\":{providers}}}"))
 }
 
@@ -602,18 +608,11 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
 async fn one_job(state: &AdminState, job: &str) -> Result<Option<JobView>, String> {
     let _building = state.answers.building.lock().await;
     state.view.load_latest(&state.store, Some(job)).await?;
-    Ok(job_views(&state.view, &state.contexts, Some(job))
-        .into_iter()
-        .next())
-}
-
-/// One context per provider kind (Firecrawl v1 and v2 share a gate and a
-/// label): a series is never written twice.
-fn distinct(contexts: &[Arc<Context>]) -> impl Iterator<Item = &Arc<Context>> {
-    contexts.iter().enumerate().filter_map(|(i, c)| {
-        let kind = c.provider.kind();
-        (!contexts[..i].iter().any(|o| o.provider.kind() == kind)).then_some(c)
-    })
+    Ok(
+        job_views(&state.view, &state.accounts.per_kind(), Some(job))
+            .into_iter()
+            .next(),
+    )
 }
 
 /// Prometheus text format. Labels are bounded: provider, endpoint, status
@@ -626,8 +625,9 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
     // Seconds left on each dataset's provider clock.
     let mut earliest_expiry: Option<i64> = None;
     let mut expiring = std::collections::BTreeMap::<&str, u64>::new();
+    let per_kind = state.accounts.per_kind();
     for (provider, ready) in &figures.ready {
-        let Some(ctx) = context_of(&state.contexts, *provider) else {
+        let Some(ctx) = context_of(&per_kind, *provider) else {
             continue;
         };
         for &expires_at in ready {
@@ -651,14 +651,14 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
         let _ = writeln!(out, "harvestd_chunks{{state=\"{s}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP harvestd_requests_total Provider calls by endpoint and status class.\n# TYPE harvestd_requests_total counter");
-    for c in &state.contexts {
+    for c in state.accounts.apis() {
         let provider = c.provider.kind().as_str();
         for (endpoint, class, n) in c.provider.call_stats() {
             let _ = writeln!(out, "harvestd_requests_total{{provider=\"{provider}\",endpoint=\"{endpoint}\",class=\"{class}\"}} {n}");
         }
     }
     let _ = writeln!(out, "# HELP harvestd_rate_limited_total Answers 429 by provider.\n# TYPE harvestd_rate_limited_total counter");
-    for c in distinct(&state.contexts) {
+    for c in &state.accounts.per_kind() {
         let _ = writeln!(
             out,
             "harvestd_rate_limited_total{{provider=\"{}\"}} {}",
@@ -667,7 +667,7 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
         );
     }
     let _ = writeln!(out, "# HELP harvestd_provider_blocked Whether a provider is blocked (401/402/403, no token).\n# TYPE harvestd_provider_blocked gauge");
-    for c in distinct(&state.contexts) {
+    for c in &state.accounts.per_kind() {
         let _ = writeln!(
             out,
             "harvestd_provider_blocked{{provider=\"{}\"}} {}",
@@ -680,28 +680,19 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
         let _ = writeln!(out, "harvestd_in_flight{{key=\"{key}\"}} {n}");
     }
     let mut counters = [0u64; 7];
-    let mut last_poll = 0i64;
-    // Contexts may share their counters: each set is added once.
-    let mut seen: Vec<&Arc<crate::run::Counters>> = Vec::new();
-    for c in &state.contexts {
-        if seen.iter().any(|k| Arc::ptr_eq(k, &c.counters)) {
-            continue;
-        }
-        seen.push(&c.counters);
-        let k = &c.counters;
-        for (slot, v) in counters.iter_mut().zip([
-            &k.triggers_sent,
-            &k.in_doubt,
-            &k.in_doubt_found,
-            &k.in_doubt_not_created,
-            &k.in_doubt_unreachable,
-            &k.rows_written,
-            &k.bytes_written,
-        ]) {
-            *slot += v.load(Ordering::Relaxed);
-        }
-        last_poll = last_poll.max(k.last_poll_ok.load(Ordering::Relaxed));
+    let k = &state.accounts.counters;
+    for (slot, v) in counters.iter_mut().zip([
+        &k.triggers_sent,
+        &k.in_doubt,
+        &k.in_doubt_found,
+        &k.in_doubt_not_created,
+        &k.in_doubt_unreachable,
+        &k.rows_written,
+        &k.bytes_written,
+    ]) {
+        *slot = v.load(Ordering::Relaxed);
     }
+    let last_poll = k.last_poll_ok.load(Ordering::Relaxed);
     let [triggers, in_doubt, found, not_created, unreachable, rows, bytes] = counters;
     let _ = writeln!(out, "# HELP harvestd_triggers_total Trigger calls sent.\n# TYPE harvestd_triggers_total counter\nharvestd_triggers_total {triggers}");
     let _ = writeln!(out, "# HELP harvestd_in_doubt_total Triggers whose outcome was unknown, and how they were settled.\n# TYPE harvestd_in_doubt_total counter");
@@ -718,10 +709,7 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
         let _ = writeln!(out, "harvestd_unsaved_datasets{{level=\"{level}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP harvestd_last_successful_poll_timestamp_seconds Unix time of the last successful status poll.\n# TYPE harvestd_last_successful_poll_timestamp_seconds gauge\nharvestd_last_successful_poll_timestamp_seconds {}", last_poll / 1000);
-    // Every context shares one notifier.
-    if let Some(ctx) = state.contexts.first() {
-        ctx.notify.write_metrics(&mut out);
-    }
+    state.accounts.notify.write_metrics(&mut out);
     Ok(out)
 }
 

@@ -29,13 +29,32 @@ pub struct Counters {
     pub last_poll_ok: std::sync::atomic::AtomicI64,
 }
 
+/// The limits in force, shared by every context: a reload swaps them whole,
+/// once, and a reader takes a snapshot that no reload changes under it.
+#[derive(Clone)]
+pub struct CurrentLimits(Arc<std::sync::RwLock<Arc<LimitsConfig>>>);
+
+impl CurrentLimits {
+    pub fn new(limits: LimitsConfig) -> CurrentLimits {
+        CurrentLimits(Arc::new(std::sync::RwLock::new(Arc::new(limits))))
+    }
+
+    pub fn now(&self) -> Arc<LimitsConfig> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, limits: LimitsConfig) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(limits);
+    }
+}
+
 /// What every chunk of every run of one provider key shares.
 pub struct Context {
     pub store: Store,
     pub provider: Arc<dyn Provider>,
     pub gate: Arc<ProviderGate>,
-    /// Swapped whole on SIGHUP; readers take a snapshot.
-    pub limits: std::sync::RwLock<Arc<LimitsConfig>>,
+    /// The limits in force: one handle for every context.
+    pub limits: CurrentLimits,
     pub output_dir: PathBuf,
     /// The state directory: its filesystem must keep `min_free_space` too.
     pub state_dir: PathBuf,
@@ -50,10 +69,7 @@ pub struct Context {
 impl Context {
     /// The limits in force now.
     pub fn limits(&self) -> Arc<LimitsConfig> {
-        self.limits
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.limits.now()
     }
 
     /// Time left (ms) before the provider deletes a dataset that expires at

@@ -36,7 +36,7 @@ use crate::chunk::{ChunkState, TransitionError};
 use crate::limits::KeyLimits;
 use crate::store::{RunRecord, RunState, StoreError};
 
-pub use context::{Context, Counters, ExpiryLevel};
+pub use context::{Context, Counters, CurrentLimits, ExpiryLevel};
 pub use finish::{cancel_run, retry_run};
 
 use driver::{ChunkEnd, Shared};
