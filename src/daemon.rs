@@ -190,10 +190,13 @@ impl Supervisor {
         let grace = self.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while let Some(joined) = self.runs.join_next().await {
-                if let Ok(result) = joined {
-                    if let Err(e) = self.record(result) {
-                        error!(error = %e, "while draining");
+                match joined {
+                    Ok(result) => {
+                        if let Err(e) = self.record(result) {
+                            error!(error = %e, "while draining");
+                        }
                     }
+                    Err(e) => error!(error = %e, "run task panicked"),
                 }
             }
         })
@@ -936,10 +939,11 @@ pub async fn run(
     );
     // Notifications go out on tasks of their own: a dead or slow receiver
     // never holds up the event loop or a run.
-    tokio::spawn(notify.clone().run(stop.clone()));
+    let mut background = JoinSet::new();
+    background.spawn(notify.clone().run(stop.clone()));
     for account in accounts.each() {
         let blocks = account.gate.watch_blocked();
-        tokio::spawn(
+        background.spawn(
             notify
                 .clone()
                 .watch_blocks(account.name, blocks, stop.clone()),
@@ -988,6 +992,15 @@ pub async fn run(
     .await?;
 
     sup.drain(&notify).await;
+    // What is undelivered stays in the outbox for the next start.
+    background.abort_all();
+    while let Some(ended) = background.join_next().await {
+        if let Err(e) = ended {
+            if e.is_panic() {
+                error!(error = %e, "notification task panicked");
+            }
+        }
+    }
     // The generation file then covers everything: any later loss shows.
     sup.store.checkpoint().await?;
     drop(sup.bars.take());

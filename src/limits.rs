@@ -668,7 +668,9 @@ mod tests {
         assert_eq!(f.count(), 3);
         let waiter = {
             let f = f.clone();
-            tokio::spawn(async move { f.acquire().await })
+            #[allow(clippy::disallowed_methods)]
+            let waiter = tokio::spawn(async move { f.acquire().await });
+            waiter
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
@@ -723,6 +725,7 @@ mod tests {
         let mut callers = Vec::new();
         for i in 0..30 {
             let (gate, order) = (gate.clone(), order.clone());
+            #[allow(clippy::disallowed_methods)]
             callers.push(tokio::spawn(async move {
                 gate.admit().await;
                 order.lock().unwrap().push(i);

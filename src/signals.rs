@@ -18,6 +18,8 @@ pub enum Signal {
 pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let (tx, rx) = mpsc::unbounded_channel();
+    // Lives as long as the process: signals are read until it exits.
+    #[allow(clippy::disallowed_methods)]
     tokio::spawn(async move {
         let mut shutting_down = false;
         while let Some(sig) = signals.next().await {

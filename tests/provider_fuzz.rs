@@ -109,9 +109,12 @@ fn answer() -> impl Strategy<Value = Answer> {
 async fn serve(answer: Answer) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // Serves until the test's runtime ends.
+    #[allow(clippy::disallowed_methods)]
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             let answer = answer.clone();
+            #[allow(clippy::disallowed_methods)]
             tokio::spawn(async move {
                 // Read the request head (the body, if any, is ignored).
                 let mut buf = vec![0u8; 64 * 1024];

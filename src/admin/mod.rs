@@ -230,7 +230,9 @@ pub async fn serve(
     tracing::info!(%addr, max_connections = limits.max_connections,
         header_timeout = ?limits.header_timeout, "admin API listening");
     let connections = Arc::new(Connections::default());
-    Ok(tokio::spawn(async move {
+    // The caller keeps the handle and awaits it at shutdown.
+    #[allow(clippy::disallowed_methods)]
+    let server = tokio::spawn(async move {
         let mut pause = ACCEPT_PAUSE_MIN;
         loop {
             tokio::select! {
@@ -260,6 +262,9 @@ pub async fn serve(
             };
             let (id, close, busy) = connections.add(limits.max_connections);
             let (state, stop, connections) = (state.clone(), stop.clone(), connections.clone());
+            // Counted by `connections`, which caps them; each ends with
+            // its connection, its header timeout or the stop token.
+            #[allow(clippy::disallowed_methods)]
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
@@ -282,7 +287,8 @@ pub async fn serve(
                 connections.remove(id);
             });
         }
-    }))
+    });
+    Ok(server)
 }
 
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);

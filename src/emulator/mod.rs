@@ -257,6 +257,8 @@ impl Emulator {
             last_second: Mutex::new(VecDeque::new()),
         });
         let stop = CancellationToken::new();
+        // Kept in `Emulator` and awaited by `stop`.
+        #[allow(clippy::disallowed_methods)]
         let task = tokio::spawn(serve(listener, state.clone(), stop.clone()));
         Ok(Emulator {
             addr,

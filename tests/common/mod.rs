@@ -162,6 +162,8 @@ impl Harness {
         let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Reads the child's log until it closes stderr.
+        #[allow(clippy::disallowed_methods)]
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {

@@ -38,6 +38,8 @@ impl Receiver {
             answers.iter().copied().collect::<VecDeque<u16>>(),
         ));
         let (g, t) = (got.clone(), told.clone());
+        // Kept and aborted when the receiver is dropped.
+        #[allow(clippy::disallowed_methods)]
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -68,6 +70,8 @@ impl Receiver {
                         }
                     },
                 );
+                // One connection; it ends with the test's runtime.
+                #[allow(clippy::disallowed_methods)]
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
