@@ -28,7 +28,7 @@
 //! | [`jsonstream`] | splits a JSON array arriving in pieces (input files, downloads) |
 //! | [`plan`] | run ids, chunk names, chunking (pure) |
 //! | [`chunk`] | the chunk state machine: states carry their data (a download's page-by-page progress inside `Ready`); `next` is pure and table-tested, the only way a chunk's state changes |
-//! | [`store`] | durable state: typed, versioned records in sled (its only user; the records and their coding in `store::records`), an index of open chunks, learned build times; chunk inputs, run copies and dedup keys in files beside it; the generation counter and state-dir guard; `--recover` |
+//! | [`store`] | durable state: typed, versioned records in sled (its only user; the records and their coding in `store::records`), an index of open chunks, learned build times; chunk inputs, run copies and dedup keys in files beside it (`store::files`); the generation counter and state-dir guard; `--recover` |
 //! | [`intake`] | which files are jobs; a cheap stamp per job each scan, [`intake::Watch`] holding a job until it has settled and its run in progress has ended, then [`intake::settle`] on a thread of its own: content identity, checks, the plan (hashed as it is read) |
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
