@@ -116,89 +116,158 @@ pub fn write(
     new_rows: Option<&NewRows<'_>>,
 ) -> io::Result<Outputs> {
     let want = |f| formats.contains(&f);
-    let mut header: IndexSet<String> = IndexSet::new();
-    if want(OutputFormat::Csv) {
-        let mut columns = Columns::default();
-        for part in parts {
-            match part.columns {
-                Some(known) => columns.extend(known),
-                None => for_each_row(run_dir, &[part.index], |raw| columns.add_row(raw).map(drop))?,
-            }
-        }
-        header = columns.into_names();
-    }
-    let header_row: Vec<_> = header
-        .iter()
-        .map(|name| super::flatten::header_cell(name, escape_formulas))
-        .collect();
-    let header_row = header_row.iter().map(|c| c.as_bytes());
+    let header = match want(OutputFormat::Csv) {
+        true => csv_header(run_dir, parts)?,
+        false => IndexSet::new(),
+    };
     let parts: Vec<u32> = parts.iter().map(|p| p.index).collect();
-    let parts = parts.as_slice();
-    let mut parquet = want(OutputFormat::Parquet)
-        .then(|| -> io::Result<_> {
-            let mut schema = Schema::default();
-            for_each_row(run_dir, parts, |raw| {
-                if let Some(row) = data_row(raw)? {
-                    schema.learn(&row);
-                }
-                Ok(())
-            })?;
-            let file = AtomicFile::create(&run_dir.join(OutputFormat::Parquet.file_name()))?;
-            ParquetOut::create(file, schema)
-        })
-        .transpose()?;
+    let parquet = match want(OutputFormat::Parquet) {
+        true => Some(parquet_schema(run_dir, &parts)?),
+        false => None,
+    };
+    let mut writers = Writers::create(
+        run_dir,
+        formats,
+        parquet,
+        &header,
+        escape_formulas,
+        new_rows,
+    )?;
+    let mut cells = Cells {
+        record: vec![String::new(); header.len()],
+        cache: ColumnCache::default(),
+        header: &header,
+        escape_formulas,
+    };
+    for_each_row(run_dir, &parts, |raw| writers.row(raw, &mut cells))?;
+    writers.commit()
+}
 
-    let mut json = want(OutputFormat::Json)
-        .then(|| AtomicFile::create(&run_dir.join(OutputFormat::Json.file_name())))
-        .transpose()?;
-    let mut ndjson = want(OutputFormat::Ndjson)
-        .then(|| AtomicFile::create(&run_dir.join(OutputFormat::Ndjson.file_name())))
-        .transpose()?;
-    let mut csv = want(OutputFormat::Csv)
-        .then(|| -> io::Result<_> {
-            let file = AtomicFile::create(&run_dir.join(OutputFormat::Csv.file_name()))?;
-            let mut w = csv::WriterBuilder::new().from_writer(file);
-            if !header.is_empty() {
-                w.write_record(header_row.clone())
+/// The CSV header: the union of every part's columns in first-seen order,
+/// from the columns recorded at download or, for a part saved without
+/// them, a walk over it.
+fn csv_header(run_dir: &Path, parts: &[Part<'_>]) -> io::Result<IndexSet<String>> {
+    let mut columns = Columns::default();
+    for part in parts {
+        match part.columns {
+            Some(known) => columns.extend(known),
+            None => for_each_row(run_dir, &[part.index], |raw| columns.add_row(raw).map(drop))?,
+        }
+    }
+    Ok(columns.into_names())
+}
+
+/// `data.parquet`'s schema, learned from every data row before the first
+/// is written.
+fn parquet_schema(run_dir: &Path, parts: &[u32]) -> io::Result<Schema> {
+    let mut schema = Schema::default();
+    for_each_row(run_dir, parts, |raw| {
+        if let Some(row) = data_row(raw)? {
+            schema.learn(&row);
+        }
+        Ok(())
+    })?;
+    Ok(schema)
+}
+
+/// One row's CSV cells, made in the pass that also tells an error row.
+struct Cells<'a> {
+    record: Vec<String>,
+    cache: ColumnCache,
+    header: &'a IndexSet<String>,
+    escape_formulas: bool,
+}
+
+/// Every final file being written, and the counts the manifest needs.
+struct Writers<'a> {
+    csv: Option<csv::Writer<AtomicFile>>,
+    json: Option<AtomicFile>,
+    ndjson: Option<AtomicFile>,
+    parquet: Option<ParquetOut<AtomicFile>>,
+    errors: AtomicFile,
+    new_rows: Option<&'a NewRows<'a>>,
+    new_csv: Option<csv::Writer<AtomicFile>>,
+    new_ndjson: Option<AtomicFile>,
+    rows: u64,
+    error_rows: u64,
+    malformed_rows: u64,
+    new_count: u64,
+}
+
+impl<'a> Writers<'a> {
+    fn create(
+        run_dir: &Path,
+        formats: &[OutputFormat],
+        parquet: Option<Schema>,
+        header: &IndexSet<String>,
+        escape_formulas: bool,
+        new_rows: Option<&'a NewRows<'a>>,
+    ) -> io::Result<Writers<'a>> {
+        let want = |f| formats.contains(&f);
+        let create = |name: &str| AtomicFile::create(&run_dir.join(name));
+        let header_row: Vec<_> = header
+            .iter()
+            .map(|name| super::flatten::header_cell(name, escape_formulas))
+            .collect();
+        let csv_file = |name: &str| -> io::Result<csv::Writer<AtomicFile>> {
+            let mut w = csv::WriterBuilder::new().from_writer(create(name)?);
+            if !header_row.is_empty() {
+                w.write_record(header_row.iter().map(|c| c.as_bytes()))
                     .map_err(io::Error::other)?;
             }
             Ok(w)
-        })
-        .transpose()?;
-    let mut errors = AtomicFile::create(&run_dir.join("errors.ndjson"))?;
-    let mut new_ndjson = new_rows
-        .map(|_| AtomicFile::create(&run_dir.join("new.ndjson")))
-        .transpose()?;
-    let mut new_csv = match (new_rows, want(OutputFormat::Csv)) {
-        (Some(_), true) => {
-            let mut w = csv::WriterBuilder::new()
-                .from_writer(AtomicFile::create(&run_dir.join("new.csv"))?);
-            if !header.is_empty() {
-                w.write_record(header_row.clone())
-                    .map_err(io::Error::other)?;
-            }
-            Some(w)
+        };
+        let parquet = parquet
+            .map(|schema| ParquetOut::create(create(OutputFormat::Parquet.file_name())?, schema))
+            .transpose()?;
+        let mut json = want(OutputFormat::Json)
+            .then(|| create(OutputFormat::Json.file_name()))
+            .transpose()?;
+        if let Some(j) = json.as_mut() {
+            j.write_all(b"[")?;
         }
-        _ => None,
-    };
-    let mut new_count = 0u64;
-
-    if let Some(j) = json.as_mut() {
-        j.write_all(b"[")?;
+        let ndjson = want(OutputFormat::Ndjson)
+            .then(|| create(OutputFormat::Ndjson.file_name()))
+            .transpose()?;
+        let csv = want(OutputFormat::Csv)
+            .then(|| csv_file(OutputFormat::Csv.file_name()))
+            .transpose()?;
+        let errors = create("errors.ndjson")?;
+        let new_ndjson = new_rows.map(|_| create("new.ndjson")).transpose()?;
+        let new_csv = (new_rows.is_some() && want(OutputFormat::Csv))
+            .then(|| csv_file("new.csv"))
+            .transpose()?;
+        Ok(Writers {
+            csv,
+            json,
+            ndjson,
+            parquet,
+            errors,
+            new_rows,
+            new_csv,
+            new_ndjson,
+            rows: 0,
+            error_rows: 0,
+            malformed_rows: 0,
+            new_count: 0,
+        })
     }
-    let mut rows = 0u64;
-    let mut error_rows = 0u64;
-    let mut malformed_rows = 0u64;
-    let mut record = vec![String::new(); header.len()];
-    let mut cache = ColumnCache::default();
-    for_each_row(run_dir, parts, |raw| {
+
+    /// One row of a part file, to every file it belongs in.
+    fn row(&mut self, raw: &[u8], cells: &mut Cells<'_>) -> io::Result<()> {
         // With CSV, one parse gives the cells and says whether it is an
         // error row; without, a light probe says it.
-        let is_error = if csv.is_some() {
+        let is_error = if self.csv.is_some() {
+            let Cells {
+                record,
+                cache,
+                header,
+                escape_formulas,
+            } = cells;
             record.iter_mut().for_each(String::clear);
             cache.start_row();
-            flatten_raw(raw, escape_formulas, &mut |column, text| {
-                if let Some(i) = cache.index(&header, column) {
+            flatten_raw(raw, *escape_formulas, &mut |column, text| {
+                if let Some(i) = cache.index(header, column) {
                     record[i].clear();
                     record[i].push_str(text);
                 }
@@ -208,91 +277,92 @@ pub fn write(
             is_error_row(raw)?
         };
         if is_error {
-            error_rows += 1;
+            self.error_rows += 1;
             // The daemon writes its records with this beginning; a
             // provider row that copies it counts as one (documented).
             if raw.starts_with(super::part::MALFORMED_PREFIX) {
-                malformed_rows += 1;
+                self.malformed_rows += 1;
             }
-            errors.write_all(raw)?;
-            return errors.write_all(b"\n");
+            self.errors.write_all(raw)?;
+            return self.errors.write_all(b"\n");
         }
-        if let Some(j) = json.as_mut() {
-            j.write_all(if rows == 0 { b"\n" } else { b",\n" })?;
+        if let Some(j) = self.json.as_mut() {
+            j.write_all(if self.rows == 0 { b"\n" } else { b",\n" })?;
             j.write_all(raw)?;
         }
-        if let Some(n) = ndjson.as_mut() {
+        if let Some(n) = self.ndjson.as_mut() {
             n.write_all(raw)?;
             n.write_all(b"\n")?;
         }
-        let parsed = (new_rows.is_some() || parquet.is_some())
+        let parsed = (self.new_rows.is_some() || self.parquet.is_some())
             .then(|| parse(raw))
             .transpose()?;
-        if let Some(w) = csv.as_mut() {
-            w.write_record(&record).map_err(io::Error::other)?;
+        if let Some(w) = self.csv.as_mut() {
+            w.write_record(&cells.record).map_err(io::Error::other)?;
         }
-        if let (Some(dedup), Some(row)) = (new_rows, parsed.as_ref()) {
+        if let (Some(dedup), Some(row)) = (self.new_rows, parsed.as_ref()) {
             if dedup.is_new(row) {
-                new_count += 1;
-                if let Some(n) = new_ndjson.as_mut() {
+                self.new_count += 1;
+                if let Some(n) = self.new_ndjson.as_mut() {
                     n.write_all(raw)?;
                     n.write_all(b"\n")?;
                 }
-                if let Some(w) = new_csv.as_mut() {
-                    // `record` holds this row's cells from the CSV pass above.
-                    w.write_record(&record).map_err(io::Error::other)?;
+                if let Some(w) = self.new_csv.as_mut() {
+                    // `cells` holds this row's cells from the CSV pass above.
+                    w.write_record(&cells.record).map_err(io::Error::other)?;
                 }
             }
         }
-        if let (Some(p), Some(row)) = (parquet.as_mut(), parsed) {
+        if let (Some(p), Some(row)) = (self.parquet.as_mut(), parsed) {
             p.row(row, raw.len())?;
         }
-        rows += 1;
+        self.rows += 1;
         Ok(())
-    })?;
+    }
 
-    let mut out = Vec::new();
-    let mut done = |name: &str, rows: u64, file: AtomicFile| -> io::Result<()> {
-        let written = file.commit()?;
-        out.push(OutputFile {
-            file: name.to_string(),
-            rows,
-            bytes: written.bytes,
-            sha256: written.sha256,
-        });
-        Ok(())
-    };
-    if let Some(w) = csv {
-        let file = w
-            .into_inner()
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        done(OutputFormat::Csv.file_name(), rows, file)?;
+    /// Makes every file durable, in the manifest's order.
+    fn commit(self) -> io::Result<Outputs> {
+        let mut out = Vec::new();
+        let mut done = |name: &str, rows: u64, file: AtomicFile| -> io::Result<()> {
+            let written = file.commit()?;
+            out.push(OutputFile {
+                file: name.to_string(),
+                rows,
+                bytes: written.bytes,
+                sha256: written.sha256,
+            });
+            Ok(())
+        };
+        let into_file = |w: csv::Writer<AtomicFile>| {
+            w.into_inner().map_err(|e| io::Error::other(e.to_string()))
+        };
+        let rows = self.rows;
+        if let Some(w) = self.csv {
+            done(OutputFormat::Csv.file_name(), rows, into_file(w)?)?;
+        }
+        if let Some(mut j) = self.json {
+            j.write_all(if rows == 0 { b"]\n" } else { b"\n]\n" })?;
+            done(OutputFormat::Json.file_name(), rows, j)?;
+        }
+        if let Some(n) = self.ndjson {
+            done(OutputFormat::Ndjson.file_name(), rows, n)?;
+        }
+        if let Some(p) = self.parquet {
+            let written = p.rows;
+            done(OutputFormat::Parquet.file_name(), written, p.finish()?)?;
+        }
+        done("errors.ndjson", self.error_rows, self.errors)?;
+        if let Some(w) = self.new_csv {
+            done("new.csv", self.new_count, into_file(w)?)?;
+        }
+        if let Some(n) = self.new_ndjson {
+            done("new.ndjson", self.new_count, n)?;
+        }
+        Ok(Outputs {
+            files: out,
+            malformed_rows: self.malformed_rows,
+        })
     }
-    if let Some(mut j) = json {
-        j.write_all(if rows == 0 { b"]\n" } else { b"\n]\n" })?;
-        done(OutputFormat::Json.file_name(), rows, j)?;
-    }
-    if let Some(n) = ndjson {
-        done(OutputFormat::Ndjson.file_name(), rows, n)?;
-    }
-    if let Some(p) = parquet {
-        let written = p.rows;
-        done(OutputFormat::Parquet.file_name(), written, p.finish()?)?;
-    }
-    done("errors.ndjson", error_rows, errors)?;
-    if let Some(w) = new_csv {
-        let file = w
-            .into_inner()
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        done("new.csv", new_count, file)?;
-    }
-    if let Some(n) = new_ndjson {
-        done("new.ndjson", new_count, n)?;
-    }
-    Ok(Outputs {
-        files: out,
-        malformed_rows,
-    })
 }
 
 #[cfg(test)]
