@@ -56,6 +56,20 @@ pub struct Config {
     pub notify: Vec<NotifyConfig>,
 }
 
+/// Every event a notification target can be told of (its `events`
+/// filter names them), in the order `docs/notifications.md` lists them.
+pub const EVENTS: &[&str] = &[
+    "run.complete",
+    "run.partial",
+    "run.failed",
+    "run.cancelled",
+    "expiry.warning",
+    "expiry.error",
+    "expiry.lost",
+    "provider.blocked",
+    "upload.failing",
+];
+
 /// One notification target: a URL to POST to, or a command to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -503,10 +517,10 @@ impl Config {
                 }
             }
             for event in n.events.iter().flatten() {
-                if !crate::notify::EVENTS.contains(&event.as_str()) {
+                if !EVENTS.contains(&event.as_str()) {
                     return Err(ConfigError::Invalid(format!(
                         "{name}.events: '{event}' is not one of {}",
-                        crate::notify::EVENTS.join(", ")
+                        EVENTS.join(", ")
                     )));
                 }
             }

@@ -31,19 +31,6 @@ use crate::chunk::UnixMs;
 use crate::config::{ConfigError, NotifyConfig, NotifyFormat};
 use crate::store::{OutboxRecord, Store};
 
-/// Every event, in the order `docs/notifications.md` lists them.
-pub const EVENTS: &[&str] = &[
-    "run.complete",
-    "run.partial",
-    "run.failed",
-    "run.cancelled",
-    "expiry.warning",
-    "expiry.error",
-    "expiry.lost",
-    "provider.blocked",
-    "upload.failing",
-];
-
 /// How long an event is tried before it is dropped.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Events waiting at most; past this a new event is dropped (and logged):

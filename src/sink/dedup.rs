@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::outputs::for_each_row;
+use super::part::for_each_row;
 
 /// The hash of the value at `path` (`a.b.c`) in `row`; `None` when the row
 /// has no such value (null counts as none). Such rows are always new.

@@ -7,8 +7,7 @@
 //! needs its schema before its first row: a walk over all parts learns it
 //! first ([`super::parquet`]).
 
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::Path;
 
 use indexmap::IndexSet;
@@ -19,8 +18,8 @@ use super::columns::{ColumnCache, Columns};
 use super::dedup::NewRows;
 use super::flatten::flatten_raw;
 use super::parquet::{ParquetOut, Schema};
-use super::part::part_path;
-use super::{is_error_row, AtomicFile, DropBehind};
+use super::part::for_each_row;
+use super::{is_error_row, AtomicFile};
 use crate::spec::OutputFormat;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,44 +28,6 @@ pub struct OutputFile {
     pub rows: u64,
     pub bytes: u64,
     pub sha256: String,
-}
-
-/// Calls `row(raw)` for every row of the given parts, in order.
-pub(crate) fn for_each_row(
-    run_dir: &Path,
-    parts: &[u32],
-    mut row: impl FnMut(&[u8]) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut line = Vec::with_capacity(8192);
-    for &index in parts {
-        let path = part_path(run_dir, index);
-        let mut reader = BufReader::with_capacity(
-            256 * 1024,
-            File::open(&path)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
-        );
-        // Parts are read once per pass, front to back: what is read goes
-        // from the page cache as it would when written.
-        let mut behind = DropBehind::default();
-        let mut at = 0u64;
-        loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 {
-                break;
-            }
-            at += n as u64;
-            if behind.due(at) {
-                behind.advance(reader.get_ref(), at);
-            }
-            let raw = line.strip_suffix(b"\n").unwrap_or(&line);
-            if raw.is_empty() {
-                continue;
-            }
-            row(raw)?;
-        }
-    }
-    Ok(())
 }
 
 fn parse(raw: &[u8]) -> io::Result<Value> {

@@ -2,11 +2,12 @@
 //! written as they stream in and made durable before the chunk is marked
 //! downloaded (`docs/durability.md`).
 
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use super::columns::Columns;
-use super::{AtomicFile, Written};
+use super::{AtomicFile, DropBehind, Written};
 use crate::provider::RowSink;
 
 pub fn parts_dir(run_dir: &Path) -> PathBuf {
@@ -53,6 +54,44 @@ pub fn join_pages(run_dir: &Path, index: u32, pages: u32) -> io::Result<()> {
     out.commit()?;
     for path in &paths {
         let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Calls `row(raw)` for every row of the given parts, in order.
+pub(crate) fn for_each_row(
+    run_dir: &Path,
+    parts: &[u32],
+    mut row: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut line = Vec::with_capacity(8192);
+    for &index in parts {
+        let path = part_path(run_dir, index);
+        let mut reader = BufReader::with_capacity(
+            256 * 1024,
+            File::open(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+        );
+        // Parts are read once per pass, front to back: what is read goes
+        // from the page cache as it would when written.
+        let mut behind = DropBehind::default();
+        let mut at = 0u64;
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            at += n as u64;
+            if behind.due(at) {
+                behind.advance(reader.get_ref(), at);
+            }
+            let raw = line.strip_suffix(b"\n").unwrap_or(&line);
+            if raw.is_empty() {
+                continue;
+            }
+            row(raw)?;
+        }
     }
     Ok(())
 }
