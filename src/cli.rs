@@ -44,6 +44,10 @@ pub enum Command {
     Validate {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// One JSON document on stdout: every file, valid or not, with its
+        /// problems (and, for Firecrawl jobs, the credits it should cost).
+        #[arg(long)]
+        json: bool,
     },
     /// Show jobs, their latest runs and next due times (from the running daemon).
     Status {
@@ -86,9 +90,9 @@ pub enum Command {
 /// Runs a parsed command; returns the exit code.
 pub fn execute(cli: Cli) -> u8 {
     match cli.command {
-        Command::Validate { files } => {
+        Command::Validate { files, json } => {
             init_logging(None);
-            validate(&files)
+            validate(&files, json)
         }
         Command::Status { job, json, config } => {
             init_logging(None);
@@ -221,24 +225,86 @@ pub fn init_logging(format: Option<LogFormat>) {
     crate::logging::init(format);
 }
 
-fn validate(files: &[PathBuf]) -> u8 {
+/// `validate --json`: `{"files": [...]}`.
+#[derive(serde::Serialize)]
+struct Validated {
+    files: Vec<ValidatedFile>,
+}
+
+#[derive(serde::Serialize)]
+struct ValidatedFile {
+    file: String,
+    valid: bool,
+    problems: Vec<ValidatedProblem>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inputs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunks: Option<u64>,
+    /// Firecrawl jobs only ([`crate::spec::JobSpec::credits_estimate`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits_estimate: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct ValidatedProblem {
+    line: Option<usize>,
+    field: Option<String>,
+    message: String,
+}
+
+fn validate(files: &[PathBuf], json: bool) -> u8 {
     let mut invalid = 0;
+    let mut report = Validated { files: Vec::new() };
     for file in files {
+        let mut entry = ValidatedFile {
+            file: file.display().to_string(),
+            valid: true,
+            problems: Vec::new(),
+            inputs: None,
+            chunks: None,
+            credits_estimate: None,
+        };
         match crate::spec::load(file) {
             Ok((spec, inputs)) => {
                 let chunks = inputs.div_ceil(u64::from(spec.chunk_size));
-                println!(
-                    "{}: ok ({} {}, {inputs} inputs in {chunks} chunk(s))",
-                    file.display(),
-                    spec.provider,
-                    spec.key
-                );
+                let credits = spec.credits_estimate(inputs);
+                if !json {
+                    let cost = credits
+                        .map(|c| format!(", about {c} Firecrawl credit(s)"))
+                        .unwrap_or_default();
+                    println!(
+                        "{}: ok ({} {}, {inputs} inputs in {chunks} chunk(s){cost})",
+                        file.display(),
+                        spec.provider,
+                        spec.key
+                    );
+                }
+                (entry.inputs, entry.chunks) = (Some(inputs), Some(chunks));
+                entry.credits_estimate = credits;
             }
             Err(problems) => {
                 invalid += 1;
+                entry.valid = false;
                 for p in problems {
-                    eprintln!("{p}");
+                    if !json {
+                        eprintln!("{p}");
+                    }
+                    entry.problems.push(ValidatedProblem {
+                        line: p.line,
+                        field: p.field,
+                        message: p.message,
+                    });
                 }
+            }
+        }
+        report.files.push(entry);
+    }
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("harvestd: {e}");
+                return exit::FAILURE;
             }
         }
     }
@@ -363,7 +429,7 @@ async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
     let list = match job {
         Some(_) => serde_json::from_str::<JobView>(&text).map(|j| JobList {
             jobs: vec![j],
-            providers: Vec::new(),
+            ..JobList::default()
         }),
         None => serde_json::from_str::<JobList>(&text),
     };
@@ -386,6 +452,12 @@ async fn status(admin: &Admin, job: Option<&str>, json: bool) -> u8 {
             );
         }
     }
+    if let Some(u) = &list.undelivered {
+        println!(
+            "notifications UNDELIVERED: {} since {}, retried for 24 h; last: {} to {}: {}",
+            u.count, u.oldest_at, u.event, u.target, u.last_error
+        );
+    }
     exit::OK
 }
 
@@ -397,6 +469,7 @@ pub fn status_table(jobs: &[JobView]) -> String {
         "STATE".into(),
         "CHUNKS".into(),
         "ROWS".into(),
+        "CREDITS".into(),
         "NEXT RUN".into(),
         "LAST ERROR".into(),
     ]];
@@ -430,11 +503,13 @@ pub fn status_table(jobs: &[JobView]) -> String {
                 format!("{done}/{}", r.chunks_total)
             }),
             run.map_or("-".into(), |r| r.rows.to_string()),
+            run.and_then(|r| r.credits_used)
+                .map_or("-".into(), |c| c.to_string()),
             j.next_due.clone().unwrap_or_else(|| "-".into()),
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

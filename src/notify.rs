@@ -177,11 +177,26 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(secret)
 }
 
+/// Notifications that have failed at least one attempt and are still
+/// being retried (`docs/notifications.md`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Undelivered {
+    pub count: u64,
+    /// When the oldest of them was raised.
+    pub oldest_at: String,
+    /// The one tried last: its event, target and why it failed.
+    pub event: String,
+    pub target: String,
+    pub last_error: String,
+}
+
 /// `harvestd_notifications_total{event,outcome}` and the waiting gauge.
 #[derive(Default)]
 struct Stats {
     outcomes: Mutex<BTreeMap<(String, &'static str), u64>>,
     waiting: AtomicU64,
+    /// What `status` shows of the failing ones, as of the sender's last look.
+    undelivered: Mutex<Option<Undelivered>>,
 }
 
 impl Stats {
@@ -349,6 +364,11 @@ impl Notifier {
         self.stats
             .waiting
             .store(waiting.len() as u64, Ordering::Relaxed);
+        *self
+            .stats
+            .undelivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.undelivered_of(&waiting);
         let now = crate::clock::now_ms();
         // An event is durable before its first attempt.
         if waiting.iter().any(|r| r.attempts == 0) {
@@ -396,6 +416,34 @@ impl Notifier {
         next
     }
 
+    /// The waiting notifications that have failed an attempt, summed up.
+    fn undelivered_of(&self, waiting: &[OutboxRecord]) -> Option<Undelivered> {
+        let failing: Vec<&OutboxRecord> = waiting.iter().filter(|r| r.attempts > 0).collect();
+        let oldest = failing.iter().map(|r| r.first_at).min()?;
+        let last = failing.iter().max_by_key(|r| r.next_at)?;
+        let target = self
+            .targets
+            .iter()
+            .find(|t| t.id == last.target)
+            .map_or("?", |t| t.label.as_str());
+        Some(Undelivered {
+            count: failing.len() as u64,
+            oldest_at: crate::clock::timestamp(oldest),
+            event: last.event.clone(),
+            target: target.to_string(),
+            last_error: last.last_error.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Notifications tried and not delivered yet, for `status`.
+    pub fn undelivered(&self) -> Option<Undelivered> {
+        self.stats
+            .undelivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn finished(&self, mut record: OutboxRecord, result: Result<(), String>) {
         let now = crate::clock::now_ms();
         let label = self
@@ -425,6 +473,25 @@ impl Notifier {
                 );
                 record.attempts += 1;
                 record.next_at = now.saturating_add(crate::clock::millis(wait));
+                // `status` shows it from now on, before the log says so;
+                // the sender's next look recounts them all.
+                {
+                    let mut shown = self
+                        .stats
+                        .undelivered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let u = shown.get_or_insert_with(|| Undelivered {
+                        oldest_at: crate::clock::timestamp(record.first_at),
+                        ..Undelivered::default()
+                    });
+                    if record.attempts == 1 {
+                        u.count += 1;
+                    }
+                    u.event = record.event.clone();
+                    u.target = label.to_string();
+                    u.last_error = why.clone();
+                }
                 warn!(event = record.event, id = record.id, target = label,
                     attempt = record.attempts, error = %why, retry_in = ?wait,
                     "notification not delivered; will retry");

@@ -99,7 +99,7 @@ async fn a_failed_run_is_told_signed_through_500s_with_one_id_and_slack_gets_its
 /// a `kill -9`, and the receiver back, the next start delivers it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_survives_kill_9_while_the_receiver_is_down() {
-    let h =
+    let mut h =
         Harness::new("[defaults]\nbuild_time = \"100ms\"\n[collectors.c_broken002]\nfail = true\n")
             .await;
     // A port nobody listens on, until the receiver starts on it.
@@ -111,9 +111,24 @@ async fn an_event_survives_kill_9_while_the_receiver_is_down() {
         "[[notify]]\nurl = \"http://{port}/hook\"\nevents = [\"run.failed\"]\n"
     ));
     h.write_job("broken.toml", &studio_job("c_broken002"));
+    h.env = vec![("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into())];
     let mut d = h.start_daemon().await;
     d.wait_for_line("notification not delivered; will retry")
         .await;
+    // `status` says what is not delivered, and why.
+    let (code, out, _) = h.run(&["status", "--json"]).await;
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let undelivered = &status["undelivered"];
+    assert_eq!(undelivered["count"], 1, "{status}");
+    assert_eq!(undelivered["event"], "run.failed");
+    assert!(
+        !undelivered["last_error"].as_str().unwrap().is_empty(),
+        "{status}"
+    );
+    let (_, table, _) = h.run(&["status"]).await;
+    assert!(table.contains("notifications UNDELIVERED: 1"), "{table}");
+    assert!(!table.contains("/hook"), "a webhook's path is not shown");
     d.signal(9);
     d.wait().await;
 

@@ -55,6 +55,7 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
         Just(r#"{"success":true,"id":"..","invalidURLs":[1,{}]}"#.to_string()),
         Just(r#"{"status":"completed","completed":18446744073709551615,"next":"http://x/?skip=18446744073709551615","data":[{"a":1},"x",[[[]]]],"completedAt":"9999-12-31T23:59:59Z"}"#.to_string()),
         Just(r#"{"parts":18446744073709551615}"#.to_string()),
+        Just(r#"{"success":true,"status":"completed","creditsUsed":-1e400,"data":[]}"#.to_string()),
         Just(r#"[{"a":1},{"b":"\xff"},1,"s",null,[[[[[[[]]]]]]]]"#.to_string()),
         Just("{\"a\":1}\n{\"b\":\n\n[1,2]\n\"x\"".to_string()),
         Just(format!("[{}", "[".repeat(5000))),
@@ -253,4 +254,36 @@ async fn retry_after_of_u64_max_on_a_poll_is_an_error_not_a_panic() {
     let pause = client.http().gate.paused().unwrap();
     assert!(pause.left <= Duration::from_secs(3600), "{pause:?}");
     assert!(pause.reason.contains("18446744073709551615"), "{pause:?}");
+}
+
+/// Firecrawl's `creditsUsed` is recorded as sent when it is a count, and
+/// as "not reported" otherwise (`-1` when billing is unreadable, or a
+/// value of the wrong type): never a failed poll.
+#[tokio::test]
+async fn firecrawl_credits_used_is_read_leniently() {
+    for (sent, want) in [
+        ("12", Some(12)),
+        ("0", Some(0)),
+        ("-1", None),
+        ("1.5", None),
+        ("\"12\"", None),
+        ("null", None),
+    ] {
+        let body = format!(
+            r#"{{"success":true,"status":"completed","completed":1,"total":1,"creditsUsed":{sent},"data":[]}}"#
+        );
+        let base = serve(Answer {
+            status: 200,
+            headers: Vec::new(),
+            body: body.into_bytes(),
+        })
+        .await;
+        let client = clients(&base).pop().unwrap();
+        match client.poll("account", "j_1").await {
+            Ok(harvestd::provider::PollOutcome::Ready { credits_used, .. }) => {
+                assert_eq!(credits_used, want, "creditsUsed {sent}");
+            }
+            other => panic!("creditsUsed {sent}: {other:?}"),
+        }
+    }
 }

@@ -563,3 +563,96 @@ async fn web_scraper_lost_trigger_answers_are_found_by_their_inputs() {
     assert!(stats.requests["v3_snapshots"] >= 3, "{stats:?}");
     assert!(stats.requests["v3_input"] >= 2, "{stats:?}");
 }
+
+/// What a Firecrawl run cost is what Firecrawl reported: per chunk and per
+/// run in the manifest, in `status` and in `/metrics`; `validate` said it
+/// beforehand. Bright Data reports nothing, and its manifest says `null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecrawl_credits_are_recorded_per_chunk_and_run_and_estimated_beforehand() {
+    let mut h = Harness::new(
+        "[defaults]\nbuild_time = \"100ms\"\n[firecrawl]\nbuild_time = \"100ms\"\nfail_every = 5\n",
+    )
+    .await;
+    write_urls(&h, "docs.txt", &doc_urls(30));
+    h.write_job(
+        "docs.toml",
+        &firecrawl_job("docs.txt", 10, "[params]\nformats = [\"markdown\"]\n"),
+    );
+    h.write_inputs("in.csv", 4);
+    h.write_job(
+        "studio.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_credits001\"\ninputs_file = \"in.csv\"\nchunk_size = 2\n",
+    );
+    let extract = "[params]\nformats = [{ type = \"json\", prompt = \"the title\" }]\n";
+    h.write_job("extract.json.toml", &firecrawl_job("docs.txt", 10, extract));
+
+    // Before anything is paid: a credit a page, five with a JSON format.
+    let job = |name: &str| h.path("jobs").join(name).display().to_string();
+    let (code, out, err) = h
+        .run(&["validate", "--json", &job("docs.toml"), &job("studio.toml")])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let files = report["files"].as_array().unwrap();
+    assert_eq!(files[0]["valid"], true, "{report}");
+    assert_eq!(files[0]["problems"], serde_json::json!([]));
+    assert_eq!(files[0]["inputs"], 30);
+    assert_eq!(files[0]["chunks"], 3);
+    assert_eq!(files[0]["credits_estimate"], 30, "{report}");
+    assert!(files[1].get("credits_estimate").is_none(), "{report}");
+    let (_, out, _) = h.run(&["validate", &job("extract.json.toml")]).await;
+    assert!(out.contains("about 150 Firecrawl credit(s)"), "{out}");
+
+    h.env = vec![("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into())];
+    let mut d = h.start_with(&["run"]).await;
+    for _ in 0..3 {
+        d.wait_for_line("run complete").await;
+    }
+    // The emulator bills each saved page once, as Firecrawl does.
+    let manifest = h.manifest("docs");
+    let docs = rows(&h.run_dir("docs").join("data.ndjson")).len() as u64;
+    assert_eq!(docs, 30 - 6, "every fifth URL fails");
+    assert_eq!(manifest["credits_used"], docs, "{manifest}");
+    let per_chunk: u64 = manifest["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["credits_used"].as_u64().expect("each chunk's credits"))
+        .sum();
+    assert_eq!(per_chunk, docs);
+    let extract = h.manifest("extract.json");
+    assert_eq!(extract["credits_used"], docs * 5, "{extract}");
+    let studio = h.manifest("studio");
+    assert_eq!(studio["credits_used"], Value::Null, "{studio}");
+    assert_eq!(studio["chunks"][0]["credits_used"], Value::Null);
+
+    let (code, out, _) = h.run(&["status", "--json"]).await;
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let run_of = |name: &str| {
+        status["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["job"] == name)
+            .map(|j| j["latest_run"].clone())
+            .unwrap()
+    };
+    assert_eq!(run_of("docs")["credits_used"], docs, "{status}");
+    assert_eq!(run_of("studio")["credits_used"], Value::Null);
+    let (_, table, _) = h.run(&["status"]).await;
+    assert!(table.lines().next().unwrap().contains("CREDITS"), "{table}");
+
+    let addr = std::fs::read_to_string(h.path("state/admin.addr")).unwrap();
+    let metrics = reqwest::get(format!("http://{}/metrics", addr.trim()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let total = docs * 6;
+    let line = format!("harvestd_credits_used_total{{provider=\"firecrawl\"}} {total}");
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}

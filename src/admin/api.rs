@@ -5,11 +5,16 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::notify::Undelivered;
+
 /// `GET /v1/jobs`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
     pub providers: Vec<ProviderView>,
+    /// Notifications tried and not delivered yet; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undelivered: Option<Undelivered>,
 }
 
 /// One job: `GET /v1/jobs/{job}`, and each entry of [`JobList::jobs`].
@@ -53,6 +58,10 @@ pub struct RunView {
     pub finished_at: Option<String>,
     /// Why a chunk is held up, while one is.
     pub last_error: Option<String>,
+    /// Credits the provider reported for the run's collections so far
+    /// (Firecrawl); `null` where it reports none.
+    #[serde(default)]
+    pub credits_used: Option<u64>,
     /// The first unsaved ready dataset to expire, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry: Option<ExpiryView>,

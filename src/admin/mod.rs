@@ -444,6 +444,7 @@ fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkDigest) -
         started_at: timestamp(run.started_at),
         finished_at: run.finished_at.map(timestamp),
         last_error: chunks.last_error.clone(),
+        credits_used: chunks.credits_used,
         expiry: None,
     };
     if let Some(ctx) = ctx {
@@ -607,7 +608,16 @@ async fn all_jobs(state: &AdminState) -> Result<String, String> {
     // current at every answer.
     let providers =
         serde_json::to_string(&provider_views(&state.accounts.per_kind())).unwrap_or_default();
-    Ok(format!("{{\"jobs\":{jobs},\"providers\":{providers}}}"))
+    let undelivered = match state.accounts.notify.undelivered() {
+        Some(u) => format!(
+            ",\"undelivered\":{}",
+            serde_json::to_string(&u).unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    Ok(format!(
+        "{{\"jobs\":{jobs},\"providers\":{providers}{undelivered}}}"
+    ))
 }
 
 /// `GET /v1/jobs/{job}`: one job with its runs, if the daemon knows it.
@@ -705,6 +715,9 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
     let _ = writeln!(out, "harvestd_in_doubt_total{{settled=\"any\"}} {in_doubt}\nharvestd_in_doubt_total{{settled=\"found\"}} {found}\nharvestd_in_doubt_total{{settled=\"not_created\"}} {not_created}\nharvestd_in_doubt_total{{settled=\"unreachable\"}} {unreachable}");
     let _ = writeln!(out, "# HELP harvestd_rows_written_total Data rows written to final files.\n# TYPE harvestd_rows_written_total counter\nharvestd_rows_written_total {rows}");
     let _ = writeln!(out, "# HELP harvestd_bytes_written_total Bytes of final files written.\n# TYPE harvestd_bytes_written_total counter\nharvestd_bytes_written_total {bytes}");
+    // Only Firecrawl reports what a collection cost.
+    let credits = k.credits_used.load(Ordering::Relaxed);
+    let _ = writeln!(out, "# HELP harvestd_credits_used_total Credits the provider reported for collections that became ready.\n# TYPE harvestd_credits_used_total counter\nharvestd_credits_used_total{{provider=\"firecrawl\"}} {credits}");
     let _ = writeln!(out, "# HELP harvestd_earliest_expiry_seconds Seconds until the first unsaved ready dataset expires (absent when none).\n# TYPE harvestd_earliest_expiry_seconds gauge");
     if let Some(left) = earliest_expiry {
         let _ = writeln!(out, "harvestd_earliest_expiry_seconds {}", left / 1000);

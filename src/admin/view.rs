@@ -39,6 +39,9 @@ pub struct ChunkSummary {
     pub errors: BTreeMap<u32, String>,
     /// Ready, unsaved datasets: chunk index → expiry on the provider's clock.
     pub ready: BTreeMap<u32, UnixMs>,
+    /// Credits reported per chunk (Firecrawl's only: empty for Bright Data,
+    /// so it costs its runs nothing).
+    pub credits: BTreeMap<u32, u64>,
 }
 
 impl ChunkSummary {
@@ -77,6 +80,10 @@ impl ChunkSummary {
                 self.ready.remove(&chunk.index);
             }
         }
+        match chunk.credits_used {
+            Some(credits) => self.credits.insert(chunk.index, credits),
+            None => self.credits.remove(&chunk.index),
+        };
     }
 
     /// Chunks by state name.
@@ -106,6 +113,7 @@ pub struct ChunkDigest {
     pub rows: u64,
     pub last_error: Option<String>,
     pub ready: BTreeMap<u32, UnixMs>,
+    pub credits_used: Option<u64>,
 }
 
 impl ChunkSummary {
@@ -115,6 +123,7 @@ impl ChunkSummary {
             rows: self.rows(),
             last_error: self.last_error().cloned(),
             ready: self.ready.clone(),
+            credits_used: self.credits.values().copied().reduce(u64::saturating_add),
         }
     }
 }

@@ -76,6 +76,9 @@ pub(crate) struct Batch {
     urls: Vec<UrlJob>,
     served: Arc<AtomicBool>,
     scenario: FirecrawlScenario,
+    /// Credits billed per saved page: 1, or 5 with a JSON (extraction)
+    /// format, as self-hosted Firecrawl counts `creditsUsed`.
+    page_cost: usize,
 }
 
 impl Batch {
@@ -411,6 +414,15 @@ async fn submit(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         .map(|(k, v)| (k.clone(), v.to_string()))
         .collect();
     params.insert("version".into(), format!("v{version}"));
+    let extraction = |f: &Value| match f {
+        Value::String(s) => s == "json" || s == "extract",
+        Value::Object(o) => o.get("type").and_then(Value::as_str) == Some("json"),
+        _ => false,
+    };
+    let page_cost = match body.get("formats").and_then(Value::as_array) {
+        Some(formats) if formats.iter().any(extraction) => 5,
+        _ => 1,
+    };
     state.in_flight(ACCOUNT, 1);
     state.bill(LedgerEntry {
         provider: "firecrawl".into(),
@@ -434,6 +446,7 @@ async fn submit(state: &Arc<State>, req: Request<Incoming>) -> Reply {
                 urls: jobs,
                 served: Arc::new(AtomicBool::new(false)),
                 scenario,
+                page_cost,
             },
         );
     let mut answer = json!({
@@ -543,7 +556,7 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
             "status": status,
             "completed": docs.len(),
             "total": total,
-            "creditsUsed": docs.len(),
+            "creditsUsed": docs.len() * batch.page_cost,
             "expiresAt": super::iso((now / 1000 + 24 * 3600) * 1000),
             "data": data,
         });

@@ -53,6 +53,10 @@ struct Page<'a> {
     #[serde(rename = "completedAt")]
     completed_at: Option<String>,
     next: Option<String>,
+    /// Read leniently: `-1` (billing unreadable), a fraction or a string
+    /// is "not reported", never a failed poll.
+    #[serde(rename = "creditsUsed", default)]
+    credits_used: Option<Value>,
     #[serde(borrow, default)]
     data: Vec<&'a RawValue>,
     error: Option<String>,
@@ -503,6 +507,7 @@ impl Provider for Firecrawl {
                     .map(|t| t.saturating_add(crate::clock::millis(RETENTION)))
                     .or_else(|| page.expires_at.as_deref().and_then(parse_time)),
                 start: None,
+                credits_used: page.credits_used.as_ref().and_then(Value::as_u64),
             },
             "cancelled" => PollOutcome::Cancelled,
             // scraping, and words not seen before.

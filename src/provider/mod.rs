@@ -75,6 +75,9 @@ pub enum PollOutcome {
         expires_at: Option<UnixMs>,
         /// Where the download starts (`None`: the whole dataset at once).
         start: Option<Cursor>,
+        /// What the collection cost, as the provider reports it (Firecrawl's
+        /// `creditsUsed`; `None` where it reports nothing, or `-1`).
+        credits_used: Option<u64>,
     },
     Failed(String),
     Cancelled,

@@ -170,6 +170,7 @@ impl Provider for ScraperStudio {
             "done" => PollOutcome::Ready {
                 expires_at: None,
                 start: None,
+                credits_used: None,
             },
             "failed" => PollOutcome::Failed(
                 value

@@ -275,6 +275,7 @@ impl Provider for WebScraper {
             "ready" => PollOutcome::Ready {
                 expires_at: None,
                 start: self.start(value.get("records").and_then(Value::as_u64)),
+                credits_used: None,
             },
             "failed" => PollOutcome::Failed(
                 value

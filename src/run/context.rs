@@ -25,6 +25,9 @@ pub struct Counters {
     pub in_doubt_unreachable: AtomicU64,
     pub rows_written: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Credits the provider reported for collections that became ready
+    /// (Firecrawl's `creditsUsed`; Bright Data reports none).
+    pub credits_used: AtomicU64,
     /// Unix ms of the last successful status poll.
     pub last_poll_ok: std::sync::atomic::AtomicI64,
 }

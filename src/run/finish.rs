@@ -254,6 +254,7 @@ fn write_outputs(
         rows,
         error_rows,
         malformed_rows,
+        credits_used: credits_used(chunks),
         chunks: chunks.iter().map(manifest_chunk).collect(),
         outputs,
     };
@@ -264,7 +265,7 @@ fn write_outputs(
         error_rows,
         malformed_rows,
         chunks_failed: (chunks.len() - parts.len()) as u64,
-        credits_used: None,
+        credits_used: manifest.credits_used,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
     crate::sink::write_file(&dir.join("manifest.json"), &json)?;
@@ -282,6 +283,15 @@ fn write_outputs(
     Ok((bytes, counts))
 }
 
+/// The credits reported for a run's chunks, summed; `None` when no chunk
+/// has any (a provider that reports none, or no collection got ready).
+pub(crate) fn credits_used(chunks: &[ChunkRecord]) -> Option<u64> {
+    chunks
+        .iter()
+        .filter_map(|c| c.credits_used)
+        .reduce(u64::saturating_add)
+}
+
 fn manifest_chunk(c: &ChunkRecord) -> ManifestChunk {
     let ts = |ms: &UnixMs| Some(clock::timestamp(*ms));
     let mut m = ManifestChunk {
@@ -294,6 +304,7 @@ fn manifest_chunk(c: &ChunkRecord) -> ManifestChunk {
         ready_at: None,
         downloaded_at: None,
         expires_at: None,
+        credits_used: c.credits_used,
         error: None,
     };
     match &c.state {

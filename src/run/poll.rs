@@ -25,7 +25,11 @@ impl ChunkDriver {
                 self.attempt = 0;
                 self.clear_error();
             }
-            Ok(PollOutcome::Ready { expires_at, start }) => {
+            Ok(PollOutcome::Ready {
+                expires_at,
+                start,
+                credits_used,
+            }) => {
                 let now = clock::now_ms();
                 // Scraper Studio and the Web Scraper API name no deadline:
                 // retention counts from now on the provider's clock.
@@ -44,6 +48,14 @@ impl ChunkDriver {
                     .record_build_time(&self.run.spec.key, built)?;
                 self.key.learn_builds(&samples);
                 self.rec.last_error = None;
+                // Recorded with the ready state, by the same write.
+                if let Some(credits) = credits_used {
+                    self.rec.credits_used = Some(credits);
+                    self.ctx
+                        .counters
+                        .credits_used
+                        .fetch_add(credits, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.apply(ChunkEvent::Ready {
                     at: now,
                     expires_at,

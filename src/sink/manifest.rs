@@ -21,6 +21,9 @@ pub struct Manifest {
     /// Rows the daemon could not read, kept in `errors.ndjson` as
     /// `malformed_row` records (`docs/outputs.md`).
     pub malformed_rows: u64,
+    /// The credits the provider reported for the run's collections (the
+    /// sum over its chunks); `null` where it reports none (Bright Data).
+    pub credits_used: Option<u64>,
     pub chunks: Vec<ManifestChunk>,
     pub outputs: Vec<OutputFile>,
 }
@@ -36,5 +39,7 @@ pub struct ManifestChunk {
     pub ready_at: Option<String>,
     pub downloaded_at: Option<String>,
     pub expires_at: Option<String>,
+    /// The credits the provider reported for this chunk's collection.
+    pub credits_used: Option<u64>,
     pub error: Option<String>,
 }

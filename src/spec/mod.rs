@@ -133,6 +133,31 @@ pub struct JobSpec {
     pub dedup_key: Option<String>,
 }
 
+impl JobSpec {
+    /// What a Firecrawl run of `inputs` URLs should cost, before paying for
+    /// it: a credit per page, five with a JSON (LLM extraction) format, as
+    /// Firecrawl bills a batch scrape (`docs/job-files.md`). An estimate:
+    /// options such as a stealth proxy or PDF parsing bill more, and
+    /// failed pages bill nothing. `None` for Bright Data, which reports no
+    /// credits.
+    pub fn credits_estimate(&self, inputs: u64) -> Option<u64> {
+        if self.provider != ProviderKind::Firecrawl {
+            return None;
+        }
+        let json_format = |f: &Value| match f {
+            Value::String(s) => s == "json" || s == "extract",
+            Value::Object(o) => o.get("type").and_then(Value::as_str) == Some("json"),
+            _ => false,
+        };
+        let extracts = self
+            .params
+            .get("formats")
+            .and_then(Value::as_array)
+            .is_some_and(|formats| formats.iter().any(json_format));
+        Some(inputs.saturating_mul(if extracts { 5 } else { 1 }))
+    }
+}
+
 fn no_inputs() -> InputSource {
     InputSource::Inline(Vec::new())
 }

@@ -79,6 +79,10 @@ pub struct ChunkRecord {
     /// written with the chunk's rows.
     #[serde(default)]
     pub rejected: Vec<String>,
+    /// What the collection cost, as the provider reported it when it was
+    /// ready (Firecrawl's `creditsUsed`); `None` where it reports nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits_used: Option<u64>,
 }
 
 /// A chunk record as stored, in every form a harvestd has written. Before
@@ -100,6 +104,8 @@ struct StoredChunk {
     rejected: Vec<String>,
     #[serde(default)]
     download: Option<Progress>,
+    #[serde(default)]
+    credits_used: Option<u64>,
 }
 
 impl From<StoredChunk> for ChunkRecord {
@@ -126,6 +132,7 @@ impl From<StoredChunk> for ChunkRecord {
             in_doubt: c.in_doubt,
             last_error: c.last_error,
             rejected: c.rejected,
+            credits_used: c.credits_used,
         }
     }
 }
@@ -142,6 +149,7 @@ impl ChunkRecord {
             in_doubt: 0,
             last_error: None,
             rejected: Vec::new(),
+            credits_used: None,
         }
     }
 }
