@@ -15,5 +15,10 @@ pub const UNREACHABLE: u8 = 69;
 pub const LOCKED: u8 = 75;
 /// `EX_CONFIG`: the configuration is invalid.
 pub const CONFIG: u8 = 78;
-/// A second SIGINT or SIGTERM during shutdown: the shell's 128 + SIGINT.
-pub const INTERRUPTED: i32 = 130;
+/// A second SIGINT or SIGTERM during shutdown ends the process as the
+/// signal would have: the shell's 128 + the signal's number (130 for
+/// SIGINT, 143 for SIGTERM), which systemd and shells read as "killed by
+/// it".
+pub fn signalled(signal: i32) -> i32 {
+    128 + signal
+}

@@ -35,7 +35,7 @@ pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
                     // purpose. What was flushed is safe; a trigger in flight
                     // is settled as in doubt at the next start.
                     #[allow(clippy::disallowed_methods)]
-                    std::process::exit(crate::exit::INTERRUPTED);
+                    std::process::exit(crate::exit::signalled(sig));
                 }
                 shutting_down = true;
             }
