@@ -19,6 +19,10 @@ use crate::exit;
     about = "Durable batch ingestion from Bright Data and Firecrawl"
 )]
 pub struct Cli {
+    /// The configuration file (TOML). Else `HARVESTD_CONFIG`, else none:
+    /// defaults and the environment.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -27,8 +31,6 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: watch the jobs directory until SIGTERM/SIGINT.
     Run {
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// Run the job files present at start once, wait for every run, exit.
         #[arg(long)]
         once: bool,
@@ -54,28 +56,29 @@ pub enum Command {
         job: Option<String>,
         #[arg(long)]
         json: bool,
-        #[arg(long)]
-        config: Option<PathBuf>,
     },
     /// Start a new run of an unchanged job (on the running daemon).
     Rerun {
         job: String,
+        /// The daemon's answer as one JSON document on stdout.
         #[arg(long)]
-        config: Option<PathBuf>,
+        json: bool,
     },
     /// Re-submit the failed and expired chunks of the latest (or named) run.
     Retry {
         job: String,
         #[arg(long = "run")]
         run_id: Option<String>,
+        /// The daemon's answer as one JSON document on stdout.
         #[arg(long)]
-        config: Option<PathBuf>,
+        json: bool,
     },
     /// Cancel the job's runs in progress (data already saved stays).
     Cancel {
         job: String,
+        /// The daemon's answer as one JSON document on stdout.
         #[arg(long)]
-        config: Option<PathBuf>,
+        json: bool,
     },
     /// Serve the built-in emulator of the provider APIs.
     Emulator {
@@ -85,42 +88,48 @@ pub enum Command {
         #[arg(long)]
         scenario: Option<PathBuf>,
     },
+    /// Print a shell completion script: `harvestd completions bash >
+    /// /etc/bash_completion.d/harvestd`.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Runs a parsed command; returns the exit code.
 pub fn execute(cli: Cli) -> u8 {
+    let config = cli.config;
     match cli.command {
         Command::Validate { files, json } => {
             init_logging(None);
             validate(&files, json)
         }
-        Command::Status { job, json, config } => {
+        Command::Status { job, json } => {
             init_logging(None);
             admin_call(config, |admin| async move {
                 status(&admin, job.as_deref(), json).await
             })
         }
-        Command::Rerun { job, config } => {
+        Command::Rerun { job, json } => {
             init_logging(None);
             admin_call(config, |admin| async move {
-                action(&admin, &job, "rerun", None).await
+                action(&admin, &job, "rerun", None, json).await
             })
         }
-        Command::Retry {
-            job,
-            run_id,
-            config,
-        } => {
+        Command::Retry { job, run_id, json } => {
             init_logging(None);
             admin_call(config, |admin| async move {
-                action(&admin, &job, "retry", run_id.as_deref()).await
+                action(&admin, &job, "retry", run_id.as_deref(), json).await
             })
         }
-        Command::Cancel { job, config } => {
+        Command::Cancel { job, json } => {
             init_logging(None);
             admin_call(config, |admin| async move {
-                action(&admin, &job, "cancel", None).await
+                action(&admin, &job, "cancel", None, json).await
             })
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "harvestd", &mut std::io::stdout());
+            exit::OK
         }
         Command::Emulator { listen, scenario } => {
             init_logging(None);
@@ -136,18 +145,20 @@ pub fn execute(cli: Cli) -> u8 {
             })
         }
         Command::Run {
-            config,
             once,
             emulator,
             recover,
         } => {
+            // Under journald these lines carry a priority like the log's.
+            let err = || crate::logging::journal_prefix(tracing::Level::ERROR);
+            let info = || crate::logging::journal_prefix(tracing::Level::INFO);
             let path = config.clone();
             let reload: daemon::Reload =
                 Box::new(move || Config::load(path.as_deref(), &ProcessEnv));
             let config = match Config::load(config.as_deref(), &ProcessEnv) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("harvestd: configuration: {e}");
+                    eprintln!("{}harvestd: configuration: {e}", err());
                     return exit::CONFIG;
                 }
             };
@@ -159,7 +170,7 @@ pub fn execute(cli: Cli) -> u8 {
                 let signals = match crate::signals::listen() {
                     Ok(s) => s,
                     Err(e) => {
-                        eprintln!("harvestd: cannot listen for signals: {e}");
+                        eprintln!("{}harvestd: cannot listen for signals: {e}", err());
                         return exit::FAILURE;
                     }
                 };
@@ -167,20 +178,22 @@ pub fn execute(cli: Cli) -> u8 {
                     Ok(summary) => {
                         if once && summary.complete + summary.incomplete + summary.stopped == 0 && summary.parked.is_empty() {
                             eprintln!(
-                                "harvestd: nothing to do: no new job content and no unfinished run ({} invalid job file(s))",
+                                "{}harvestd: nothing to do: no new job content and no unfinished run ({} invalid job file(s))",
+                                info(),
                                 summary.invalid_jobs
                             );
                             summary.exit_code()
                         } else if once {
                             eprintln!(
-                                "harvestd: {} run(s) complete, {} incomplete, {} waiting on a blocked provider, {} invalid job file(s)",
+                                "{}harvestd: {} run(s) complete, {} incomplete, {} waiting on a blocked provider, {} invalid job file(s)",
+                                info(),
                                 summary.complete,
                                 summary.incomplete,
                                 summary.parked.len(),
                                 summary.invalid_jobs
                             );
                             for p in &summary.parked {
-                                eprintln!("harvestd: blocked: {p}");
+                                eprintln!("{}harvestd: blocked: {p}", err());
                             }
                             summary.exit_code()
                         } else {
@@ -188,7 +201,7 @@ pub fn execute(cli: Cli) -> u8 {
                         }
                     }
                     Err(e) => {
-                        eprintln!("harvestd: {e}");
+                        eprintln!("{}harvestd: {e}", err());
                         e.exit_code()
                     }
                 }
@@ -525,8 +538,20 @@ pub fn status_table(jobs: &[JobView]) -> String {
     out
 }
 
+/// `rerun`, `retry` or `cancel --json`: the daemon's answer, with what
+/// was asked.
+#[derive(serde::Serialize)]
+struct ActionAnswer<'a> {
+    job: &'a str,
+    action: &'a str,
+    ok: bool,
+    /// The run started or retried, or the runs cancelled.
+    result: Option<String>,
+    error: Option<String>,
+}
+
 /// `rerun`, `retry` or `cancel` through the admin API, with its token.
-async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8 {
+async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>, json: bool) -> u8 {
     let mut request = admin
         .client
         .post(format!("{}/v1/jobs/{job}/{action}", admin.base));
@@ -546,6 +571,27 @@ async fn action(admin: &Admin, job: &str, action: &str, run: Option<&str>) -> u8
     let code = response.status().as_u16();
     let reply: Reply =
         serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or_default();
+    if json {
+        let answer = ActionAnswer {
+            job,
+            action,
+            ok: code == 200,
+            result: reply.result,
+            error: match code {
+                200 => None,
+                _ => Some(
+                    reply
+                        .error
+                        .unwrap_or_else(|| format!("the daemon answered {code}")),
+                ),
+            },
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).unwrap_or_default()
+        );
+        return if answer.ok { exit::OK } else { exit::FAILURE };
+    }
     if code == 200 {
         let verb = match action {
             "rerun" => "started run",

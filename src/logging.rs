@@ -2,6 +2,11 @@
 //! fields of the spans an event happens in (`job`, `run`, `chunk`) flattened
 //! next to its own (`remote_id`, `error`…), so `jq 'select(.job == "x")'`
 //! works on every line. `RUST_LOG` sets levels (default `info`).
+//!
+//! Under journald (its `JOURNAL_STREAM` names our stderr), every line
+//! starts with its syslog priority (`<3>` error, `<4>` warning, `<6>` info,
+//! `<7>` debug), which journald strips and records, so `journalctl -p err`
+//! finds the errors.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -26,15 +31,85 @@ pub fn init(format: Option<LogFormat>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LogWriter(Vec::new()));
-    let _ = match format {
-        LogFormat::Json => builder
+    let text = || tracing_subscriber::fmt::format().with_ansi(false);
+    let _ = match (format, stderr_is_journal()) {
+        (LogFormat::Json, false) => builder
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
             .try_init(),
-        LogFormat::Text => builder
+        (LogFormat::Json, true) => builder
+            .fmt_fields(JsonFields::new())
+            .event_format(Prioritized(JsonLines))
+            .try_init(),
+        (LogFormat::Text, false) => builder
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
+        (LogFormat::Text, true) => builder.event_format(Prioritized(text())).try_init(),
     };
+}
+
+/// The `<N>` syslog priority prefix for a line written to stderr without
+/// the logger (the command line's own messages), under journald; empty
+/// elsewhere. `level`: as a log event's.
+pub fn journal_prefix(level: tracing::Level) -> String {
+    static JOURNAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match JOURNAL.get_or_init(stderr_is_journal) {
+        true => format!("<{}>", priority(&level)),
+        false => String::new(),
+    }
+}
+
+/// Whether stderr is the stream journald handed us: `JOURNAL_STREAM` is
+/// `<device>:<inode>` of it. A child whose stderr was redirected elsewhere
+/// inherits the variable but not the stream, and writes no prefixes.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// The syslog priority of a level, as journald reads it from `<N>`.
+fn priority(level: &tracing::Level) -> u8 {
+    match *level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// A line format with the event's syslog priority in front.
+struct Prioritized<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Prioritized<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// One flat JSON object per event.

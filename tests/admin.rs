@@ -244,8 +244,15 @@ async fn retry_finishes_a_partial_run_and_cancel_stops_one() {
         3,
         "only the failed chunk was triggered again"
     );
-    let (code, _, _) = h.run(&["retry", "flaky"]).await;
+    let (code, out, _) = h.run(&["retry", "flaky", "--json"]).await;
     assert_eq!(code, 1, "nothing left to retry");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&answer["job"], &answer["action"], &answer["ok"]),
+        (&"flaky".into(), &"retry".into(), &false.into()),
+        "{answer}"
+    );
+    assert!(!answer["error"].as_str().unwrap().is_empty(), "{answer}");
 
     // Cancel: two collections building for an hour.
     h.write_job(
@@ -253,9 +260,12 @@ async fn retry_finishes_a_partial_run_and_cancel_stops_one() {
         "provider = \"scraper_studio\"\ncollector = \"c_slow00001\"\ninputs_file = \"in.csv\"\nchunk_size = 5\n",
     );
     h.emulator.wait_for_ledger(5, common::WAIT).await.unwrap();
-    let (code, out, stderr) = h.run(&["cancel", "slow"]).await;
+    let (code, out, stderr) = h.run(&["cancel", "slow", "--json"]).await;
     assert_eq!(code, 0, "{stderr}");
-    assert!(out.contains("cancelling"), "{out}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(answer["error"].is_null(), "{answer}");
+    assert!(!answer["result"].as_str().unwrap().is_empty(), "{answer}");
     d.wait_for_line("state\":\"cancelled").await;
     let manifest = h.manifest("slow");
     assert_eq!(manifest["state"], "cancelled");

@@ -129,3 +129,74 @@ fn the_unit_verifies_and_is_hardened() {
         .unwrap_or_else(|| panic!("{line}"));
     assert!(level <= 2.0, "exposure {level} > 2.0:\n{out}");
 }
+
+/// Under journald each line starts with its syslog priority, so
+/// `journalctl -p err` finds the errors; a process whose stderr is not the
+/// stream `JOURNAL_STREAM` names (a redirected child) writes plain lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_each_line_carries_its_priority() {
+    use std::os::unix::fs::MetadataExt;
+    for journal in [true, false] {
+        let h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+        h.write_inputs("in.csv", 2);
+        h.write_job(
+            "fine.toml",
+            "provider = \"scraper_studio\"\ncollector = \"c_journal01\"\ninputs_file = \"in.csv\"\n",
+        );
+        h.write_job(
+            "bad.toml",
+            "provider = \"scraper_studio\"\ncolector = \"c_x\"\n",
+        );
+        let (reader, writer) = std::io::pipe().unwrap();
+        let pipe = std::fs::File::from(std::os::fd::OwnedFd::from(writer.try_clone().unwrap()));
+        let meta = pipe.metadata().unwrap();
+        drop(pipe);
+        // Another stream's inode: the variable inherited, the stream not.
+        let ino = if journal { meta.ino() } else { meta.ino() + 1 };
+        let mut command = h.command(&["run", "--once"]);
+        command
+            .env("JOURNAL_STREAM", format!("{}:{ino}", meta.dev()))
+            .stderr(std::process::Stdio::from(writer));
+        let mut child = command.spawn().unwrap();
+        // The command keeps its copy of the pipe's write end until dropped.
+        drop(command);
+        let read = tokio::task::spawn_blocking(move || std::io::read_to_string(reader).unwrap());
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let log = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(65), "an invalid job file: {log}");
+        let mut levels = std::collections::BTreeSet::new();
+        for line in log.lines().filter(|l| !l.is_empty()) {
+            // The command line's own last words carry a priority too.
+            if let Some(at) = line.find("harvestd: ") {
+                let want = if journal { "<6>" } else { "" };
+                assert_eq!(&line[..at], want, "{line}");
+                continue;
+            }
+            let (prefix, json) = match line.find('{') {
+                Some(at) => line.split_at(at),
+                None => panic!("not a log line: {line}"),
+            };
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            let level = v["level"].as_str().unwrap().to_string();
+            let want = match (journal, level.as_str()) {
+                (false, _) => "",
+                (true, "ERROR") => "<3>",
+                (true, "WARN") => "<4>",
+                (true, "INFO") => "<6>",
+                (true, _) => "<7>",
+            };
+            assert_eq!(prefix, want, "{line}");
+            levels.insert(level);
+        }
+        assert!(
+            levels.contains("ERROR") && levels.contains("INFO"),
+            "{levels:?}: {log}"
+        );
+    }
+}
