@@ -755,9 +755,16 @@ impl Supervisor {
                     Some(Signal::Reload) => {
                         // A configuration or token file that fails keeps the
                         // one in force; the daemon never stops for a reload.
+                        crate::systemd::reloading();
                         match (inputs.reload)().map_err(DaemonError::from).and_then(|new| self.apply_config(new, inputs.env, inputs.emulator)) {
-                            Err(e) => error!(error = %e, "SIGHUP: configuration not reloaded; the one in force stays"),
-                            Ok(()) => info!("SIGHUP: configuration reloaded"),
+                            Err(e) => {
+                                error!(error = %e, "SIGHUP: configuration not reloaded; the one in force stays");
+                                crate::systemd::reloaded(&format!("reload refused: {e}"));
+                            }
+                            Ok(()) => {
+                                info!("SIGHUP: configuration reloaded");
+                                crate::systemd::reloaded("configuration reloaded");
+                            }
                         }
                         if let Some(state) = inputs.admin {
                             match crate::admin::admin_token(inputs.state_dir) {

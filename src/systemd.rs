@@ -20,6 +20,22 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// A reload begins: `RELOADING=1` with the monotonic time, which systemd
+/// (`Type=notify-reload`, or `systemctl reload` of a `Type=notify` unit)
+/// requires to tell this reload from an earlier one.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(e) => tracing::warn!(error = %e, "cannot read the monotonic clock for systemd"),
+    }
+}
+
+/// A reload has ended, applied or refused (`status` says which): systemd
+/// waits for this `READY=1` before `systemctl reload` returns.
+pub fn reloaded(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }

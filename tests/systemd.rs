@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::Harness;
 
+const SIGHUP: i32 = 1;
 const SIGTERM: i32 = 15;
 
 /// Reads notify messages until one contains `needle`; returns (message, when).
@@ -76,6 +77,25 @@ async fn notify_protocol_ready_watchdog_stopping() {
             "gap {gap:?}"
         );
     }
+    // A reload is told: RELOADING=1 with the monotonic time, then READY=1
+    // saying whether the configuration was applied or refused.
+    for (config, status) in [
+        ("", "STATUS=configuration reloaded"),
+        ("bogus_key = 1\n", "STATUS=reload refused"),
+    ] {
+        h.write_config(config);
+        d.signal(SIGHUP);
+        tokio::task::block_in_place(|| wait_for(&sock, "RELOADING=1", &mut seen));
+        let reloading = &seen.last().unwrap().0;
+        let usec = reloading
+            .lines()
+            .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+            .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+        assert!(usec.parse::<u64>().unwrap() > 0);
+        tokio::task::block_in_place(|| wait_for(&sock, "READY=1", &mut seen));
+        let ready = &seen.last().unwrap().0;
+        assert!(ready.contains(status), "{ready:?}");
+    }
     d.signal(SIGTERM);
     tokio::task::block_in_place(|| wait_for(&sock, "STOPPING=1", &mut seen));
     assert_eq!(d.wait().await, 0);
@@ -107,7 +127,7 @@ fn the_unit_verifies_and_is_hardened() {
     // verify checks that ExecStart exists: point it at the built binary.
     let unit = unit.replace("/usr/local/bin/harvestd", env!("CARGO_BIN_EXE_harvestd"));
     let path = dir.path().join("harvestd.service");
-    std::fs::write(&path, unit).unwrap();
+    std::fs::write(&path, &unit).unwrap();
     let path = path.to_str().unwrap();
 
     let (ok, out) = analyze(&["verify", path]);
@@ -116,6 +136,23 @@ fn the_unit_verifies_and_is_hardened() {
         "systemd-analyze verify:\n{out}"
     );
 
+    // A broken configuration (exit 78) is not restarted in a loop, and a
+    // daemon that keeps failing trips the start limit.
+    let directive = |name: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name}= in the unit"))
+    };
+    assert_eq!(directive("RestartPreventExitStatus"), "78");
+    assert_eq!(directive("StartLimitBurst"), "5");
+    let (ok, show) = analyze(&["security", "--offline=yes", path]);
+    assert!(ok, "{show}");
+    assert!(
+        show.lines()
+            .any(|l| l.contains("PrivateMounts=") && l.trim_start().starts_with('✓')),
+        "PrivateMounts= is set:\n{show}"
+    );
     let (_, out) = analyze(&["security", "--offline=yes", path]);
     let line = out
         .lines()
