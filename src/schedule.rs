@@ -19,9 +19,11 @@ pub struct Cron {
     days: u32,
     months: u16,
     weekdays: u8,
-    /// POSIX: when both day fields are restricted, a day matching either runs.
-    days_any: bool,
-    weekdays_any: bool,
+    /// Vixie cron's rule: a day field that starts with `*` (`*`, `*/2`)
+    /// is "unrestricted", and then a day must match both fields; when
+    /// both are restricted, a day matching either runs.
+    days_star: bool,
+    weekdays_star: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +51,10 @@ impl std::str::FromStr for Cron {
     type Err = CronError;
 
     fn from_str(expr: &str) -> Result<Cron, CronError> {
+        let expr = match alias(expr.trim())? {
+            Some(expanded) => expanded,
+            None => expr,
+        };
         let parts: Vec<&str> = expr.split_whitespace().collect();
         if parts.len() != 5 {
             return Err(CronError {
@@ -72,10 +78,33 @@ impl std::str::FromStr for Cron {
             days: sets[2] as u32,
             months: sets[3] as u16,
             weekdays,
-            days_any: parts[2] == "*",
-            weekdays_any: parts[4] == "*",
+            days_star: parts[2].starts_with('*'),
+            weekdays_star: parts[4].starts_with('*'),
         })
     }
+}
+
+/// The usual `@` aliases, as Vixie cron expands them; `None` for an
+/// expression without `@`.
+fn alias(expr: &str) -> Result<Option<&'static str>, CronError> {
+    if !expr.starts_with('@') {
+        return Ok(None);
+    }
+    let expanded = match expr.to_ascii_lowercase().as_str() {
+        "@yearly" | "@annually" => "0 0 1 1 *",
+        "@monthly" => "0 0 1 * *",
+        "@weekly" => "0 0 * * 0",
+        "@daily" | "@midnight" => "0 0 * * *",
+        "@hourly" => "0 * * * *",
+        _ => {
+            return Err(CronError {
+                field: "expression",
+                text: expr.to_string(),
+                message: "is not one of @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly (@reboot has no meaning for a daemon's schedule)".into(),
+            })
+        }
+    };
+    Ok(Some(expanded))
 }
 
 fn parse_field(text: &str, field: &'static str, lo: u32, hi: u32) -> Result<u64, CronError> {
@@ -129,8 +158,13 @@ fn parse_field(text: &str, field: &'static str, lo: u32, hi: u32) -> Result<u64,
                     }
                     (a, b)
                 }
-                // `5/15` means from 5 to the end, every 15.
-                None if step > 1 => (value(r)?, hi),
+                // As in Vixie cron, a step needs a range: `5/15` is
+                // refused rather than guessed at (`5-59/15`, or `*/15`).
+                None if item.contains('/') => {
+                    return Err(err(format!(
+                        "a step needs a range: write {r}-{hi}/{step} or */{step}"
+                    )))
+                }
                 None => {
                     let v = value(r)?;
                     (v, v)
@@ -153,11 +187,9 @@ impl Cron {
     fn day_matches(&self, t: &OffsetDateTime) -> bool {
         let dom = self.days & (1 << t.day()) != 0;
         let dow = self.weekdays & (1 << t.weekday().number_days_from_sunday()) != 0;
-        match (self.days_any, self.weekdays_any) {
-            (true, true) => true,
-            (false, true) => dom,
-            (true, false) => dow,
-            (false, false) => dom || dow,
+        match self.days_star || self.weekdays_star {
+            true => dom && dow,
+            false => dom || dow,
         }
     }
 
@@ -350,9 +382,56 @@ mod tests {
                 datetime!(2026-07-01 12:00 UTC),
             ),
             (
-                "10/20 * * * *",
+                "10-59/20 * * * *",
                 datetime!(2026-03-01 10:31 UTC),
                 datetime!(2026-03-01 10:50 UTC),
+            ),
+            // Vixie cron: a day field starting with `*` makes the two
+            // day fields both required. 2026-12-07 is a Monday on an odd day.
+            (
+                "0 0 */2 * mon",
+                datetime!(2026-11-24 00:00 UTC),
+                datetime!(2026-12-07 00:00 UTC),
+            ),
+            (
+                "0 0 1-31/2 * mon",
+                datetime!(2026-11-24 00:00 UTC),
+                datetime!(2026-11-25 00:00 UTC),
+            ),
+            (
+                "@daily",
+                datetime!(2026-03-01 10:31 UTC),
+                datetime!(2026-03-02 00:00 UTC),
+            ),
+            (
+                "@midnight",
+                datetime!(2026-03-01 10:31 UTC),
+                datetime!(2026-03-02 00:00 UTC),
+            ),
+            (
+                "@hourly",
+                datetime!(2026-03-01 10:31 UTC),
+                datetime!(2026-03-01 11:00 UTC),
+            ),
+            (
+                "@weekly",
+                datetime!(2026-11-24 10:31 UTC),
+                datetime!(2026-11-29 00:00 UTC),
+            ),
+            (
+                "@monthly",
+                datetime!(2026-11-24 10:31 UTC),
+                datetime!(2026-12-01 00:00 UTC),
+            ),
+            (
+                "@yearly",
+                datetime!(2026-11-24 10:31 UTC),
+                datetime!(2027-01-01 00:00 UTC),
+            ),
+            (
+                "@Annually",
+                datetime!(2026-11-24 10:31 UTC),
+                datetime!(2027-01-01 00:00 UTC),
             ),
         ];
         for (expr, after, want) in table {
@@ -392,6 +471,13 @@ mod tests {
             ("* * * foo *", "month", "'foo' is not a number"),
             ("* * * *", "expression", "has 4 fields"),
             ("* * * * * *", "expression", "has 6 fields"),
+            (
+                "10/20 * * * *",
+                "minute",
+                "a step needs a range: write 10-59/20",
+            ),
+            ("@reboot", "expression", "@reboot has no meaning"),
+            ("@often", "expression", "is not one of"),
         ] {
             let e = expr.parse::<Cron>().unwrap_err();
             assert_eq!(e.field, field, "{expr}: {e}");
