@@ -41,7 +41,7 @@
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from; [`admin::api`] types its answers, which the CLI reads back with the same types |
 //! | [`notify`] | events told to webhooks and commands at least once: an outbox in the store, a sender with backoff for 24 h |
 //! | [`progress`] | live bars for `run --once` on a terminal, periodic progress lines elsewhere |
-//! | [`schedule`] | `every` / `cron` due times, catch-up and overlap rules (pure) |
+//! | [`schedule`] | `every` / `cron` due times (Vixie cron rules, aliases, a job's time zone across daylight saving, through jiff), catch-up and overlap rules (pure) |
 //! | [`signals`] | SIGTERM/SIGINT/SIGHUP as events |
 //! | [`systemd`] | the notify protocol: READY, STATUS, WATCHDOG, STOPPING |
 //! | [`failpoint`] | named crash and error points at the durable boundaries (`--features failpoints`) |

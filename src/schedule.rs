@@ -1,15 +1,14 @@
 //! Recurring jobs without cron (`docs/job-files.md`), as pure functions of the time:
-//! parsing `cron = "m h dom mon dow"` (UTC), the next due time of `every` and
+//! parsing `cron = "m h dom mon dow"` (UTC, or the job's `timezone`, carried
+//! as cronie's `CRON_TZ=<zone>` prefix), the next due time of `every` and
 //! `cron` schedules, a per-job jitter, and what to do when a due time comes.
 //! The daemon stores the next due time and asks [`on_due`] when it passes.
 
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
-
 use crate::chunk::UnixMs;
+use serde::{Deserialize, Serialize};
 
 /// A parsed 5-field cron expression. Each field is a bit set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +23,8 @@ pub struct Cron {
     /// both are restricted, a day matching either runs.
     days_star: bool,
     weekdays_star: bool,
+    /// The zone the fields are read in (UTC unless `CRON_TZ=` names one).
+    zone: jiff::tz::TimeZone,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +52,14 @@ impl std::str::FromStr for Cron {
     type Err = CronError;
 
     fn from_str(expr: &str) -> Result<Cron, CronError> {
-        let expr = match alias(expr.trim())? {
+        let (zone, expr) = match expr.trim().strip_prefix("CRON_TZ=") {
+            Some(rest) => {
+                let (name, fields) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+                (zone(name)?, fields.trim())
+            }
+            None => (jiff::tz::TimeZone::UTC, expr.trim()),
+        };
+        let expr = match alias(expr)? {
             Some(expanded) => expanded,
             None => expr,
         };
@@ -80,8 +88,19 @@ impl std::str::FromStr for Cron {
             weekdays,
             days_star: parts[2].starts_with('*'),
             weekdays_star: parts[4].starts_with('*'),
+            zone,
         })
     }
+}
+
+/// An IANA time zone by name (`Europe/Berlin`), from the system's database
+/// or the copy bundled in the binary.
+pub fn zone(name: &str) -> Result<jiff::tz::TimeZone, CronError> {
+    jiff::tz::TimeZone::get(name).map_err(|e| CronError {
+        field: "timezone",
+        text: name.to_string(),
+        message: format!("is not an IANA time zone such as \"Europe/Berlin\" ({e})"),
+    })
 }
 
 /// The usual `@` aliases, as Vixie cron expands them; `None` for an
@@ -184,41 +203,80 @@ fn parse_field(text: &str, field: &'static str, lo: u32, hi: u32) -> Result<u64,
 }
 
 impl Cron {
-    fn day_matches(&self, t: &OffsetDateTime) -> bool {
+    fn day_matches(&self, t: &jiff::civil::DateTime) -> bool {
         let dom = self.days & (1 << t.day()) != 0;
-        let dow = self.weekdays & (1 << t.weekday().number_days_from_sunday()) != 0;
+        let dow = self.weekdays & (1 << t.weekday().to_sunday_zero_offset()) != 0;
         match self.days_star || self.weekdays_star {
             true => dom && dow,
             false => dom || dow,
         }
     }
 
-    /// The first minute strictly after `after` that the expression matches.
+    /// The first minute strictly after `after` that the expression matches
+    /// on the zone's clock. A local time that a daylight-saving change
+    /// skips runs at the first minute after the gap; a local time that it
+    /// repeats runs once, at its first occurrence.
     pub fn next_after(&self, after: UnixMs) -> UnixMs {
-        let start = after.div_euclid(60_000) * 60 + 60; // next whole minute, seconds
-        let mut t =
-            OffsetDateTime::from_unix_timestamp(start).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        use jiff::ToSpan;
+        let Ok(after_ts) = jiff::Timestamp::from_millisecond(after) else {
+            return UnixMs::MAX;
+        };
+        let local = after_ts.to_zoned(self.zone.clone()).datetime();
+        // The next whole local minute; candidates before `after` (a fold
+        // replays local minutes) are passed over below.
+        let Ok(mut t) = local
+            .with()
+            .second(0)
+            .subsec_nanosecond(0)
+            .build()
+            .and_then(|t| t.checked_add(1.minute()))
+        else {
+            return UnixMs::MAX;
+        };
         // Five years cover every valid expression (29 February included).
-        let limit = t + time::Duration::days(5 * 366);
+        let Ok(limit) = t.checked_add(5.years().days(5)) else {
+            return UnixMs::MAX;
+        };
         while t < limit {
-            if self.months & (1 << u8::from(t.month())) == 0 || !self.day_matches(&t) {
-                t = (t + time::Duration::days(1)).replace_time(time::Time::MIDNIGHT);
-                continue;
+            let step = if self.months & (1 << t.month()) == 0 || !self.day_matches(&t) {
+                t.date()
+                    .tomorrow()
+                    .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+            } else if self.hours & (1 << t.hour()) == 0 {
+                t.with()
+                    .minute(0)
+                    .build()
+                    .and_then(|h| h.checked_add(1.hour()))
+            } else if self.minutes & (1 << t.minute()) == 0 {
+                t.checked_add(1.minute())
+            } else {
+                match self.instant(t) {
+                    Some(at) if at > after => return at,
+                    _ => t.checked_add(1.minute()),
+                }
+            };
+            match step {
+                Ok(next) => t = next,
+                Err(_) => break,
             }
-            if self.hours & (1 << t.hour()) == 0 {
-                t = (t + time::Duration::hours(1))
-                    .replace_minute(0)
-                    .unwrap_or(t);
-                continue;
-            }
-            if self.minutes & (1 << t.minute()) == 0 {
-                t += time::Duration::minutes(1);
-                continue;
-            }
-            return t.unix_timestamp() * 1000;
         }
         // Only for expressions that never match (e.g. 30 February).
         UnixMs::MAX
+    }
+
+    /// When the local time `t` happens in the zone: its only instant, the
+    /// first of two (a fold), or the end of the gap that skips it.
+    fn instant(&self, t: jiff::civil::DateTime) -> Option<UnixMs> {
+        use jiff::tz::AmbiguousOffset;
+        let ambiguous = self.zone.to_ambiguous_timestamp(t);
+        let at = match ambiguous.offset() {
+            AmbiguousOffset::Gap { .. } => {
+                let before = ambiguous.earlier().ok()?;
+                self.zone.following(before).next()?.timestamp()
+            }
+            _ => ambiguous.earlier().ok()?,
+        };
+        Some(at.as_millisecond())
     }
 
     /// Whether the expression can ever match (`0 0 30 2 *` cannot).
@@ -323,6 +381,7 @@ pub fn on_due(
 mod tests {
     use super::*;
     use time::macros::datetime;
+    use time::OffsetDateTime;
 
     fn ms(t: OffsetDateTime) -> UnixMs {
         (t.unix_timestamp_nanos() / 1_000_000) as i64
@@ -456,6 +515,90 @@ mod tests {
             datetime!(2026-11-06 00:00 UTC)
         );
         assert!(!cron("0 0 30 2 *").ever_matches());
+    }
+
+    /// The zone's clock, across daylight-saving changes: Berlin springs
+    /// forward on 2026-03-29 (02:00-03:00 CET skipped) and falls back on
+    /// 2026-10-25 (02:00-03:00 happens twice), New York springs forward on
+    /// 2026-03-08.
+    #[test]
+    fn cron_in_a_time_zone_across_daylight_saving() {
+        let berlin = "CRON_TZ=Europe/Berlin";
+        let table = [
+            // 02:00 in Berlin is 01:00 UTC in winter, 00:00 in summer.
+            (
+                "0 2 * * *",
+                datetime!(2026-01-10 12:00 UTC),
+                datetime!(2026-01-11 01:00 UTC),
+            ),
+            (
+                "0 2 * * *",
+                datetime!(2026-07-10 12:00 UTC),
+                datetime!(2026-07-11 00:00 UTC),
+            ),
+            // Skipped: 02:30 runs at the first minute after the gap, 03:00
+            // CEST, then as usual the next day.
+            (
+                "30 2 * * *",
+                datetime!(2026-03-28 12:00 UTC),
+                datetime!(2026-03-29 01:00 UTC),
+            ),
+            (
+                "30 2 * * *",
+                datetime!(2026-03-29 01:00 UTC),
+                datetime!(2026-03-30 00:30 UTC),
+            ),
+            // Every 15 minutes: the skipped hour is one run at 03:00.
+            (
+                "*/15 * * * *",
+                datetime!(2026-03-29 00:45 UTC),
+                datetime!(2026-03-29 01:00 UTC),
+            ),
+            (
+                "*/15 * * * *",
+                datetime!(2026-03-29 01:00 UTC),
+                datetime!(2026-03-29 01:15 UTC),
+            ),
+            // Repeated: 02:30 runs at its first occurrence (CEST) only.
+            (
+                "30 2 * * *",
+                datetime!(2026-10-24 12:00 UTC),
+                datetime!(2026-10-25 00:30 UTC),
+            ),
+            (
+                "30 2 * * *",
+                datetime!(2026-10-25 00:30 UTC),
+                datetime!(2026-10-26 01:30 UTC),
+            ),
+            // Asked during the second 02:xx: the first was the run.
+            (
+                "30 2 * * *",
+                datetime!(2026-10-25 01:10 UTC),
+                datetime!(2026-10-26 01:30 UTC),
+            ),
+        ];
+        for (fields, after, want) in table {
+            let expr = format!("{berlin} {fields}");
+            assert_eq!(next(&expr, after), want, "{expr} after {after}");
+        }
+        assert_eq!(
+            next(
+                "CRON_TZ=America/New_York 30 2 * * *",
+                datetime!(2026-03-07 12:00 UTC)
+            ),
+            datetime!(2026-03-08 07:00 UTC)
+        );
+        assert_eq!(
+            next(
+                "CRON_TZ=America/New_York @daily",
+                datetime!(2026-07-01 12:00 UTC)
+            ),
+            datetime!(2026-07-02 04:00 UTC)
+        );
+        let e = "CRON_TZ=Mars/Olympus 0 0 * * *"
+            .parse::<Cron>()
+            .unwrap_err();
+        assert_eq!(e.field, "timezone", "{e}");
     }
 
     #[test]

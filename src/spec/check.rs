@@ -320,6 +320,33 @@ impl Checker<'_> {
     pub(super) fn schedule(&mut self) -> Option<Schedule> {
         let every = self.string("every", false);
         let cron = self.string("cron", false);
+        let timezone = self.string("timezone", false);
+        // The zone travels with the expression, as cronie's prefix, so a
+        // stored schedule keeps its form.
+        let cron = match (cron, timezone) {
+            (Some(c), Some(tz)) => {
+                if c.trim_start().starts_with("CRON_TZ=") {
+                    self.report(
+                        "timezone",
+                        "the cron expression names its zone already (CRON_TZ=)".into(),
+                    );
+                    return None;
+                }
+                if let Err(e) = crate::schedule::zone(&tz) {
+                    self.report("timezone", format!("'{tz}' {}", e.message));
+                    return None;
+                }
+                Some(format!("CRON_TZ={tz} {c}"))
+            }
+            (None, Some(_)) => {
+                self.report(
+                    "timezone",
+                    "only applies to a 'cron' schedule ('every' counts real time)".into(),
+                );
+                None
+            }
+            (c, None) => c,
+        };
         match (every, cron) {
             (Some(_), Some(_)) => {
                 self.report("cron", "'every' and 'cron' cannot both be set".into());

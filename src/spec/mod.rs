@@ -198,6 +198,7 @@ const FIELDS: &[&str] = &[
     "every",
     "cron",
     "jitter",
+    "timezone",
     "params",
     "api_version",
     "csv",

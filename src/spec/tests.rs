@@ -317,3 +317,37 @@ fn every_byte_read_passes_through_the_hash() {
     .unwrap();
     assert_eq!(seen, body);
 }
+
+#[test]
+fn a_cron_schedule_runs_in_its_timezone() {
+    let job = |extra: &str| {
+        check(
+            "jobs/nightly.toml",
+            &format!(
+                "provider = \"scraper_studio\"\ncollector = \"c_abc\"\ninputs = [{{ url = \"https://a.example\" }}]\n{extra}"
+            ),
+        )
+    };
+    let spec = job("cron = \"@daily\"\ntimezone = \"Europe/Berlin\"\n").expect("valid");
+    assert_eq!(
+        spec.schedule,
+        Some(Schedule::Cron("CRON_TZ=Europe/Berlin @daily".into()))
+    );
+    for (extra, needle) in [
+        (
+            "cron = \"0 2 * * *\"\ntimezone = \"Mars/Olympus\"\n",
+            "jobs/nightly.toml:5: field 'timezone': 'Mars/Olympus' is not an IANA time zone",
+        ),
+        (
+            "every = \"6h\"\ntimezone = \"Europe/Berlin\"\n",
+            "field 'timezone': only applies to a 'cron' schedule",
+        ),
+        (
+            "cron = \"0 2 * * mon/2\"\n",
+            "field 'cron': '0 2 * * mon/2': day-of-week field 'mon/2': a step needs a range",
+        ),
+    ] {
+        let errs = job(extra).unwrap_err();
+        assert!(errs.iter().any(|e| e.contains(needle)), "{extra}: {errs:?}");
+    }
+}
