@@ -274,3 +274,66 @@ async fn a_dataset_of_many_rows_per_input_streams_whole_and_in_order() {
     assert_eq!(rows[1400]["error_code"], "dead_page");
     assert_eq!(rows[1400]["input"]["url"], "https://c");
 }
+
+async fn batch(e: &Emulator, version: u8, key: Option<&str>, body: Value) -> Answer {
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/v{version}/batch/scrape", e.url()))
+        .header(
+            "Authorization",
+            format!("Bearer {}", harvestd::emulator::DEMO_FIRECRAWL_TOKEN),
+        )
+        .header("Content-Type", "application/json")
+        .body(body.to_string());
+    if let Some(k) = key {
+        r = r.header("x-idempotency-key", k);
+    }
+    let resp = r.send().await.unwrap();
+    Answer {
+        status: resp.status().as_u16(),
+        text: resp.text().await.unwrap(),
+    }
+}
+
+/// v2 takes the scrape options firecrawl-py sends with any option
+/// (`fastMode: false` among them); v1's schema does not know them.
+#[tokio::test]
+async fn firecrawl_v2_takes_the_official_clients_scrape_options() {
+    let e = emulator("").await;
+    let sdk_body = json!({
+        "urls": ["https://docs.example.com/a"],
+        "formats": ["markdown"],
+        "onlyMainContent": true, "mobile": false, "removeBase64Images": true,
+        "blockAds": true, "maxAge": 172800000, "storeInCache": true,
+        "fastMode": false, "origin": "python-sdk@4.55.0", "useMock": "none",
+        "minAge": 0, "lockdown": false, "onlyCleanContent": false,
+        "integration": "harvestd",
+    });
+    let a = batch(&e, 2, None, sdk_body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = batch(
+        &e,
+        1,
+        None,
+        json!({"urls": ["https://docs.example.com/a"], "fastMode": false}),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    assert!(a.text.contains("unrecognized_keys") && a.text.contains("fastMode"));
+}
+
+/// A v1 idempotency key is spent before the body is validated: a request
+/// refused with 400 spends it, and any reuse is 409, valid body or not.
+#[tokio::test]
+async fn firecrawl_v1_spends_an_idempotency_key_before_validating_the_body() {
+    let e = emulator("").await;
+    let key = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    let invalid = json!({"urls": ["https://docs.example.com/a"], "bogus": 1});
+    let valid = json!({"urls": ["https://docs.example.com/a"]});
+    let a = batch(&e, 1, Some(key), invalid.clone()).await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    let a = batch(&e, 1, Some(key), valid).await;
+    assert_eq!(a.status, 409, "the key was spent by the 400: {}", a.text);
+    let a = batch(&e, 1, Some(key), invalid).await;
+    assert_eq!(a.status, 409, "reuse is 409 whatever the body: {}", a.text);
+    assert!(e.ledger().is_empty(), "nothing was created");
+}

@@ -53,6 +53,18 @@ const KNOWN_KEYS: &[&str] = &[
     "extract",
 ];
 
+/// Scrape options only v2's schema has. firecrawl-py 4.x sends `fastMode`
+/// (with the other scrape options) whenever any is given, so refusing it
+/// refuses the official client.
+const V2_ONLY_KEYS: &[&str] = &[
+    "fastMode",
+    "useMock",
+    "minAge",
+    "lockdown",
+    "onlyCleanContent",
+    "integration",
+];
+
 enum Outcome {
     /// A document; `status_code` is the page's HTTP status.
     Document { status_code: u16 },
@@ -326,10 +338,19 @@ async fn submit(state: &Arc<State>, req: Request<Incoming>) -> Reply {
             &json!({"success": false, "code": "BAD_REQUEST", "error": error, "details": details}),
         )
     };
-    let unknown: Vec<&String> = body
-        .keys()
-        .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
-        .collect();
+    // v1 only: the idempotency middleware records the key before the
+    // controller validates the body, so a key is spent by any request that
+    // gets this far, even one then refused with 400 (§1.1 middleware order).
+    if version == 1 {
+        if let Some(key) = &idempotency {
+            let mut seen = state.idempotency.lock().unwrap_or_else(|e| e.into_inner());
+            if !is_uuid(key) || !seen.insert(key.clone()) {
+                return fail(StatusCode::CONFLICT, "Idempotency key already used");
+            }
+        }
+    }
+    let known = |k: &str| KNOWN_KEYS.contains(&k) || (version == 2 && V2_ONLY_KEYS.contains(&k));
+    let unknown: Vec<&String> = body.keys().filter(|k| !known(k)).collect();
     if !unknown.is_empty() {
         return bad_request(
             json!([{"code": "unrecognized_keys", "keys": unknown, "path": [], "message": "Unrecognized key in body -- please review the API documentation for request body changes"}]),
@@ -364,14 +385,6 @@ async fn submit(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     }
     if accepted.is_empty() && !urls.is_empty() {
         return fail(StatusCode::BAD_REQUEST, "No valid URLs provided");
-    }
-    if version == 1 {
-        if let Some(key) = &idempotency {
-            let mut seen = state.idempotency.lock().unwrap_or_else(|e| e.into_inner());
-            if !is_uuid(key) || !seen.insert(key.clone()) {
-                return fail(StatusCode::CONFLICT, "Idempotency key already used");
-            }
-        }
     }
     {
         let mut credits = state.credits.lock().unwrap_or_else(|e| e.into_inner());
