@@ -69,6 +69,7 @@ pub struct Account {
     pub gate: Arc<ProviderGate>,
     /// Why the account's gate is blocked while it has no token.
     no_token: &'static str,
+    has_token: std::sync::atomic::AtomicBool,
     apis: Vec<Arc<Context>>,
 }
 
@@ -77,10 +78,22 @@ impl Account {
     /// blocked with the reason.
     fn set_token(&self, token: Option<Token>) {
         let absent = token.is_none();
+        self.has_token
+            .store(!absent, std::sync::atomic::Ordering::Relaxed);
         for ctx in &self.apis {
             ctx.provider.set_token(token.clone());
         }
         if absent {
+            self.gate.block(self.no_token.into());
+        }
+    }
+
+    /// Lifts a block (a reload: a refused token may be fixed now), except
+    /// the one for having no token at all, which only a token lifts.
+    pub fn unblock(&self) {
+        if self.has_token.load(std::sync::atomic::Ordering::Relaxed) {
+            self.gate.unblock();
+        } else {
             self.gate.block(self.no_token.into());
         }
     }
@@ -141,6 +154,7 @@ impl Accounts {
         let brightdata = Account {
             name: "brightdata",
             no_token: NO_BRIGHTDATA_TOKEN,
+            has_token: Default::default(),
             apis: vec![
                 context(
                     Arc::new(ScraperStudio::new(http("scraper_studio", bd, &gate))),
@@ -162,6 +176,7 @@ impl Accounts {
         let firecrawl = Account {
             name: "firecrawl",
             no_token: NO_FIRECRAWL_TOKEN,
+            has_token: Default::default(),
             apis: [ApiVersion::V1, ApiVersion::V2]
                 .into_iter()
                 .map(|version| {

@@ -260,6 +260,8 @@ struct ValidatedFile {
 
 #[derive(serde::Serialize)]
 struct ValidatedProblem {
+    /// The job file, or its inputs file when the problem is there.
+    file: String,
     line: Option<usize>,
     field: Option<String>,
     message: String,
@@ -303,6 +305,7 @@ fn validate(files: &[PathBuf], json: bool) -> u8 {
                         eprintln!("{p}");
                     }
                     entry.problems.push(ValidatedProblem {
+                        file: p.file,
                         line: p.line,
                         field: p.field,
                         message: p.message,

@@ -773,7 +773,7 @@ impl Supervisor {
                             }
                         }
                         for account in self.accounts.each() {
-                            account.gate.unblock();
+                            account.unblock();
                         }
                         self.scan().await?;
                     }

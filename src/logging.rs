@@ -44,7 +44,10 @@ pub fn init(format: Option<LogFormat>) {
         (LogFormat::Text, false) => builder
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
-        (LogFormat::Text, true) => builder.event_format(Prioritized(text())).try_init(),
+        (LogFormat::Text, true) => builder
+            .with_ansi(false)
+            .event_format(Prioritized(text()))
+            .try_init(),
     };
 }
 

@@ -184,7 +184,7 @@ pub struct Undelivered {
     pub count: u64,
     /// When the oldest of them was raised.
     pub oldest_at: String,
-    /// The one tried last: its event, target and why it failed.
+    /// The one tried most: its event, target and why it last failed.
     pub event: String,
     pub target: String,
     pub last_error: String,
@@ -418,9 +418,19 @@ impl Notifier {
 
     /// The waiting notifications that have failed an attempt, summed up.
     fn undelivered_of(&self, waiting: &[OutboxRecord]) -> Option<Undelivered> {
-        let failing: Vec<&OutboxRecord> = waiting.iter().filter(|r| r.attempts > 0).collect();
+        let now = crate::clock::now_ms();
+        // Those about to be dropped (past 24 h, or their target gone) are
+        // not shown: nothing would take them off again.
+        let failing: Vec<&OutboxRecord> = waiting
+            .iter()
+            .filter(|r| {
+                r.attempts > 0
+                    && self.targets.iter().any(|t| t.id == r.target)
+                    && crate::clock::between(r.first_at, now) <= GIVE_UP_AFTER
+            })
+            .collect();
         let oldest = failing.iter().map(|r| r.first_at).min()?;
-        let last = failing.iter().max_by_key(|r| r.next_at)?;
+        let last = failing.iter().max_by_key(|r| (r.attempts, r.next_at))?;
         let target = self
             .targets
             .iter()

@@ -177,13 +177,11 @@ fn parse_field(text: &str, field: &'static str, lo: u32, hi: u32) -> Result<u64,
                     }
                     (a, b)
                 }
-                // As in Vixie cron, a step needs a range: `5/15` is
-                // refused rather than guessed at (`5-59/15`, or `*/15`).
-                None if item.contains('/') => {
-                    return Err(err(format!(
-                        "a step needs a range: write {r}-{hi}/{step} or */{step}"
-                    )))
-                }
+                // `5/15` is from 5 to the end, every 15. Vixie cron refuses
+                // it, but job files written for earlier harvestd releases
+                // use it, and refusing it now would stop their schedules at
+                // the upgrade (an unchanged job file is not checked again).
+                None if item.contains('/') => (value(r)?, hi),
                 None => {
                     let v = value(r)?;
                     (v, v)
@@ -445,6 +443,11 @@ mod tests {
                 datetime!(2026-03-01 10:31 UTC),
                 datetime!(2026-03-01 10:50 UTC),
             ),
+            (
+                "10/20 * * * *",
+                datetime!(2026-03-01 10:31 UTC),
+                datetime!(2026-03-01 10:50 UTC),
+            ),
             // Vixie cron: a day field starting with `*` makes the two
             // day fields both required. 2026-12-07 is a Monday on an odd day.
             (
@@ -614,11 +617,6 @@ mod tests {
             ("* * * foo *", "month", "'foo' is not a number"),
             ("* * * *", "expression", "has 4 fields"),
             ("* * * * * *", "expression", "has 6 fields"),
-            (
-                "10/20 * * * *",
-                "minute",
-                "a step needs a range: write 10-59/20",
-            ),
             ("@reboot", "expression", "@reboot has no meaning"),
             ("@often", "expression", "is not one of"),
         ] {

@@ -159,3 +159,48 @@ async fn sigterm_while_a_chunk_waits_for_its_trigger_slot_exits_at_once() {
     assert_eq!(states, ["triggered", "planned"]);
     assert_eq!(h.ledger().len(), 1);
 }
+
+/// A reload lifts blocks (a refused token may be fixed now), but not the
+/// one for having no token at all: without a token, calls would only be
+/// refused with 401s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_an_account_without_a_token_blocked() {
+    let mut h = Harness::new("[firecrawl]\nbuild_time = \"50ms\"\n").await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    std::fs::write(h.path("jobs/urls.txt"), "https://docs.example.com/a\n").unwrap();
+    h.write_job(
+        "fc.toml",
+        "provider = \"firecrawl\"\ninputs_file = \"urls.txt\"\n",
+    );
+    let mut command = h.command(&["run"]);
+    command.env_remove("FIRECRAWL_API_KEY");
+    let mut d = h.start_command(command).await;
+    let firecrawl_block = || async {
+        let (code, out, err) = h.run(&["status", "--json"]).await;
+        assert_eq!(code, 0, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        status["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["provider"] == "firecrawl")
+            .map(|p| p["blocked"].clone())
+            .unwrap()
+    };
+    let before = firecrawl_block().await;
+    assert!(
+        before.as_str().unwrap().contains("no Firecrawl API key"),
+        "{before}"
+    );
+    d.signal(SIGHUP);
+    d.wait_for_line("configuration reloaded").await;
+    assert_eq!(
+        firecrawl_block().await,
+        before,
+        "still blocked for the same reason"
+    );
+    assert!(h.ledger().is_empty(), "nothing was sent without a token");
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}

@@ -49,8 +49,11 @@ impl ChunkDriver {
                 self.key.learn_builds(&samples);
                 self.rec.last_error = None;
                 // Recorded with the ready state, by the same write.
+                // Added up: a chunk retried or triggered again after a doubt
+                // paid for each of its collections.
                 if let Some(credits) = credits_used {
-                    self.rec.credits_used = Some(credits);
+                    let before = self.rec.credits_used.unwrap_or(0);
+                    self.rec.credits_used = Some(before.saturating_add(credits));
                     self.ctx
                         .counters
                         .credits_used
