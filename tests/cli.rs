@@ -23,10 +23,20 @@ fn completions_for_bash_zsh_and_fish() {
     for shell in ["bash", "zsh", "fish"] {
         let (code, script, err) = harvestd(&["completions", shell]);
         assert_eq!(code, 0, "{shell}: {err}");
+        // Whole words: "run" must not pass on "rerun" alone.
+        let words: std::collections::BTreeSet<&str> =
+            script.split(|c: char| !c.is_ascii_alphanumeric()).collect();
         for sub in [
-            "run", "validate", "status", "rerun", "retry", "cancel", "emulator",
+            "run",
+            "validate",
+            "status",
+            "rerun",
+            "retry",
+            "cancel",
+            "emulator",
+            "completions",
         ] {
-            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+            assert!(words.contains(sub), "{shell} completion lacks {sub}");
         }
     }
     let (_, script, _) = harvestd(&["completions", "bash"]);
