@@ -32,7 +32,7 @@ pub fn init(format: Option<LogFormat>) {
         .with_env_filter(filter)
         .with_writer(|| LogWriter(Vec::new()));
     let text = || tracing_subscriber::fmt::format().with_ansi(false);
-    let _ = match (format, stderr_is_journal()) {
+    let _ = match (format, under_journal()) {
         (LogFormat::Json, false) => builder
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
@@ -55,11 +55,17 @@ pub fn init(format: Option<LogFormat>) {
 /// the logger (the command line's own messages), under journald; empty
 /// elsewhere. `level`: as a log event's.
 pub fn journal_prefix(level: tracing::Level) -> String {
-    static JOURNAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    match JOURNAL.get_or_init(stderr_is_journal) {
+    match under_journal() {
         true => format!("<{}>", priority(&level)),
         false => String::new(),
     }
+}
+
+/// [`stderr_is_journal`], asked once: the logger and the command line's
+/// own lines must agree.
+fn under_journal() -> bool {
+    static JOURNAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *JOURNAL.get_or_init(stderr_is_journal)
 }
 
 /// Whether stderr is the stream journald handed us: `JOURNAL_STREAM` is
