@@ -117,6 +117,8 @@ pub struct Common<'a> {
     /// `run --once`: a blocked provider parks its runs.
     pub park_on_block: bool,
     pub notify: &'a Arc<Notifier>,
+    /// The object store runs are uploaded to, if any.
+    pub bucket: Option<Arc<crate::bucket::Target>>,
 }
 
 impl Accounts {
@@ -127,6 +129,7 @@ impl Accounts {
             stop,
             park_on_block,
             notify,
+            bucket,
         } = common;
         let counters = Arc::new(Counters::default());
         let limits = CurrentLimits::new(config.limits.clone());
@@ -136,7 +139,8 @@ impl Accounts {
                 provider,
                 gate: gate.clone(),
                 limits: limits.clone(),
-                output_dir: config.output_dir.clone(),
+                output_dir: config.local_output_dir(),
+                bucket: bucket.clone(),
                 state_dir: config.state_dir.clone(),
                 stop: stop.clone(),
                 park_on_block,

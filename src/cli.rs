@@ -499,6 +499,14 @@ pub fn status_table(jobs: &[JobView]) -> String {
             .chars()
             .take(60)
             .collect();
+        // An upload that fails outranks a chunk's message: the run is
+        // finished, and its files are not where readers look.
+        if let Some(e) = run
+            .and_then(|r| r.upload.as_ref())
+            .and_then(|u| u.error.as_ref())
+        {
+            error = format!("UPLOAD FAILING: {e}").chars().take(80).collect();
+        }
         // A dataset near deletion outranks any other message.
         if let Some(expiry) = run.and_then(|r| r.expiry.as_ref()) {
             if matches!(expiry.level.as_str(), "warning" | "error" | "expired") {
@@ -513,7 +521,12 @@ pub fn status_table(jobs: &[JobView]) -> String {
         rows.push([
             j.job.clone(),
             j.provider.clone().unwrap_or_else(|| "-".into()),
-            j.state.clone(),
+            match run.and_then(|r| r.upload.as_ref()) {
+                // The run's own state, and that its files are on their way.
+                Some(u) if u.error.is_some() => format!("{} (upload failing)", j.state),
+                Some(_) => format!("{} (uploading)", j.state),
+                None => j.state.clone(),
+            },
             run.map_or("-".into(), |r| {
                 let done = r.chunks.get("downloaded").copied().unwrap_or(0);
                 format!("{done}/{}", r.chunks_total)

@@ -25,8 +25,12 @@ pub struct Config {
     pub jobs_dir: PathBuf,
     /// Where the sled store, the lock file and the admin files live.
     pub state_dir: PathBuf,
-    /// Where `<job>/<run_id>/` output directories are written.
+    /// Where `<job>/<run_id>/` output directories are written: a local
+    /// directory, or an object-store URL (`s3://`, `gs://`, `az://`) whose
+    /// runs are built in `storage.staging_dir` and then uploaded.
     pub output_dir: PathBuf,
+    /// The object store behind an `output_dir` URL (`docs/object-storage.md`).
+    pub storage: StorageConfig,
     /// Loopback address of the admin API, or `off`.
     pub admin_listen: String,
     /// `text` or `json`; unset means text on a TTY, JSON otherwise.
@@ -54,6 +58,104 @@ pub struct Config {
     /// `[[notify]]` targets: webhooks and commands told of events
     /// (`docs/notifications.md`).
     pub notify: Vec<NotifyConfig>,
+}
+
+/// `[storage]`: how to reach the object store an `output_dir` URL names.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// An S3-compatible server's address (MinIO, R2, Ceph), a GCS or Azure
+    /// emulator's; unset: the cloud's own.
+    pub endpoint: Option<String>,
+    /// The S3 region; unset: `AWS_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Must be true for an `http://` endpoint: credentials and data would
+    /// cross the network in clear.
+    pub allow_http: bool,
+    /// Where runs are built before they are uploaded; unset:
+    /// `<state_dir>/staging`.
+    pub staging_dir: Option<PathBuf>,
+}
+
+/// The object store kinds an `output_dir` URL may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    S3,
+    Gcs,
+    Azure,
+}
+
+/// An `output_dir` that names an object store: `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUrl {
+    pub kind: StoreKind,
+    /// The bucket (Azure: the container).
+    pub bucket: String,
+    /// Path segments under the bucket, without slashes at either end;
+    /// empty for the bucket's root.
+    pub prefix: String,
+}
+
+impl fmt::Display for ObjectUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.kind {
+            StoreKind::S3 => "s3",
+            StoreKind::Gcs => "gs",
+            StoreKind::Azure => "az",
+        };
+        write!(f, "{scheme}://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        Ok(())
+    }
+}
+
+impl ObjectUrl {
+    /// `Ok(None)` for a local path; an error for a URL harvestd cannot
+    /// write to, naming what it takes instead.
+    pub fn parse(output_dir: &Path) -> Result<Option<ObjectUrl>, String> {
+        let Some(text) = output_dir.to_str() else {
+            return Ok(None);
+        };
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Ok(None);
+        };
+        let kind = match scheme {
+            "s3" | "s3a" => StoreKind::S3,
+            "gs" => StoreKind::Gcs,
+            "az" | "azure" => StoreKind::Azure,
+            _ => {
+                return Err(format!(
+                    "output_dir: '{scheme}://' is not a store harvestd writes to; \
+                     use a local directory, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+                ))
+            }
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() || bucket.contains(['?', '#', '@', ':']) {
+            return Err(format!(
+                "output_dir: '{text}' names no bucket; write {scheme}://bucket/prefix"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        // Object keys are the prefix's segments joined by '/': an empty,
+        // '.' or '..' segment would write somewhere other than it reads.
+        if prefix
+            .split('/')
+            .any(|s| (s.is_empty() && !prefix.is_empty()) || s == "." || s == "..")
+            || prefix.contains(['?', '#', '\\'])
+        {
+            return Err(format!(
+                "output_dir: the prefix '{prefix}' of '{text}' has an empty, '.' or '..' part, or a '?', '#' or '\\'"
+            ));
+        }
+        Ok(Some(ObjectUrl {
+            kind,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        }))
+    }
 }
 
 /// Every event a notification target can be told of (its `events`
@@ -236,6 +338,7 @@ impl Default for Config {
             jobs_dir: "jobs".into(),
             state_dir: "state".into(),
             output_dir: "out".into(),
+            storage: StorageConfig::default(),
             admin_listen: "127.0.0.1:9848".into(),
             log_format: None,
             shutdown_grace: Duration::from_secs(20),
@@ -530,6 +633,32 @@ impl Config {
                 )));
             }
         }
+        let remote = ObjectUrl::parse(&self.output_dir).map_err(ConfigError::Invalid)?;
+        if let Some(endpoint) = &self.storage.endpoint {
+            match reqwest::Url::parse(endpoint) {
+                Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+                Ok(u) if u.scheme() == "http" && u.host().is_some() => {
+                    if !self.storage.allow_http {
+                        return Err(ConfigError::Invalid(format!(
+                            "storage.endpoint '{endpoint}' is http://: credentials and data would cross the network in clear; \
+                             use https, or set storage.allow_http = true for a store on a network you trust"
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "storage.endpoint: '{endpoint}' is not an http(s) URL such as https://s3.example.com"
+                    )))
+                }
+            }
+            if remote.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.endpoint is set but output_dir '{}' is a local directory; \
+                     set output_dir = \"s3://bucket/prefix\" to upload",
+                    self.output_dir.display()
+                )));
+            }
+        }
         if self.admin_listen != "off" {
             let addr: std::net::SocketAddr = self.admin_listen.parse().map_err(|_| {
                 ConfigError::Invalid(format!(
@@ -544,6 +673,24 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The object store `output_dir` names, if it names one (checked by
+    /// [`Config::validate`]).
+    pub fn object_url(&self) -> Option<ObjectUrl> {
+        ObjectUrl::parse(&self.output_dir).ok().flatten()
+    }
+
+    /// Where runs' files are written on this machine: `output_dir`, or
+    /// the staging directory when `output_dir` is an object store.
+    pub fn local_output_dir(&self) -> PathBuf {
+        if self.object_url().is_none() {
+            return self.output_dir.clone();
+        }
+        self.storage
+            .staging_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("staging"))
     }
 
     pub fn brightdata_url(&self) -> &str {
@@ -723,6 +870,46 @@ mod tests {
         assert!(err.contains("lots"), "{err}");
         let small = Config::from_toml("[limits]\nmax_row_bytes = 10\n").unwrap();
         assert!(small.validate().is_err());
+    }
+
+    #[test]
+    fn an_object_store_output_dir_is_parsed_or_refused_by_name() {
+        let url = |s: &str| ObjectUrl::parse(Path::new(s));
+        assert_eq!(url("out").unwrap(), None);
+        assert_eq!(url("/var/lib/harvestd/out").unwrap(), None);
+        let s3 = url("s3://lake/harvest/team-a/").unwrap().unwrap();
+        assert_eq!(
+            (s3.kind, s3.bucket.as_str(), s3.prefix.as_str()),
+            (StoreKind::S3, "lake", "harvest/team-a")
+        );
+        assert_eq!(s3.to_string(), "s3://lake/harvest/team-a");
+        assert_eq!(url("gs://b").unwrap().unwrap().kind, StoreKind::Gcs);
+        assert_eq!(url("az://c/p").unwrap().unwrap().kind, StoreKind::Azure);
+        for bad in [
+            "http://x/y",
+            "s3://",
+            "s3:///p",
+            "s3://b/a/../c",
+            "s3://b/a//c",
+            "s3://b/p?x=1",
+        ] {
+            let e = url(bad).unwrap_err();
+            assert!(e.starts_with("output_dir:"), "{bad}: {e}");
+        }
+        let mut c = Config {
+            output_dir: "s3://lake/x".into(),
+            ..Config::default()
+        };
+        assert_eq!(c.local_output_dir(), PathBuf::from("state/staging"));
+        c.storage.endpoint = Some("http://127.0.0.1:9000".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("allow_http = true"), "{e}");
+        c.storage.allow_http = true;
+        c.validate().unwrap();
+        c.output_dir = "out".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("local directory"), "{e}");
+        assert_eq!(c.local_output_dir(), PathBuf::from("out"));
     }
 
     #[test]

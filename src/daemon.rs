@@ -165,6 +165,11 @@ impl Supervisor {
                     resumed += 1;
                     self.spawn(run);
                 }
+                // Finished, its files not yet all in the object store.
+                _ if run.upload.is_some() => {
+                    resumed += 1;
+                    self.spawn(run);
+                }
                 _ => {}
             }
         }
@@ -540,6 +545,7 @@ impl Supervisor {
         if new.jobs_dir != old.jobs_dir
             || new.state_dir != old.state_dir
             || new.output_dir != old.output_dir
+            || new.storage != old.storage
             || new.admin_listen != old.admin_listen
         {
             warn!("SIGHUP: directories and admin_listen change only with a restart; keeping the current ones");
@@ -556,6 +562,7 @@ impl Supervisor {
         new.jobs_dir = old.jobs_dir.clone();
         new.state_dir = old.state_dir.clone();
         new.output_dir = old.output_dir.clone();
+        new.storage = old.storage.clone();
         new.admin_listen = old.admin_listen.clone();
         new.providers.brightdata.base_url = old.providers.brightdata.base_url.clone();
         new.providers.firecrawl.base_url = old.providers.firecrawl.base_url.clone();
@@ -929,8 +936,12 @@ pub async fn run(
         Some(_) => Tokens::emulator(),
         None => Tokens::find(&config, env)?,
     };
-    std::fs::create_dir_all(&config.output_dir).map_err(io_error(config.output_dir.display()))?;
-    let store = open_store(&state_dir, &config.output_dir, options.recover).await?;
+    let bucket = crate::bucket::Target::from_config(&config, env)
+        .map_err(|e| DaemonError::Config(ConfigError::Invalid(e)))?
+        .map(Arc::new);
+    let output_dir = config.local_output_dir();
+    std::fs::create_dir_all(&output_dir).map_err(io_error(output_dir.display()))?;
+    let store = open_store(&state_dir, &output_dir, options.recover).await?;
     let stop = CancellationToken::new();
     let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
 
@@ -941,6 +952,7 @@ pub async fn run(
             stop: &stop,
             park_on_block: options.once,
             notify: &notify,
+            bucket,
         },
         tokens,
     );

@@ -621,6 +621,7 @@ pub fn plan(
         inputs: 0,
         chunks: 0,
         cancel_requested: false,
+        upload: None,
     };
     store.put_run(&run)?;
     match plan_chunks(store, spec, job_bytes, content_sha256, &run.run_id) {

@@ -33,9 +33,10 @@
 //! | [`watcher`] | when to rescan the jobs directory (notify + timer) |
 //! | [`limits`] | per-key in-flight, trigger pacing and expected build time; per-provider rate (short bursts, a backlog let out in groups, never over the limit in any second; first come first served), 429 brake, blocks; backoff and poll intervals |
 //! | [`provider`] | one trait, three APIs: [`provider::scraper_studio`], [`provider::web_scraper`], [`provider::firecrawl`]; [`provider::http`] is the shared driver |
-//! | [`run`] | drives a run's chunks trigger → poll → download, persisting before acting: [`run::drive_run`] schedules a run's chunks (building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together); one chunk's task is a loop over its persisted state, its steps in `trigger`, `poll` and `download`; `finish` writes the final files, manifest, `_SUCCESS`, `latest` |
+//! | [`run`] | drives a run's chunks trigger → poll → download, persisting before acting: [`run::drive_run`] schedules a run's chunks (building collections wait in a per-run queue, a task only per step, polls due within 50 ms started together); one chunk's task is a loop over its persisted state, its steps in `trigger`, `poll` and `download`; `finish` writes the final files, manifest, `_SUCCESS`, `latest`; `upload` sends a finished run from staging to the object store in order, resumed from the run's record after a restart |
 //! | [`clock`] | the one clock: instants as ms since the epoch ([`clock::UnixMs`]), waits between them that never underflow, RFC 3339 and day formatting |
 //! | [`sink`] | atomic files (big ones in 1 MiB blocks by a writer thread, `O_DIRECT` or drop-behind), part files and their CSV columns, CSV flattening, final files, `data.parquet` (schema learned in a first pass, then Arrow record batches), manifest |
+//! | [`bucket`] | the object store an `output_dir` URL names (S3 and compatibles, GCS, Azure through `object_store`): the client from `[storage]` and the standard credentials; one staged file sent whole or in 8 MiB parts, its sha256 checked against the manifest's before the object is made |
 //! | [`daemon`] | the supervisor: lock, resume, scan and intake tasks, spawn, schedules, drain |
 //! | [`accounts`] | the two provider accounts, each with one gate and token shared by its APIs' run contexts (Bright Data: Scraper Studio, Web Scraper API; Firecrawl: v1, v2); the limits, counters and notifier every context shares; a reload's limits and tokens applied in one place |
 //! | [`admin`] | loopback admin API: health, readiness, jobs, metrics, rerun, retry, cancel; header timeout, connection cap, accept backoff; [`admin::View`] keeps the figures it answers from; [`admin::api`] types its answers, which the CLI reads back with the same types |
@@ -68,6 +69,11 @@
 //!   so a restart resumes at the next page and never fetches a saved one.
 //! - A chunk is `downloaded` only after its part file is durable; final files
 //!   are written only from part files, atomically; `_SUCCESS` comes last.
+//! - With an object store, a run is recorded finished with its upload to
+//!   do by the flush that ends it; each object sent, and a multipart
+//!   upload's id before its first part, is recorded, so a restart sends
+//!   only the rest and aborts what a crash left. The run-end event is
+//!   raised when the upload is done; staging goes once `latest` is written.
 //! - Whatever a provider sends is bounded (docs/limits.md): a call's
 //!   whole answer by `request_timeout` and a size, a download by
 //!   `max_dataset_bytes` and progress, a row by `max_row_bytes` (an
@@ -108,6 +114,7 @@
 
 pub(crate) mod accounts;
 pub(crate) mod admin;
+pub(crate) mod bucket;
 pub mod chunk;
 pub mod cli;
 pub mod clock;

@@ -5,45 +5,10 @@
 
 mod common;
 
-use common::{read_json, Harness};
+use common::{assert_agree, read_json, Harness};
 use harvestd::sink::parquet::{read_rows, ParquetOut, Schema};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-/// Whether a row read back from Parquet says what its JSON row says:
-/// numbers by value (an integer field may have been widened to float), a
-/// field kept as JSON text by the JSON it holds, a null the same as a
-/// missing field (the reader leaves nulls out). A row that is not an object
-/// is the `value` column.
-fn agrees(back: &Value, json: &Value) -> bool {
-    match (back, json) {
-        (Value::Object(a), b) if !b.is_object() => {
-            a.len() <= 1 && agrees(a.get("value").unwrap_or(&Value::Null), b)
-        }
-        (Value::Null, Value::Null) => true,
-        (Value::String(text), other) => {
-            other.as_str() == Some(text)
-                || serde_json::from_str::<Value>(text).is_ok_and(|v| v == *other)
-        }
-        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        (Value::Array(a), Value::Array(b)) => {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| agrees(x, y))
-        }
-        (Value::Object(a), Value::Object(b)) => {
-            b.iter()
-                .all(|(k, v)| agrees(a.get(k).unwrap_or(&Value::Null), v))
-                && a.iter().all(|(k, v)| v.is_null() || b.contains_key(k))
-        }
-        (a, b) => a == b,
-    }
-}
-
-fn assert_agree(back: &[Value], json: &[Value]) {
-    assert_eq!(back.len(), json.len(), "as many rows in Parquet as in JSON");
-    for (i, (b, j)) in back.iter().zip(json).enumerate() {
-        assert!(agrees(b, j), "row {i}: read back {b}\nfor {j}");
-    }
-}
 
 fn round_trip(rows: &[Value]) -> Vec<Value> {
     let mut schema = Schema::default();

@@ -65,6 +65,27 @@ pub struct RunView {
     /// The first unsaved ready dataset to expire, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry: Option<ExpiryView>,
+    /// The run is finished and its files are being uploaded to the object
+    /// store; absent once they are (and for a local `output_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadView>,
+}
+
+/// A finished run's upload to the object store, while it is not done.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UploadView {
+    /// `uploading`, or `failing` while attempts fail (they go on).
+    pub state: String,
+    /// Where to: `s3://bucket/prefix`.
+    pub to: String,
+    /// Objects uploaded so far.
+    pub objects_done: u32,
+    /// Why the last attempt failed, while attempts fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when attempts fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
 }
 
 /// How near an unsaved ready dataset is to deletion at the provider.

@@ -33,7 +33,7 @@ use crate::store::Store;
 pub mod api;
 mod view;
 
-use api::{ExpiryView, JobView, PauseView, ProviderView, Reply, RunRef, RunView};
+use api::{ExpiryView, JobView, PauseView, ProviderView, Reply, RunRef, RunView, UploadView};
 pub use view::View;
 use view::{ChunkDigest, RunFigures};
 
@@ -446,6 +446,20 @@ fn run_view(contexts: &[Arc<Context>], run: &RunFigures, chunks: &ChunkDigest) -
         last_error: chunks.last_error.clone(),
         credits_used: chunks.credits_used,
         expiry: None,
+        upload: run.upload.as_ref().map(|u| UploadView {
+            state: if u.error.is_some() {
+                "failing"
+            } else {
+                "uploading"
+            }
+            .into(),
+            to: ctx
+                .and_then(|c| c.bucket.as_ref())
+                .map_or_else(String::new, |b| b.url.to_string()),
+            objects_done: u.done.len() as u32,
+            error: u.error.clone(),
+            failing_since: u.failing_since.map(timestamp),
+        }),
     };
     if let Some(ctx) = ctx {
         let mut earliest = None;
@@ -695,6 +709,11 @@ async fn metrics(state: &AdminState) -> Result<String, String> {
     for (key, n) in (state.in_flight)() {
         let _ = writeln!(out, "harvestd_in_flight{{key=\"{key}\"}} {n}");
     }
+    let k = &state.accounts.counters;
+    let _ = writeln!(out, "# HELP harvestd_uploads Finished runs whose files are not yet all in the object store (pending), and those whose last attempt failed (failing).\n# TYPE harvestd_uploads gauge\nharvestd_uploads{{state=\"pending\"}} {}\nharvestd_uploads{{state=\"failing\"}} {}", figures.uploads_pending, figures.uploads_failing);
+    let _ = writeln!(out, "# HELP harvestd_upload_bytes_total Bytes uploaded to the object store.\n# TYPE harvestd_upload_bytes_total counter\nharvestd_upload_bytes_total {}", k.upload_bytes.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP harvestd_upload_objects_total Objects uploaded to the object store.\n# TYPE harvestd_upload_objects_total counter\nharvestd_upload_objects_total {}", k.upload_objects.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP harvestd_upload_failures_total Upload attempts that failed (each is tried again).\n# TYPE harvestd_upload_failures_total counter\nharvestd_upload_failures_total {}", k.upload_failures.load(Ordering::Relaxed));
     let mut counters = [0u64; 7];
     let k = &state.accounts.counters;
     for (slot, v) in counters.iter_mut().zip([

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::chunk::{ChunkState, UnixMs};
 use crate::spec::ProviderKind;
-use crate::store::{ChunkRecord, JobRecord, Observer, RunRecord, RunState, ScheduleRecord, Store};
+use crate::store::{
+    ChunkRecord, JobRecord, Observer, RunRecord, RunState, RunUpload, ScheduleRecord, Store,
+};
 
 /// One chunk, as far as the admin API cares.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -147,6 +149,8 @@ pub struct RunFigures {
     pub inputs: u64,
     pub started_at: UnixMs,
     pub finished_at: Option<UnixMs>,
+    /// The upload still to do, for a run whose files go to an object store.
+    pub upload: Option<RunUpload>,
 }
 
 #[derive(Debug)]
@@ -186,6 +190,10 @@ pub struct MetricFigures {
     pub chunks_by_state: BTreeMap<&'static str, u64>,
     /// Provider of each unfinished run with the expiry of its ready chunks.
     pub ready: Vec<(ProviderKind, Vec<UnixMs>)>,
+    /// Finished runs whose files are not yet all in the object store, and
+    /// those of them whose last attempt failed.
+    pub uploads_pending: u64,
+    pub uploads_failing: u64,
 }
 
 /// The admin API's figures. See the module documentation.
@@ -209,6 +217,7 @@ fn figures(run: &RunRecord) -> RunFigures {
         inputs: run.inputs,
         started_at: run.started_at,
         finished_at: run.finished_at,
+        upload: run.upload.clone(),
     }
 }
 
@@ -438,6 +447,10 @@ impl View {
             *m.runs_by_state
                 .entry(entry.figures.state.as_str())
                 .or_default() += 1;
+            if let Some(upload) = &entry.figures.upload {
+                m.uploads_pending += 1;
+                m.uploads_failing += u64::from(upload.error.is_some());
+            }
             if entry.figures.state.is_terminal() {
                 continue;
             }
@@ -555,6 +568,7 @@ mod tests {
             inputs: u64::from(chunks) * 2,
             chunks,
             cancel_requested: false,
+            upload: None,
         }
     }
 

@@ -28,6 +28,11 @@ pub struct Counters {
     /// Credits the provider reported for collections that became ready
     /// (Firecrawl's `creditsUsed`; Bright Data reports none).
     pub credits_used: AtomicU64,
+    /// Bytes and objects sent to the object store, and upload attempts that
+    /// failed.
+    pub upload_bytes: AtomicU64,
+    pub upload_objects: AtomicU64,
+    pub upload_failures: AtomicU64,
     /// Unix ms of the last successful status poll.
     pub last_poll_ok: std::sync::atomic::AtomicI64,
 }
@@ -58,7 +63,11 @@ pub struct Context {
     pub gate: Arc<ProviderGate>,
     /// The limits in force: one handle for every context.
     pub limits: CurrentLimits,
+    /// Where runs' files are written on this machine: `output_dir`, or
+    /// the staging directory of an object store.
     pub output_dir: PathBuf,
+    /// The object store runs are uploaded to, when `output_dir` names one.
+    pub bucket: Option<Arc<crate::bucket::Target>>,
     /// The state directory: its filesystem must keep `min_free_space` too.
     pub state_dir: PathBuf,
     pub stop: CancellationToken,

@@ -68,8 +68,28 @@ pub(super) async fn finalize(
     let mut done = run.clone();
     done.state = state;
     done.finished_at = Some(finished_at);
-    // Stored with the run's end, by the same flush: a crash cannot keep
-    // the one without the other.
+    if let Some(target) = &ctx.bucket {
+        // The run is told finished once its files are in the object store;
+        // until then it is recorded with its upload to do, by the same
+        // flush, so a crash goes on uploading and never writes them again.
+        done.upload = Some(crate::store::RunUpload::default());
+        ctx.store.put_run(&done)?;
+        ctx.store.flush().await?;
+        return super::upload::upload_run(ctx, target, done, dir, stop).await;
+    }
+    announce(ctx, &done, counts).await?;
+    Ok(RunOutcome::Finished(state))
+}
+
+/// Records a run as finished and raises its run-end event, stored with
+/// the record by the same flush: a crash cannot keep the one without the
+/// other.
+pub(super) async fn announce(
+    ctx: &Context,
+    run: &RunRecord,
+    counts: crate::notify::Counts,
+) -> Result<(), WorkerError> {
+    let state = run.state;
     ctx.notify.raise(&crate::notify::Event {
         event: match state {
             RunState::Complete => "run.complete",
@@ -89,18 +109,17 @@ pub(super) async fn finalize(
             counts.inputs,
             counts.chunks_failed
         ),
+        occurrence: run.finished_at.unwrap_or_default().to_string(),
         counts: Some(counts),
-        occurrence: finished_at.to_string(),
     });
-    ctx.store.put_run(&done)?;
+    ctx.store.put_run(run)?;
     ctx.store.flush().await?;
-    let level_error = state != RunState::Complete;
-    if level_error {
+    if state != RunState::Complete {
         warn!(job = %run.job, run = %run.run_id, state = state.as_str(), "run finished incomplete");
     } else {
         info!(job = %run.job, run = %run.run_id, state = state.as_str(), "run complete");
     }
-    Ok(RunOutcome::Finished(state))
+    Ok(())
 }
 
 /// Makes a finished run's failed and expired chunks planned again and the

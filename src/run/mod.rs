@@ -14,6 +14,8 @@
 //!   are in `trigger` (trigger, in-doubt settling), `poll` (acting on a
 //!   status answer) and `download` (pages, the part file, disk space, expiry).
 //! - `finish`: the final files, the manifest, `latest`; retry and cancel.
+//! - `upload`: a finished run's files to the object store, in order,
+//!   resumed after a restart.
 //! - [`context`]: what all runs of one provider key share.
 
 mod context;
@@ -23,6 +25,7 @@ mod finish;
 mod poll;
 mod queue;
 mod trigger;
+mod upload;
 
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -90,10 +93,19 @@ pub async fn drive_run(
     run: RunRecord,
     stop: CancellationToken,
 ) -> Result<RunOutcome, WorkerError> {
+    let dir = run_dir(&ctx.output_dir, &run);
+    if run.upload.is_some() {
+        // Finished before a restart, its files still to upload.
+        let Some(target) = ctx.bucket.clone() else {
+            error!(job = %run.job, run = %run.run_id, staged = %dir.display(),
+                "the run waits to be uploaded, but output_dir no longer names an object store; its files stay in staging");
+            return Ok(RunOutcome::Finished(run.state));
+        };
+        return upload::upload_run(&ctx, &target, run, &dir, &stop).await;
+    }
     if run.cancel_requested {
         return cancel_run(&ctx, &run, &stop).await;
     }
-    let dir = run_dir(&ctx.output_dir, &run);
     sweep_leftovers(&dir).await;
     let shared = Shared {
         ctx: ctx.clone(),

@@ -1,10 +1,10 @@
 //! `manifest.json`: what happened to a run (`docs/outputs.md`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::outputs::OutputFile;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub job: String,
     pub run_id: String,
@@ -28,7 +28,7 @@ pub struct Manifest {
     pub outputs: Vec<OutputFile>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManifestChunk {
     pub index: u32,
     pub inputs: u64,

@@ -22,7 +22,7 @@ use super::part::for_each_row;
 use super::{is_error_row, AtomicFile};
 use crate::spec::OutputFormat;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct OutputFile {
     pub file: String,
     pub rows: u64,

@@ -37,7 +37,7 @@ mod recover;
 pub use guard::GENERATION_FILE;
 pub use outbox::OutboxRecord;
 use records::{decode, encode, VERSION};
-pub use records::{ChunkRecord, JobRecord, RunRecord, RunState, ScheduleRecord};
+pub use records::{ChunkRecord, JobRecord, RunRecord, RunState, RunUpload, ScheduleRecord};
 pub use recover::Recovered;
 
 use std::fs;
@@ -749,6 +749,7 @@ mod tests {
                 inputs: 3,
                 chunks: 300,
                 cancel_requested: false,
+                upload: None,
             };
             store.put_run(&run).unwrap();
             for i in (0..300).rev() {
@@ -957,6 +958,7 @@ mod tests {
             inputs: 0,
             chunks: 0,
             cancel_requested: false,
+            upload: None,
         }
     }
 

@@ -58,6 +58,30 @@ pub struct RunRecord {
     /// so a cancel interrupted by a crash goes on as a cancel.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The run is finished and its files wait in the staging directory to
+    /// be uploaded to the object store (`docs/object-storage.md`); `None`
+    /// once they are, and always for a local `output_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<RunUpload>,
+}
+
+/// How far a run's upload has come, kept so that a restart goes on from
+/// there and aborts what a crash left half done.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunUpload {
+    /// Files uploaded, in order; a restart sends the rest.
+    #[serde(default)]
+    pub done: Vec<String>,
+    /// A multipart upload begun and not completed (file, upload id): the
+    /// next attempt aborts it before it sends the file again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipart: Option<(String, String)>,
+    /// Why the last attempt failed, while attempts fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When attempts began to fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<UnixMs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,277 @@
+//! The object store an `output_dir` URL names, reached through Apache
+//! Arrow's `object_store`: the client built from `[storage]` and the
+//! store's standard credentials, and one staged file put as one object.
+//!
+//! A file is sent whole when it is small and as a multipart upload
+//! otherwise, a part at a time from disk, so memory stays at about two
+//! parts whatever the file's size. Either way the object appears whole or
+//! not at all: a single PUT is atomic, and a multipart upload becomes an
+//! object only when it is completed. The file's sha256 is computed as it is
+//! sent and checked against the manifest's before the object is made, so
+//! no object differs from what the manifest says.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as Key;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::config::{find_token, Config, Env, ObjectUrl, StorageConfig, StoreKind};
+
+/// Files larger than this are sent as multipart uploads, in parts of this
+/// size: above S3's 5 MiB minimum part, and the same size for every part
+/// but the last, as R2 requires.
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// What an object store client is to the uploader: objects and multipart
+/// uploads by id, so that an upload begun before a crash can be aborted.
+pub trait Bucket: ObjectStore + MultipartStore {}
+impl<T: ObjectStore + MultipartStore> Bucket for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("{0}")]
+    Store(#[from] object_store::Error),
+    #[error("reading the staged file {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the staged file {file} has sha256 {found}, not the manifest's {expected}; it changed \
+         after the run was written, so it is not uploaded (rerun the job, or put the file back)"
+    )]
+    Changed {
+        file: String,
+        expected: String,
+        found: String,
+    },
+}
+
+/// The object store runs are uploaded to, and the prefix they go under.
+pub struct Target {
+    /// `s3://bucket/prefix`, as logs and `status` show it.
+    pub url: ObjectUrl,
+    pub client: Arc<dyn Bucket>,
+}
+
+impl Target {
+    /// The key of `parts` joined under the prefix: `<prefix>/<job>/…`.
+    pub fn key(&self, parts: &[&str]) -> Key {
+        let prefix = self.url.prefix.split('/').filter(|s| !s.is_empty());
+        Key::from_iter(prefix.chain(parts.iter().copied()))
+    }
+
+    /// The target `config.output_dir` names, if it names an object store.
+    pub fn from_config(config: &Config, env: &dyn Env) -> Result<Option<Target>, String> {
+        let Some(url) = config.object_url() else {
+            return Ok(None);
+        };
+        let client = connect(&url, &config.storage, env)?;
+        Ok(Some(Target { url, client }))
+    }
+}
+
+/// Builds the client for `url`. Nothing is sent yet: a store that is down
+/// or refuses the credentials shows on the first upload, as an upload
+/// failing, not as a daemon that cannot start.
+fn connect(
+    url: &ObjectUrl,
+    storage: &StorageConfig,
+    env: &dyn Env,
+) -> Result<Arc<dyn Bucket>, String> {
+    // A few quick retries inside the client for a dropped connection or a
+    // 5xx or throttling answer (S3 `SlowDown`); past them the uploader's
+    // own backoff takes over, and the upload is reported as failing.
+    let retry = RetryConfig {
+        max_retries: 4,
+        retry_timeout: Duration::from_secs(30),
+        ..RetryConfig::default()
+    };
+    let options = ClientOptions::new()
+        .with_allow_http(storage.allow_http)
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(300));
+    // Credentials from systemd's `LoadCredential=` when the environment
+    // has none (the environment is read by each builder's `from_env`).
+    let credential = |vars: &[&str], name: &str| {
+        find_token(env, vars, None, name)
+            .map_err(|e| e.to_string())
+            .map(|t| t.map(|t| t.expose().to_string()))
+    };
+    let built = match url.kind {
+        StoreKind::S3 => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(&url.bucket)
+                .with_retry(retry)
+                .with_client_options(options)
+                // The server checks each part's sha256 as it arrives.
+                .with_checksum_algorithm(object_store::aws::Checksum::SHA256);
+            if let Some(id) = credential(&["AWS_ACCESS_KEY_ID"], "storage-access-key-id")? {
+                b = b.with_access_key_id(id);
+            }
+            if let Some(secret) =
+                credential(&["AWS_SECRET_ACCESS_KEY"], "storage-secret-access-key")?
+            {
+                b = b.with_secret_access_key(secret);
+            }
+            let region = storage
+                .region
+                .clone()
+                .or_else(|| env.var("AWS_REGION"))
+                .or_else(|| env.var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into());
+            b = b.with_region(region);
+            if let Some(endpoint) = &storage.endpoint {
+                // S3-compatible servers address buckets by path, not by
+                // a host name per bucket.
+                b = b
+                    .with_endpoint(endpoint)
+                    .with_virtual_hosted_style_request(false);
+            }
+            b.build().map(|s| Arc::new(s) as Arc<dyn Bucket>)
+        }
+        StoreKind::Gcs => {
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(&url.bucket)
+                .with_retry(retry)
+                .with_client_options(options);
+            if let Some(path) = env.var("GOOGLE_APPLICATION_CREDENTIALS") {
+                b = b.with_application_credentials(path);
+            }
+            if let Some(endpoint) = &storage.endpoint {
+                b = b.with_config(object_store::gcp::GoogleConfigKey::BaseUrl, endpoint);
+            }
+            b.build().map(|s| Arc::new(s) as Arc<dyn Bucket>)
+        }
+        StoreKind::Azure => {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(&url.bucket)
+                .with_retry(retry)
+                .with_client_options(options);
+            if let Some(name) =
+                credential(&["AZURE_STORAGE_ACCOUNT_NAME"], "storage-access-key-id")?
+            {
+                b = b.with_account(name);
+            }
+            if let Some(key) =
+                credential(&["AZURE_STORAGE_ACCOUNT_KEY"], "storage-secret-access-key")?
+            {
+                b = b.with_access_key(key);
+            }
+            if let Some(endpoint) = &storage.endpoint {
+                b = b.with_endpoint(endpoint.clone());
+            }
+            b.build().map(|s| Arc::new(s) as Arc<dyn Bucket>)
+        }
+    };
+    // The builders' errors name missing settings, never their values.
+    built.map_err(|e| format!("output_dir {url}: {e}"))
+}
+
+/// Compares a file's sha256 with the manifest's, when it lists the file.
+fn check(file: &Path, hasher: Sha256, expected: Option<&str>) -> Result<(), BucketError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let found = hex::encode(hasher.finalize());
+    if found == expected {
+        return Ok(());
+    }
+    Err(BucketError::Changed {
+        file: file.display().to_string(),
+        expected: expected.to_string(),
+        found,
+    })
+}
+
+fn read_error(file: &Path) -> impl Fn(std::io::Error) -> BucketError + '_ {
+    move |source| BucketError::Read {
+        file: file.display().to_string(),
+        source,
+    }
+}
+
+/// Sends a small file (up to [`PART_SIZE`]) as one PUT. `expected` is the
+/// manifest's sha256 for it (none for the manifest itself and the
+/// markers). Returns the bytes sent.
+pub async fn put_whole(
+    bucket: &dyn Bucket,
+    key: &Key,
+    file: &Path,
+    expected: Option<&str>,
+) -> Result<u64, BucketError> {
+    let bytes = tokio::fs::read(file).await.map_err(read_error(file))?;
+    check(file, Sha256::new_with_prefix(&bytes), expected)?;
+    let sent = bytes.len() as u64;
+    bucket.put(key, PutPayload::from(bytes)).await?;
+    Ok(sent)
+}
+
+/// Sends a file as the parts of the multipart upload `id` (begun, and its
+/// id kept, by the caller), then completes it; aborts it on any failure.
+pub async fn put_parts(
+    bucket: &dyn Bucket,
+    key: &Key,
+    id: &str,
+    file: &Path,
+    expected: Option<&str>,
+) -> Result<u64, BucketError> {
+    let id = id.to_string();
+    let sent = async {
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(read_error(file))?;
+        let mut hasher = Sha256::new();
+        let mut parts: Vec<PartId> = Vec::new();
+        let mut sent = 0u64;
+        loop {
+            let part = read_part(&mut f).await.map_err(read_error(file))?;
+            if part.is_empty() {
+                break;
+            }
+            hasher.update(&part);
+            sent += part.len() as u64;
+            let payload = PutPayload::from(part);
+            parts.push(bucket.put_part(key, &id, parts.len(), payload).await?);
+        }
+        check(file, hasher, expected)?;
+        bucket.complete_multipart(key, &id, parts).await?;
+        Ok::<u64, BucketError>(sent)
+    }
+    .await;
+    if sent.is_err() {
+        // Parts already sent are stored, and billed, until the upload is
+        // aborted; if this fails too, the next attempt aborts it by id.
+        let _ = bucket.abort_multipart(key, &id).await;
+    }
+    sent
+}
+
+/// Reads up to [`PART_SIZE`] bytes: a whole part unless the file ends.
+async fn read_part(f: &mut tokio::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut part = vec![0; PART_SIZE];
+    let mut filled = 0;
+    while filled < PART_SIZE {
+        let n = f.read(&mut part[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    part.truncate(filled);
+    Ok(part)
+}
+
+/// Reads a small object, `None` when it does not exist.
+pub async fn get_small(bucket: &dyn Bucket, key: &Key) -> Result<Option<Vec<u8>>, BucketError> {
+    match bucket.get(key).await {
+        Ok(got) => Ok(Some(got.bytes().await?.to_vec())),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,348 @@
+//! `output_dir = "s3://…"` (`docs/object-storage.md`) against a real
+//! S3-compatible server on loopback (moto's server mode; see
+//! `tests/common/s3.rs`): the layout with each object's sha256, the upload
+//! order, Parquet read back by pyarrow from the bucket, `kill -9` during
+//! an upload, the store going away and coming back, refused credentials,
+//! and throttling.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::receiver::Receiver;
+use common::s3::{venv, BUCKET, S3};
+use common::{assert_agree, Harness};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const SCENARIO: &str = "[defaults]\nbuild_time = \"100ms\"\nerror_every = 9\n";
+
+/// A Scraper Studio job of `inputs` URLs in chunks of 50, to csv, json and
+/// parquet.
+fn write_job(h: &Harness, job: &str, inputs: usize) {
+    let urls: String = (0..inputs)
+        .map(|i| format!("https://shop.example.com/p/{i:04}\n"))
+        .collect();
+    std::fs::write(h.path(&format!("jobs/{job}.txt")), urls).unwrap();
+    h.write_job(
+        &format!("{job}.toml"),
+        &format!(
+            "provider = \"scraper_studio\"\ncollector = \"c_lake00001\"\nchunk_size = 50\n\
+             inputs_file = \"{job}.txt\"\nformats = [\"csv\", \"json\", \"parquet\"]\n"
+        ),
+    );
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Every object of the job's one run, checked against its manifest: the
+/// objects the layout names and no other, each with the manifest's
+/// sha256, `_SUCCESS` empty and `latest` naming the run. Returns the
+/// run id and the manifest.
+async fn assert_run_in_bucket(s3: &S3, prefix: &str, job: &str) -> (String, Value) {
+    let latest = s3
+        .get(&format!("{prefix}/{job}/latest"))
+        .await
+        .expect("latest written");
+    let run_id = String::from_utf8(latest).unwrap();
+    assert!(run_id.ends_with('\n'), "latest is the run id and a newline");
+    let run_id = run_id.trim().to_string();
+    let at = |file: &str| format!("{prefix}/{job}/{run_id}/{file}");
+    let manifest: Value =
+        serde_json::from_slice(&s3.get(&at("manifest.json")).await.unwrap()).unwrap();
+    assert_eq!(manifest["state"], "complete");
+    let mut expected: Vec<String> = vec![
+        format!("{prefix}/{job}/latest"),
+        at("_SUCCESS"),
+        at("manifest.json"),
+    ];
+    for output in manifest["outputs"].as_array().unwrap() {
+        let file = output["file"].as_str().unwrap();
+        let body = s3.get(&at(file)).await.expect(file);
+        assert_eq!(
+            sha256(&body),
+            output["sha256"].as_str().unwrap(),
+            "{file}: the object is what the manifest says"
+        );
+        assert_eq!(body.len() as u64, output["bytes"].as_u64().unwrap());
+        expected.push(at(file));
+    }
+    expected.sort();
+    assert_eq!(
+        s3.keys(&format!("{prefix}/{job}")).await,
+        expected,
+        "the layout's objects and nothing else (no parts)"
+    );
+    assert_eq!(s3.get(&at("_SUCCESS")).await.unwrap(), b"");
+    (run_id, manifest)
+}
+
+/// Rows of a Parquet object read by pyarrow straight from the bucket, as
+/// a reader of the lake would, as JSON.
+fn pyarrow_rows(s3: &S3, key: &str) -> Vec<Value> {
+    let script = format!(
+        "import json, sys, pyarrow.fs as fs, pyarrow.parquet as pq\n\
+         s3 = fs.S3FileSystem(endpoint_override='{}', scheme='http', access_key='testing', secret_key='testing', region='us-east-1')\n\
+         t = pq.read_table('{BUCKET}/{key}', filesystem=s3)\n\
+         for row in t.to_pylist():\n    print(json.dumps(row, default=str))\n",
+        s3.server_addr
+    );
+    let out = std::process::Command::new(venv().join("bin/python"))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            // pyarrow lists a struct's null fields as null; the JSON rows
+            // leave them out, as the Rust reader does.
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            drop_nulls(&mut v);
+            v
+        })
+        .collect()
+}
+
+fn drop_nulls(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.retain(|_, x| !x.is_null());
+            map.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+/// The whole layout lands in the bucket, objects in the order readers
+/// depend on (data, errors, manifest, `_SUCCESS`, `latest`), each with the
+/// manifest's sha256; Parquet reads back from the bucket with pyarrow as
+/// `data.json` says, row by row; staging is emptied; nothing is written
+/// to a local `out/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_lands_in_the_bucket_in_order_and_reads_back() {
+    let s3 = S3::start(false).await;
+    let mut h = Harness::new(SCENARIO).await;
+    s3.attach(&mut h, "harvest/team-a");
+    write_job(&h, "shop", 120);
+
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    let (run_id, manifest) = assert_run_in_bucket(&s3, "harvest/team-a", "shop").await;
+    assert_eq!(manifest["inputs"], 120);
+    assert!(
+        manifest["error_rows"].as_u64().unwrap() > 0,
+        "errors.ndjson has rows"
+    );
+
+    // The order of the PUTs as the server got them.
+    let puts: Vec<String> = s3
+        .proxy
+        .passed()
+        .into_iter()
+        .filter(|r| r.starts_with("PUT "))
+        .map(|r| r.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        puts,
+        [
+            "data.csv",
+            "data.json",
+            "data.parquet",
+            "errors.ndjson",
+            "manifest.json",
+            "_SUCCESS",
+            "latest"
+        ],
+        "upload order"
+    );
+
+    let json: Value = serde_json::from_slice(
+        &s3.get(&format!("harvest/team-a/shop/{run_id}/data.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let back = pyarrow_rows(&s3, &format!("harvest/team-a/shop/{run_id}/data.parquet"));
+    assert_agree(&back, json.as_array().unwrap());
+
+    assert!(
+        !h.path(&format!("state/staging/shop/{run_id}")).exists(),
+        "staging of the run removed once latest is written"
+    );
+    assert!(!h.path("out").exists(), "no local output directory");
+    assert_eq!(h.ledger().len(), 3, "one trigger per chunk");
+}
+
+/// `kill -9` with a multipart upload begun (its id stored, no part sent),
+/// then again after the first object: each restart goes on from the
+/// record without a new trigger, aborts the upload the crash left, and
+/// the bucket ends with every object whole and as the manifest says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_the_upload_finishes_later_without_a_new_trigger() {
+    let s3 = S3::start(false).await;
+    // Rows of ~4 KB: data.json of 2,400 rows is ~10 MB, past one part.
+    let mut h = Harness::new("[defaults]\nbuild_time = \"100ms\"\nrow_bytes = 4096\n").await;
+    s3.attach(&mut h, "kill");
+    write_job(&h, "big", 2400);
+    let base_env = h.env.clone();
+
+    for point in ["after-multipart-begun", "after-upload-object"] {
+        h.env = base_env.clone();
+        h.env.push(("FAILPOINTS".into(), format!("{point}=return")));
+        let (code, _, stderr) = h.run_once().await;
+        assert_ne!(code, 0, "{point}: killed\n{stderr}");
+    }
+    let triggers = h.ledger().len();
+    assert_eq!(triggers, 48, "every chunk triggered once before the kills");
+    assert!(
+        s3.keys("kill/big")
+            .await
+            .iter()
+            .all(|k| !k.ends_with("_SUCCESS")),
+        "no _SUCCESS before the upload is done"
+    );
+
+    h.env = base_env;
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_run_in_bucket(&s3, "kill", "big").await;
+    assert_eq!(h.ledger().len(), triggers, "no new trigger after the kills");
+    assert_eq!(
+        s3.open_multipart_uploads().await,
+        0,
+        "the multipart upload the kill left was aborted"
+    );
+}
+
+/// The store goes away under a running daemon: the run's upload fails,
+/// `status` and `/metrics` say so and why, `upload.failing` is told once;
+/// the store comes back and the upload finishes, with nothing triggered
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_goes_away_and_comes_back_gets_the_run() {
+    let s3 = S3::start(false).await;
+    let receiver = Receiver::start(([127, 0, 0, 1], 0).into(), &[]).await;
+    let mut h = Harness::new(SCENARIO).await;
+    s3.attach(&mut h, "down");
+    h.write_config(&format!(
+        "{}\n[[notify]]\nurl = \"http://{}/hook\"\nevents = [\"upload.failing\", \"run.complete\"]\n",
+        s3.config(),
+        receiver.addr
+    ));
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    s3.proxy.down();
+    let mut daemon = h.start_daemon().await;
+    write_job(&h, "shop", 60);
+
+    daemon.wait_for_line("upload failing").await;
+    let got = receiver.wait_for(1).await;
+    assert_eq!(got[0].body["event"], "upload.failing");
+    assert_eq!(got[0].body["job"], "shop");
+
+    let (code, out, stderr) = h.run(&["status", "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    let upload = &status["jobs"][0]["latest_run"]["upload"];
+    assert_eq!(upload["state"], "failing", "{status}");
+    assert_eq!(upload["to"], "s3://lake/down");
+    assert!(!upload["error"].as_str().unwrap().is_empty());
+    let (_, table, _) = h.run(&["status"]).await;
+    assert!(table.contains("complete (upload failing)"), "{table}");
+    assert!(table.contains("UPLOAD FAILING"), "{table}");
+    let addr = std::fs::read_to_string(h.path("state/admin.addr")).unwrap();
+    let metrics = reqwest::get(format!("http://{}/metrics", addr.trim()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("harvestd_uploads{state=\"failing\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("harvestd_upload_failures_total 0\n"),
+        "{metrics}"
+    );
+
+    s3.proxy.up().await;
+    daemon.wait_for_line("upload recovered").await;
+    daemon.wait_for_line("run complete").await;
+    assert_run_in_bucket(&s3, "down", "shop").await;
+    let got = receiver.wait_for(2).await;
+    let events: Vec<&str> = got
+        .iter()
+        .map(|g| g.body["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["upload.failing", "run.complete"],
+        "failing told once, then the end"
+    );
+    assert_eq!(h.ledger().len(), 2);
+    daemon.signal(15);
+    assert_eq!(daemon.wait().await, 0);
+}
+
+/// Credentials the store refuses: the upload fails with the store's
+/// reason, the run's files stay in staging, and once the daemon is given a
+/// store that takes them the run lands without a new trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_fail_with_the_reason_and_lose_nothing() {
+    let strict = S3::start(true).await;
+    let mut h = Harness::new(SCENARIO).await;
+    strict.attach(&mut h, "creds");
+    let mut daemon = h.start_daemon().await;
+    write_job(&h, "shop", 60);
+    let line = daemon.wait_for_line("upload failing").await;
+    assert!(
+        line.contains("InvalidAccessKeyId") || line.contains("403"),
+        "the store's reason is named: {line}"
+    );
+    assert!(
+        !line.contains("testing\""),
+        "the secret is never logged: {line}"
+    );
+    daemon.signal(15);
+    assert_eq!(daemon.wait().await, 0);
+    let staged = std::fs::read_dir(h.path("state/staging/shop"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("the run is staged");
+    assert!(staged.join("manifest.json").exists() && staged.join("data.parquet").exists());
+
+    let good = S3::start(false).await;
+    h.env.clear();
+    good.attach(&mut h, "creds");
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_run_in_bucket(&good, "creds", "shop").await;
+    assert_eq!(h.ledger().len(), 2);
+}
+
+/// `503 SlowDown` answers are waited out and retried; the run lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_answers_are_retried() {
+    let s3 = S3::start(false).await;
+    let mut h = Harness::new(SCENARIO).await;
+    s3.attach(&mut h, "slow");
+    write_job(&h, "shop", 60);
+    s3.proxy.throttle(3);
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        s3.proxy.throttled.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+    assert_run_in_bucket(&s3, "slow", "shop").await;
+}
