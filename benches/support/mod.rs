@@ -63,6 +63,11 @@ impl Timed {
 /// Runs the release binary's `run --once` in `dir` (its `harvestd.toml`)
 /// against `emulator`; panics unless it succeeds.
 pub fn run_once_timed(dir: &Path, emulator: &Emulator) -> Timed {
+    run_once_timed_with(dir, emulator, &[])
+}
+
+/// [`run_once_timed`] with more environment.
+pub fn run_once_timed_with(dir: &Path, emulator: &Emulator, env: &[(&str, String)]) -> Timed {
     let out = Command::new("/usr/bin/time")
         .args([
             "-f",
@@ -78,6 +83,7 @@ pub fn run_once_timed(dir: &Path, emulator: &Emulator) -> Timed {
         .env("BRIGHT_DATA_API_TOKEN", DEMO_BRIGHTDATA_TOKEN)
         .env("HARVESTD_LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

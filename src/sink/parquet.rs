@@ -29,12 +29,14 @@ use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 
 /// Rows per Arrow record batch: what the writer holds before encoding.
-const BATCH_ROWS: usize = 8192;
+const BATCH_ROWS: usize = 1024;
 /// JSON bytes per record batch, so a run of large rows holds no more.
-const BATCH_BYTES: usize = 16 << 20;
+const BATCH_BYTES: usize = 2 << 20;
 /// Encoded bytes a row group may hold before it is written out: the
-/// writer's memory, and a size readers handle well.
-const ROW_GROUP_BYTES: usize = 64 << 20;
+/// writer's memory, and a size readers handle well. At 64 MiB a 1 GB run
+/// peaked at 75 MB; at 16 MiB, within the 64 MB the whole daemon may use
+/// (`cargo bench --bench big_dataset`, `docs/benchmarks.md`).
+const ROW_GROUP_BYTES: usize = 16 << 20;
 /// Fields one object may bring into the schema; past this the object is
 /// kept as JSON text, so a dataset with a key per row cannot grow the
 /// schema (and the memory it takes) without bound.
