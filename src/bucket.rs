@@ -57,6 +57,9 @@ pub struct Target {
     /// `s3://bucket/prefix`, as logs and `status` show it.
     pub url: ObjectUrl,
     pub client: Arc<dyn Bucket>,
+    /// The credentials' values, taken out of any error text: a store's
+    /// error body may echo the access key id (S3's `InvalidAccessKeyId`).
+    secrets: Vec<String>,
 }
 
 impl Target {
@@ -71,8 +74,30 @@ impl Target {
         let Some(url) = config.object_url() else {
             return Ok(None);
         };
-        let client = connect(&url, &config.storage, env)?;
-        Ok(Some(Target { url, client }))
+        let (client, secrets) = connect(&url, &config.storage, env)?;
+        Ok(Some(Target {
+            url,
+            client,
+            secrets,
+        }))
+    }
+
+    /// `text` with every credential value in it replaced by `***`, and
+    /// no longer than a log line should be.
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), "***");
+        }
+        if text.len() > 600 {
+            let mut cut = 600;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        text
     }
 }
 
@@ -83,7 +108,10 @@ fn connect(
     url: &ObjectUrl,
     storage: &StorageConfig,
     env: &dyn Env,
-) -> Result<Arc<dyn Bucket>, String> {
+) -> Result<(Arc<dyn Bucket>, Vec<String>), String> {
+    // Every value that could sign a request, from the environment or
+    // systemd's credentials (short values would redact ordinary words).
+    let mut secrets: Vec<String> = SECRET_VARS.iter().filter_map(|v| env.var(v)).collect();
     // A few quick retries inside the client for a dropped connection or a
     // 5xx or throttling answer (S3 `SlowDown`); past them the uploader's
     // own backoff takes over, and the upload is reported as failing.
@@ -98,10 +126,12 @@ fn connect(
         .with_timeout(Duration::from_secs(300));
     // Credentials from systemd's `LoadCredential=` when the environment
     // has none (the environment is read by each builder's `from_env`).
-    let credential = |vars: &[&str], name: &str| {
-        find_token(env, vars, None, name)
+    let mut credential = |vars: &[&str], name: &str| {
+        let found = find_token(env, vars, None, name)
             .map_err(|e| e.to_string())
-            .map(|t| t.map(|t| t.expose().to_string()))
+            .map(|t| t.map(|t| t.expose().to_string()))?;
+        secrets.extend(found.clone());
+        Ok::<_, String>(found)
     };
     let built = match url.kind {
         StoreKind::S3 => {
@@ -170,8 +200,23 @@ fn connect(
         }
     };
     // The builders' errors name missing settings, never their values.
-    built.map_err(|e| format!("output_dir {url}: {e}"))
+    let client = built.map_err(|e| format!("output_dir {url}: {e}"))?;
+    secrets.retain(|s| s.len() >= 8);
+    Ok((client, secrets))
 }
+
+/// Environment variables that hold credentials for one of the stores.
+const SECRET_VARS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+];
 
 /// Compares a file's sha256 with the manifest's, when it lists the file.
 fn check(file: &Path, hasher: Sha256, expected: Option<&str>) -> Result<(), BucketError> {
@@ -273,5 +318,52 @@ pub async fn get_small(bucket: &dyn Bucket, key: &Key) -> Result<Option<Vec<u8>>
         Ok(got) => Ok(Some(got.bytes().await?.to_vec())),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A store's error body may echo the access key id (S3's
+    /// `InvalidAccessKeyId` does on AWS); what is logged and shown never
+    /// holds a credential.
+    #[test]
+    fn credentials_are_taken_out_of_error_text() {
+        let target = Target {
+            url: ObjectUrl::parse(Path::new("s3://b/p")).unwrap().unwrap(),
+            client: Arc::new(object_store::memory::InMemory::new()),
+            secrets: vec!["AKIAEXAMPLE0001".into(), "s3cr3t-value-long".into()],
+        };
+        let text = "403: <AWSAccessKeyId>AKIAEXAMPLE0001</AWSAccessKeyId> sig of s3cr3t-value-long";
+        assert_eq!(
+            target.redact(text),
+            "403: <AWSAccessKeyId>***</AWSAccessKeyId> sig of ***"
+        );
+        let long = "é".repeat(1000);
+        assert!(target.redact(&long).chars().count() <= 301);
+    }
+
+    #[test]
+    fn keys_join_the_prefix_and_the_parts() {
+        let target = Target {
+            url: ObjectUrl::parse(Path::new("s3://b/harvest/team-a"))
+                .unwrap()
+                .unwrap(),
+            client: Arc::new(object_store::memory::InMemory::new()),
+            secrets: Vec::new(),
+        };
+        assert_eq!(
+            target
+                .key(&["job", "20261204T000000Z", "data.csv"])
+                .as_ref(),
+            "harvest/team-a/job/20261204T000000Z/data.csv"
+        );
+        let root = Target {
+            url: ObjectUrl::parse(Path::new("s3://b")).unwrap().unwrap(),
+            ..target
+        };
+        assert_eq!(root.key(&["job", "latest"]).as_ref(), "job/latest");
     }
 }

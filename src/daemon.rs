@@ -271,6 +271,13 @@ impl Supervisor {
                 warn!(job = %job, run = %run_id, state = state.as_str(), "run did not complete");
                 self.summary.incomplete += 1;
             }
+            RunOutcome::UploadFailing(why) => {
+                error!(job = %job, run = %run_id, reason = %why,
+                    "run finished, its upload failing; the files stay in staging and the next start uploads them");
+                self.summary
+                    .parked
+                    .push(format!("{job}/{run_id}: upload {why}"));
+            }
             RunOutcome::Parked(why) => {
                 error!(job = %job, run = %run_id, reason = %why, "run waits on a blocked provider");
                 self.summary.parked.push(format!("{job}/{run_id}: {why}"));

@@ -23,6 +23,8 @@
 //! | `after-downloaded` | the chunk is flushed as downloaded |
 //! | `after-manifest` | `manifest.json` is written; `_SUCCESS` is not |
 //! | `after-success` | `_SUCCESS` is written; the run is not recorded finished |
+//! | `after-multipart-begun` | a multipart upload's id is flushed; no part sent |
+//! | `after-upload-object` | an object is uploaded and recorded |
 //! | `part-write` (error) | writing a row to a part page fails with ENOSPC |
 //! | `output-write` (error) | a write to a final file fails with ENOSPC |
 //! | `store-flush` (error) | a sled flush fails |

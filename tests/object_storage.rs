@@ -301,6 +301,16 @@ async fn refused_credentials_fail_with_the_reason_and_lose_nothing() {
     let strict = S3::start(true).await;
     let mut h = Harness::new(SCENARIO).await;
     strict.attach(&mut h, "creds");
+    // Distinctive values, to look for: the server's error names the key id.
+    h.env.retain(|(k, _)| !k.starts_with("AWS_"));
+    h.env
+        .push(("AWS_ACCESS_KEY_ID".into(), "AKIAHARVESTD0TEST001".into()));
+    h.env.push((
+        "AWS_SECRET_ACCESS_KEY".into(),
+        "harvestd-secret-never-shown".into(),
+    ));
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
     let mut daemon = h.start_daemon().await;
     write_job(&h, "shop", 60);
     let line = daemon.wait_for_line("upload failing").await;
@@ -308,12 +318,17 @@ async fn refused_credentials_fail_with_the_reason_and_lose_nothing() {
         line.contains("InvalidAccessKeyId") || line.contains("403"),
         "the store's reason is named: {line}"
     );
-    assert!(
-        !line.contains("testing\""),
-        "the secret is never logged: {line}"
-    );
+    let (_, status, _) = h.run(&["status", "--json"]).await;
+    assert!(status.contains("InvalidAccessKeyId"), "{status}");
     daemon.signal(15);
-    assert_eq!(daemon.wait().await, 0);
+    let (code, lines) = daemon.wait_all().await;
+    assert_eq!(code, 0);
+    for text in lines.iter().chain(std::iter::once(&status)) {
+        assert!(
+            !text.contains("AKIAHARVESTD0TEST001") && !text.contains("harvestd-secret-never-shown"),
+            "credentials are never logged or shown: {text}"
+        );
+    }
     let staged = std::fs::read_dir(h.path("state/staging/shop"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -345,4 +360,79 @@ async fn throttling_answers_are_retried() {
         3
     );
     assert_run_in_bucket(&s3, "slow", "shop").await;
+}
+
+/// `run --once` with the store down does not wait without bound: it ends
+/// with exit 1 naming the upload, the run kept in staging; the next
+/// `run --once` with the store back uploads it without a new trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_with_the_store_down_ends_and_the_next_one_uploads() {
+    let s3 = S3::start(false).await;
+    let mut h = Harness::new(SCENARIO).await;
+    s3.attach(&mut h, "once");
+    write_job(&h, "shop", 60);
+    s3.proxy.down();
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("its upload failing"), "{stderr}");
+    assert!(s3.keys("once").await.is_empty());
+
+    s3.proxy.up().await;
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_run_in_bucket(&s3, "once", "shop").await;
+    assert_eq!(h.ledger().len(), 2, "no new trigger");
+}
+
+/// A partial run lands without `_SUCCESS` or `latest` and keeps its parts
+/// in staging; `retry` rebuilds its files from them and the complete run
+/// lands over it, with `_SUCCESS` and `latest`, only the failed chunk
+/// triggered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_run_retried_lands_complete() {
+    let s3 = S3::start(false).await;
+    // The first trigger is refused (422): that chunk fails.
+    let mut h = Harness::new(
+        "[defaults]\nbuild_time = \"50ms\"\n\
+         [[faults]]\nendpoint = \"trigger\"\nkey = \"c_lake00001\"\nkind = \"status\"\nstatus = 422\nbody = \"text\"\nfirst = 1\n",
+    )
+    .await;
+    s3.attach(&mut h, "retry");
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    let mut daemon = h.start_daemon().await;
+    write_job(&h, "shop", 150);
+    daemon.wait_for_line("run did not complete").await;
+    let keys = s3.keys("retry/shop").await;
+    assert!(
+        keys.iter().any(|k| k.ends_with("/manifest.json")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.ends_with("_SUCCESS") || k.ends_with("latest")),
+        "no _SUCCESS or latest for a partial run: {keys:?}"
+    );
+    let run_id = keys[0].split('/').nth(2).unwrap().to_string();
+    assert!(
+        h.path(&format!("state/staging/shop/{run_id}/parts"))
+            .exists(),
+        "a partial run keeps its parts in staging"
+    );
+
+    let (code, out, stderr) = h.run(&["retry", "shop"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("1 chunk(s)"), "{out}");
+    daemon.wait_for_line("run complete").await;
+    let (again, manifest) = assert_run_in_bucket(&s3, "retry", "shop").await;
+    assert_eq!(again, run_id, "the same run, now complete");
+    assert_eq!(manifest["inputs"], 150);
+    assert_eq!(
+        h.ledger().len(),
+        3,
+        "only the failed chunk was triggered again"
+    );
+    daemon.signal(15);
+    assert_eq!(daemon.wait().await, 0);
 }

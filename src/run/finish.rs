@@ -141,6 +141,9 @@ pub async fn retry_run(store: &Store, run: &mut RunRecord) -> Result<u32, Worker
     if count > 0 {
         run.state = RunState::InProgress;
         run.finished_at = None;
+        // The files are written again when the retried chunks end, and
+        // uploaded again then.
+        run.upload = None;
         store.put_run(run)?;
     }
     store.flush().await?;

@@ -64,6 +64,9 @@ pub enum RunOutcome {
     Finished(RunState),
     /// Waiting on a blocked provider (only with `park_on_block`).
     Parked(String),
+    /// Finished, its upload failing (only with `park_on_block`, that is
+    /// `run --once`): the next start goes on uploading.
+    UploadFailing(String),
     /// Stopped by shutdown; the store says where to resume.
     Stopped,
 }

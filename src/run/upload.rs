@@ -30,6 +30,10 @@ use crate::limits::{backoff, jitter};
 use crate::sink::manifest::Manifest;
 use crate::store::{RunRecord, RunState};
 
+/// Failed attempts after which `run --once` gives up for now (each has had
+/// the client's own retries, up to 30 s).
+const ONCE_ATTEMPTS: u32 = 3;
+
 /// One object of a run, in upload order.
 struct Object {
     /// The file in the run's staging directory.
@@ -52,7 +56,7 @@ pub(super) async fn upload_run(
     stop: &CancellationToken,
 ) -> Result<RunOutcome, WorkerError> {
     info!(job = %run.job, run = %run.run_id, to = %target.url, "uploading the run");
-    let mut attempt = 0;
+    let mut attempt: u32 = 0;
     let manifest = loop {
         let tried = tokio::select! {
             _ = stop.cancelled() => return Ok(RunOutcome::Stopped),
@@ -64,7 +68,7 @@ pub(super) async fn upload_run(
             Err(Failure::Upload(e)) => e,
         };
         ctx.counters.upload_failures.fetch_add(1, Ordering::Relaxed);
-        let reason = e.to_string();
+        let reason = target.redact(&e.to_string());
         let now = clock::now_ms();
         let upload = run.upload.get_or_insert_default();
         let first = upload.failing_since.is_none();
@@ -92,9 +96,22 @@ pub(super) async fn upload_run(
         }
         error!(job = %run.job, run = %run.run_id, to = %target.url, error = %reason,
             "upload failing; the run's files are kept in staging and the upload is tried again");
-        let limits = ctx.limits();
-        let wait = backoff(attempt, limits.backoff_base, limits.backoff_cap, jitter());
         attempt = attempt.saturating_add(1);
+        if ctx.park_on_block && attempt >= ONCE_ATTEMPTS {
+            // `run --once` ends rather than wait for the store without
+            // bound; the run stays recorded with its upload to do.
+            return Ok(RunOutcome::UploadFailing(format!(
+                "to {}: {reason}",
+                target.url
+            )));
+        }
+        let limits = ctx.limits();
+        let wait = backoff(
+            attempt - 1,
+            limits.backoff_base,
+            limits.backoff_cap,
+            jitter(),
+        );
         tokio::select! {
             _ = stop.cancelled() => return Ok(RunOutcome::Stopped),
             _ = tokio::time::sleep(wait) => {}
