@@ -184,7 +184,12 @@ impl Accounts {
             apis: [ApiVersion::V1, ApiVersion::V2]
                 .into_iter()
                 .map(|version| {
-                    let client = Firecrawl::new(http("firecrawl", fc, &gate), version);
+                    let api = match version {
+                        ApiVersion::V1 => "firecrawl_v1",
+                        ApiVersion::V2 => "firecrawl_v2",
+                    };
+                    let client =
+                        Firecrawl::new(http("firecrawl", fc, &gate).labelled(api), version);
                     context(Arc::new(client), &gate)
                 })
                 .collect(),

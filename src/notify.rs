@@ -515,21 +515,16 @@ impl Notifier {
     }
 
     /// Appends the notification metrics in the Prometheus text format.
-    pub fn write_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP harvestd_notifications_total Notification attempts by event and outcome (delivered, failed: will be retried, dropped: given up).\n# TYPE harvestd_notifications_total counter");
+    /// Attempts by (event, outcome), and how many wait to be delivered,
+    /// for `/metrics`.
+    pub fn figures(&self) -> (BTreeMap<(String, &'static str), u64>, u64) {
         let outcomes = self
             .stats
             .outcomes
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for ((event, outcome), n) in outcomes.iter() {
-            let _ = writeln!(
-                out,
-                "harvestd_notifications_total{{event=\"{event}\",outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP harvestd_notifications_pending Notifications waiting to be delivered.\n# TYPE harvestd_notifications_pending gauge\nharvestd_notifications_pending {}", self.stats.waiting.load(Ordering::Relaxed));
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (outcomes, self.stats.waiting.load(Ordering::Relaxed))
     }
 
     /// Raises `provider.blocked` each time `provider` becomes blocked after

@@ -83,7 +83,7 @@ async fn status_metrics_and_rerun_on_a_running_daemon() {
 
     // Metrics: Prometheus text, every sample parses, no remote ids as labels.
     let (code, metrics) = get(format!("{base}/metrics")).await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 200, "{metrics}");
     for line in metrics
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -92,7 +92,16 @@ async fn status_metrics_and_rerun_on_a_running_daemon() {
         value
             .parse::<f64>()
             .unwrap_or_else(|_| panic!("bad sample: {line}"));
-        let metric = name.split('{').next().unwrap();
+        let sample = name.split('{').next().unwrap();
+        // A histogram's samples carry suffixes its TYPE line does not.
+        let metric = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                sample
+                    .strip_suffix(s)
+                    .filter(|m| metrics.contains(&format!("# TYPE {m} histogram")))
+            })
+            .unwrap_or(sample);
         assert!(metric.starts_with("harvestd_"), "{line}");
         assert!(
             metrics.contains(&format!("# TYPE {metric} ")),
@@ -105,7 +114,11 @@ async fn status_metrics_and_rerun_on_a_running_daemon() {
     );
     assert!(metrics.contains("harvestd_triggers_total 3"), "{metrics}");
     assert!(
-        metrics.contains("endpoint=\"dca_trigger\",class=\"2xx\""),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("harvestd_requests_total{")
+                && l.contains("class=\"2xx\"")
+                && l.contains("endpoint=\"dca_trigger\"")),
         "{metrics}"
     );
     assert!(!metrics.contains("j_"), "remote ids never become labels");
@@ -280,6 +293,96 @@ async fn retry_finishes_a_partial_run_and_cancel_stops_one() {
         "both collections cancelled at the provider"
     );
     assert_eq!(h.ledger().len(), 5);
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await, 0);
+}
+
+/// `promtool check metrics` on an answer of `/metrics`: clean, with
+/// nothing to say.
+fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(common::s3::venv().join("bin/promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}\n{metrics}"
+    );
+}
+
+/// `/metrics` follows Prometheus's conventions, as `promtool check
+/// metrics` lints them, before any work and after a run: units last,
+/// `_total` counters, a build info gauge, histograms of request latency
+/// and build time, no breakdown beside its own sum, a charset, and no
+/// last-poll time before the first poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_prometheus_conventions() {
+    let mut h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+    h.env
+        .push(("HARVESTD_ADMIN_LISTEN".into(), "127.0.0.1:0".into()));
+    let mut d = h.start_daemon().await;
+    let base = format!("http://{}", admin_addr(&h));
+    let answer = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(
+        answer.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let before = answer.text().await.unwrap();
+    promtool_check(&before);
+    assert!(
+        before.contains(&format!(
+            "harvestd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{before}"
+    );
+    assert!(
+        !before.contains("harvestd_last_successful_poll_timestamp_seconds "),
+        "no poll yet, so no time of one: {before}"
+    );
+
+    h.write_inputs("in.csv", 6);
+    h.write_job(
+        "m.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_metrics001\"\ninputs_file = \"in.csv\"\nchunk_size = 2\n",
+    );
+    d.wait_for_line("run complete").await;
+    let after = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    promtool_check(&after);
+    for needle in [
+        "# TYPE harvestd_request_duration_seconds histogram",
+        "harvestd_request_duration_seconds_count{api=\"scraper_studio\",endpoint=\"dca_trigger\"} 3",
+        "# TYPE harvestd_build_duration_seconds histogram",
+        "harvestd_build_duration_seconds_count{provider=\"scraper_studio\"} 3",
+        "harvestd_build_duration_seconds_bucket{provider=\"scraper_studio\",le=\"+Inf\"} 3",
+        "# TYPE harvestd_written_bytes_total counter",
+        "harvestd_last_successful_poll_timestamp_seconds ",
+    ] {
+        assert!(after.contains(needle), "{needle}\n{after}");
+    }
+    assert!(!after.contains("bytes_written"), "the unit comes last");
+    assert!(
+        !after.contains("settled=\"any\""),
+        "no sum beside its breakdown"
+    );
     d.signal(SIGTERM);
     assert_eq!(d.wait().await, 0);
 }

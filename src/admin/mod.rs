@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +30,7 @@ use crate::run::Context;
 use crate::store::Store;
 
 pub mod api;
+mod metrics;
 mod view;
 
 use api::{ExpiryView, JobView, PauseView, ProviderView, Reply, RunRef, RunView, UploadView};
@@ -344,8 +344,8 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "resuming\n")
             }
         }
-        (&Method::GET, ["metrics"]) => match metrics(state).await {
-            Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+        (&Method::GET, ["metrics"]) => match metrics::metrics(state).await {
+            Ok(text) => reply(StatusCode::OK, metrics::CONTENT_TYPE, text),
             Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e),
         },
         (&Method::GET, ["v1", "jobs"]) => match all_jobs(state).await {
@@ -643,112 +643,6 @@ async fn one_job(state: &AdminState, job: &str) -> Result<Option<JobView>, Strin
             .into_iter()
             .next(),
     )
-}
-
-/// Prometheus text format. Labels are bounded: provider, endpoint, status
-/// class, key, state — never a remote id.
-async fn metrics(state: &AdminState) -> Result<String, String> {
-    let _building = state.answers.building.lock().await;
-    let figures = state.view.metrics(&state.store).await?;
-    let mut out = String::new();
-    let (runs_by_state, chunks_by_state) = (&figures.runs_by_state, &figures.chunks_by_state);
-    // Seconds left on each dataset's provider clock.
-    let mut earliest_expiry: Option<i64> = None;
-    let mut expiring = std::collections::BTreeMap::<&str, u64>::new();
-    let per_kind = state.accounts.per_kind();
-    for (provider, ready) in &figures.ready {
-        let Some(ctx) = context_of(&per_kind, *provider) else {
-            continue;
-        };
-        for &expires_at in ready {
-            let (left, level) = ctx.expiry(expires_at);
-            earliest_expiry = Some(earliest_expiry.map_or(left, |e| e.min(left)));
-            *expiring.entry(level.as_str()).or_default() += 1;
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP harvestd_runs Runs by state.\n# TYPE harvestd_runs gauge"
-    );
-    for (s, n) in runs_by_state {
-        let _ = writeln!(out, "harvestd_runs{{state=\"{s}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP harvestd_chunks Chunks of unfinished runs by state.\n# TYPE harvestd_chunks gauge"
-    );
-    for (s, n) in chunks_by_state {
-        let _ = writeln!(out, "harvestd_chunks{{state=\"{s}\"}} {n}");
-    }
-    let _ = writeln!(out, "# HELP harvestd_requests_total Provider calls by endpoint and status class.\n# TYPE harvestd_requests_total counter");
-    for c in state.accounts.apis() {
-        let provider = c.provider.kind().as_str();
-        for (endpoint, class, n) in c.provider.call_stats() {
-            let _ = writeln!(out, "harvestd_requests_total{{provider=\"{provider}\",endpoint=\"{endpoint}\",class=\"{class}\"}} {n}");
-        }
-    }
-    let _ = writeln!(out, "# HELP harvestd_rate_limited_total Answers 429 by provider.\n# TYPE harvestd_rate_limited_total counter");
-    for c in &state.accounts.per_kind() {
-        let _ = writeln!(
-            out,
-            "harvestd_rate_limited_total{{provider=\"{}\"}} {}",
-            c.provider.kind().as_str(),
-            c.gate.total_429()
-        );
-    }
-    let _ = writeln!(out, "# HELP harvestd_provider_blocked Whether a provider is blocked (401/402/403, no token).\n# TYPE harvestd_provider_blocked gauge");
-    for c in &state.accounts.per_kind() {
-        let _ = writeln!(
-            out,
-            "harvestd_provider_blocked{{provider=\"{}\"}} {}",
-            c.provider.kind().as_str(),
-            u8::from(c.gate.blocked().is_some())
-        );
-    }
-    let _ = writeln!(out, "# HELP harvestd_in_flight Collections triggered and not yet downloaded, per key.\n# TYPE harvestd_in_flight gauge");
-    for (key, n) in (state.in_flight)() {
-        let _ = writeln!(out, "harvestd_in_flight{{key=\"{key}\"}} {n}");
-    }
-    let k = &state.accounts.counters;
-    let _ = writeln!(out, "# HELP harvestd_uploads Finished runs whose files are not yet all in the object store (pending), and those whose last attempt failed (failing).\n# TYPE harvestd_uploads gauge\nharvestd_uploads{{state=\"pending\"}} {}\nharvestd_uploads{{state=\"failing\"}} {}", figures.uploads_pending, figures.uploads_failing);
-    let _ = writeln!(out, "# HELP harvestd_upload_bytes_total Bytes uploaded to the object store.\n# TYPE harvestd_upload_bytes_total counter\nharvestd_upload_bytes_total {}", k.upload_bytes.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP harvestd_upload_objects_total Objects uploaded to the object store.\n# TYPE harvestd_upload_objects_total counter\nharvestd_upload_objects_total {}", k.upload_objects.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP harvestd_upload_failures_total Upload attempts that failed (each is tried again).\n# TYPE harvestd_upload_failures_total counter\nharvestd_upload_failures_total {}", k.upload_failures.load(Ordering::Relaxed));
-    let mut counters = [0u64; 7];
-    let k = &state.accounts.counters;
-    for (slot, v) in counters.iter_mut().zip([
-        &k.triggers_sent,
-        &k.in_doubt,
-        &k.in_doubt_found,
-        &k.in_doubt_not_created,
-        &k.in_doubt_unreachable,
-        &k.rows_written,
-        &k.bytes_written,
-    ]) {
-        *slot = v.load(Ordering::Relaxed);
-    }
-    let last_poll = k.last_poll_ok.load(Ordering::Relaxed);
-    let [triggers, in_doubt, found, not_created, unreachable, rows, bytes] = counters;
-    let _ = writeln!(out, "# HELP harvestd_triggers_total Trigger calls sent.\n# TYPE harvestd_triggers_total counter\nharvestd_triggers_total {triggers}");
-    let _ = writeln!(out, "# HELP harvestd_in_doubt_total Triggers whose outcome was unknown, and how they were settled.\n# TYPE harvestd_in_doubt_total counter");
-    let _ = writeln!(out, "harvestd_in_doubt_total{{settled=\"any\"}} {in_doubt}\nharvestd_in_doubt_total{{settled=\"found\"}} {found}\nharvestd_in_doubt_total{{settled=\"not_created\"}} {not_created}\nharvestd_in_doubt_total{{settled=\"unreachable\"}} {unreachable}");
-    let _ = writeln!(out, "# HELP harvestd_rows_written_total Data rows written to final files.\n# TYPE harvestd_rows_written_total counter\nharvestd_rows_written_total {rows}");
-    let _ = writeln!(out, "# HELP harvestd_bytes_written_total Bytes of final files written.\n# TYPE harvestd_bytes_written_total counter\nharvestd_bytes_written_total {bytes}");
-    // Only Firecrawl reports what a collection cost.
-    let credits = k.credits_used.load(Ordering::Relaxed);
-    let _ = writeln!(out, "# HELP harvestd_credits_used_total Credits the provider reported for collections that became ready.\n# TYPE harvestd_credits_used_total counter\nharvestd_credits_used_total{{provider=\"firecrawl\"}} {credits}");
-    let _ = writeln!(out, "# HELP harvestd_earliest_expiry_seconds Seconds until the first unsaved ready dataset expires (absent when none).\n# TYPE harvestd_earliest_expiry_seconds gauge");
-    if let Some(left) = earliest_expiry {
-        let _ = writeln!(out, "harvestd_earliest_expiry_seconds {}", left / 1000);
-    }
-    let _ = writeln!(out, "# HELP harvestd_unsaved_datasets Ready datasets not yet saved, by expiry level (warning: 3 days left, Firecrawl 6 h; error: 1 day, 1 h).\n# TYPE harvestd_unsaved_datasets gauge");
-    for level in ["fine", "warning", "error", "expired"] {
-        let n = expiring.get(level).copied().unwrap_or(0);
-        let _ = writeln!(out, "harvestd_unsaved_datasets{{level=\"{level}\"}} {n}");
-    }
-    let _ = writeln!(out, "# HELP harvestd_last_successful_poll_timestamp_seconds Unix time of the last successful status poll.\n# TYPE harvestd_last_successful_poll_timestamp_seconds gauge\nharvestd_last_successful_poll_timestamp_seconds {}", last_poll / 1000);
-    state.accounts.notify.write_metrics(&mut out);
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -18,16 +18,39 @@ use crate::config::Token;
 use crate::limits::ProviderGate;
 
 /// Calls by (endpoint, status class), for metrics.
-#[derive(Default)]
 pub struct CallStats {
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Seconds from sending a call to its answer's headers, by endpoint;
+    /// the `api` label tells the clients apart.
+    pub latency: prometheus::HistogramVec,
 }
+
+/// Buckets of `harvestd_request_duration_seconds`: a poll answers in tens
+/// of milliseconds, a big download's headers may take a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 /// The status classes counted, by the status code's first digit (1 to 5;
 /// anything else is "other").
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl CallStats {
+    fn new(api: &'static str) -> CallStats {
+        let opts = prometheus::HistogramOpts::new(
+            "harvestd_request_duration_seconds",
+            "Provider calls: seconds from sending to the answer's headers, by API and endpoint.",
+        )
+        .const_label("api", api)
+        .buckets(LATENCY_BUCKETS.to_vec());
+        CallStats {
+            counts: Mutex::default(),
+            // The name, labels and buckets are constants: this cannot fail.
+            latency: prometheus::HistogramVec::new(opts, &["endpoint"])
+                .unwrap_or_else(|e| unreachable!("{e}")),
+        }
+    }
+
     fn count(&self, endpoint: &'static str, class: &'static str) {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         *c.entry((endpoint, class)).or_default() += 1;
@@ -70,6 +93,13 @@ const SMALL_BODY: usize = 64 * 1024;
 pub const STATUS_MAX: usize = 1024 * 1024;
 
 impl Http {
+    /// Names this client's calls `api` in `/metrics`, where two clients
+    /// share a provider's name (Firecrawl v1 and v2).
+    pub fn labelled(mut self, api: &'static str) -> Http {
+        self.stats = CallStats::new(api);
+        self
+    }
+
     pub fn new(
         name: &'static str,
         base: &str,
@@ -92,7 +122,7 @@ impl Http {
             token: RwLock::new((0, token.as_ref().map(authorization))),
             gate,
             timeout,
-            stats: CallStats::default(),
+            stats: CallStats::new(name),
         }
     }
 
@@ -193,6 +223,7 @@ impl Http {
                 .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(body);
         }
+        let sent_at = std::time::Instant::now();
         let response = match tokio::time::timeout(self.timeout, request.send()).await {
             Err(_) => {
                 self.stats.count(endpoint, "timeout");
@@ -211,6 +242,9 @@ impl Http {
             }
             Ok(Ok(r)) => r,
         };
+        if let Ok(h) = self.stats.latency.get_metric_with_label_values(&[endpoint]) {
+            h.observe(sent_at.elapsed().as_secs_f64());
+        }
         if TRIGGERS.contains(&endpoint) {
             crate::failpoint::crash("after-send");
         }

@@ -235,6 +235,11 @@ pub trait Provider: Send + Sync {
     fn call_stats(&self) -> Vec<(&'static str, String, u64)> {
         self.http().stats.snapshot()
     }
+
+    /// Seconds per call by endpoint (`harvestd_request_duration_seconds`).
+    fn latency(&self) -> prometheus::HistogramVec {
+        self.http().stats.latency.clone()
+    }
 }
 
 /// `Ok` for a 2xx; otherwise the request was refused with `message`.

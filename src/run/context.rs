@@ -35,6 +35,31 @@ pub struct Counters {
     pub upload_failures: AtomicU64,
     /// Unix ms of the last successful status poll.
     pub last_poll_ok: std::sync::atomic::AtomicI64,
+    /// Seconds from trigger to ready, by provider.
+    pub build_seconds: BuildSeconds,
+}
+
+/// `harvestd_build_duration_seconds{provider}`: how long collections take
+/// to build, from trigger to ready as the daemon saw it.
+#[derive(Clone)]
+pub struct BuildSeconds(pub prometheus::HistogramVec);
+
+impl Default for BuildSeconds {
+    fn default() -> Self {
+        let opts = prometheus::HistogramOpts::new(
+            "harvestd_build_duration_seconds",
+            "Collections: seconds from trigger to ready, by provider.",
+        )
+        .buckets(vec![
+            1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
+            86400.0,
+        ]);
+        // The name, label and buckets are constants: this cannot fail.
+        BuildSeconds(
+            prometheus::HistogramVec::new(opts, &["provider"])
+                .unwrap_or_else(|e| unreachable!("{e}")),
+        )
+    }
 }
 
 /// The limits in force, shared by every context: a reload swaps them whole,

@@ -42,6 +42,16 @@ impl ChunkDriver {
                 info!(remote_id, "collection ready");
                 self.attempt = 0;
                 let built = clock::millis(clock::between(triggered_at, now)) as u64;
+                let provider = self.ctx.provider.kind().as_str();
+                if let Ok(h) = self
+                    .ctx
+                    .counters
+                    .build_seconds
+                    .0
+                    .get_metric_with_label_values(&[provider])
+                {
+                    h.observe(built as f64 / 1000.0);
+                }
                 let samples = self
                     .ctx
                     .store
