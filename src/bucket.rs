@@ -41,6 +41,9 @@ pub enum BucketError {
         file: String,
         source: std::io::Error,
     },
+    /// The daemon is stopping; what was sent is recorded.
+    #[error("stopped")]
+    Stopped,
     #[error(
         "the staged file {file} has sha256 {found}, not the manifest's {expected}; it changed \
          after the run was written, so it is not uploaded (rerun the job, or put the file back)"
@@ -60,6 +63,9 @@ pub struct Target {
     /// The credentials' values, taken out of any error text: a store's
     /// error body may echo the access key id (S3's `InvalidAccessKeyId`).
     secrets: Vec<String>,
+    /// Held while `latest` is read and written: two runs of one job
+    /// uploading at once (after a restart, a retry) must not move it back.
+    pub latest: tokio::sync::Mutex<()>,
 }
 
 impl Target {
@@ -79,6 +85,7 @@ impl Target {
             url,
             client,
             secrets,
+            latest: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -86,6 +93,12 @@ impl Target {
     /// no longer than a log line should be.
     pub fn redact(&self, text: &str) -> String {
         let mut text = text.to_string();
+        // What an S3 error body says of the request's signing: the key id
+        // and, with temporary credentials the daemon never saw (an
+        // instance role), the session token inside the canonical request.
+        for tag in SIGNING_TAGS {
+            text = blank_element(&text, tag);
+        }
         for secret in &self.secrets {
             text = text.replace(secret.as_str(), "***");
         }
@@ -171,6 +184,13 @@ fn connect(
                 .with_retry(retry)
                 .with_client_options(options);
             if let Some(path) = env.var("GOOGLE_APPLICATION_CREDENTIALS") {
+                // A key file others can read is refused, as a token file is;
+                // systemd's credentials directory may be group-readable.
+                let in_credentials = env
+                    .var("CREDENTIALS_DIRECTORY")
+                    .is_some_and(|d| Path::new(&path).starts_with(d));
+                crate::config::secret_file_mode(Path::new(&path), in_credentials)
+                    .map_err(|e| e.to_string())?;
                 b = b.with_application_credentials(path);
             }
             if let Some(endpoint) = &storage.endpoint {
@@ -203,6 +223,35 @@ fn connect(
     let client = built.map_err(|e| format!("output_dir {url}: {e}"))?;
     secrets.retain(|s| s.len() >= 8);
     Ok((client, secrets))
+}
+
+/// Elements of S3 error bodies that carry signing material.
+const SIGNING_TAGS: &[&str] = &[
+    "AWSAccessKeyId",
+    "StringToSign",
+    "StringToSignBytes",
+    "CanonicalRequest",
+    "CanonicalRequestBytes",
+    "SignatureProvided",
+];
+
+/// `text` with the content of every `<tag>…</tag>` replaced by `***`.
+fn blank_element(text: &str, tag: &str) -> String {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(&open) {
+        let inner = start + open.len();
+        out.push_str(&rest[..inner]);
+        out.push_str("***");
+        match rest[inner..].find(&close) {
+            Some(end) => rest = &rest[inner + end..],
+            // Cut short: drop the rest rather than keep half a secret.
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Environment variables that hold credentials for one of the stores.
@@ -265,6 +314,7 @@ pub async fn put_parts(
     id: &str,
     file: &Path,
     expected: Option<&str>,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<u64, BucketError> {
     let id = id.to_string();
     let sent = async {
@@ -275,6 +325,11 @@ pub async fn put_parts(
         let mut parts: Vec<PartId> = Vec::new();
         let mut sent = 0u64;
         loop {
+            // Between parts, not inside one: the id is recorded, so the
+            // next start aborts what was sent.
+            if stop.is_cancelled() {
+                return Err(BucketError::Stopped);
+            }
             let part = read_part(&mut f).await.map_err(read_error(file))?;
             if part.is_empty() {
                 break;
@@ -289,7 +344,7 @@ pub async fn put_parts(
         Ok::<u64, BucketError>(sent)
     }
     .await;
-    if sent.is_err() {
+    if matches!(sent, Err(ref e) if !matches!(e, BucketError::Stopped)) {
         // Parts already sent are stored, and billed, until the upload is
         // aborted; if this fails too, the next attempt aborts it by id.
         let _ = bucket.abort_multipart(key, &id).await;
@@ -335,12 +390,22 @@ mod tests {
             url: ObjectUrl::parse(Path::new("s3://b/p")).unwrap().unwrap(),
             client: Arc::new(object_store::memory::InMemory::new()),
             secrets: vec!["AKIAEXAMPLE0001".into(), "s3cr3t-value-long".into()],
+            latest: Default::default(),
         };
         let text = "403: <AWSAccessKeyId>AKIAEXAMPLE0001</AWSAccessKeyId> sig of s3cr3t-value-long";
         assert_eq!(
             target.redact(text),
             "403: <AWSAccessKeyId>***</AWSAccessKeyId> sig of ***"
         );
+        // Temporary credentials the daemon never saw, as AWS echoes them.
+        let text = "<Code>SignatureDoesNotMatch</Code><AWSAccessKeyId>ASIATEMP</AWSAccessKeyId>\
+                    <CanonicalRequest>PUT /b\nx-amz-security-token:FQoGZXIvYXdzE</CanonicalRequest>\
+                    <SignatureProvided>abc</SignatureProvided><CanonicalRequestBytes>50 55";
+        let out = target.redact(text);
+        for secret in ["ASIATEMP", "FQoGZXIvYXdzE", "abc", "50 55"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(out.contains("SignatureDoesNotMatch"), "{out}");
         let long = "é".repeat(1000);
         assert!(target.redact(&long).chars().count() <= 301);
     }
@@ -353,6 +418,7 @@ mod tests {
                 .unwrap(),
             client: Arc::new(object_store::memory::InMemory::new()),
             secrets: Vec::new(),
+            latest: Default::default(),
         };
         assert_eq!(
             target
@@ -362,7 +428,9 @@ mod tests {
         );
         let root = Target {
             url: ObjectUrl::parse(Path::new("s3://b")).unwrap().unwrap(),
-            ..target
+            client: target.client.clone(),
+            secrets: Vec::new(),
+            latest: Default::default(),
         };
         assert_eq!(root.key(&["job", "latest"]).as_ref(), "job/latest");
     }

@@ -691,7 +691,11 @@ const PLACE_CHECK: Duration = Duration::from_secs(2);
 /// `run --recover`: opens the store whatever its state and rebuilds what
 /// it can; every chunk not proven unpaid is left in doubt, for the workers
 /// to settle at the provider before any trigger.
-fn open_recovering(state_dir: &Path, output_dir: &Path) -> Result<Store, DaemonError> {
+fn open_recovering(
+    state_dir: &Path,
+    output_dir: &Path,
+    uploads: bool,
+) -> Result<Store, DaemonError> {
     let (store, found) = Store::open_for_recovery(state_dir, crate::clock::now_ms())?;
     let finished = |run: &RunRecord| -> Option<RunState> {
         let manifest = run::run_dir(output_dir, run).join("manifest.json");
@@ -699,7 +703,7 @@ fn open_recovering(state_dir: &Path, output_dir: &Path) -> Result<Store, DaemonE
         let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         serde_json::from_value(value.get("state")?.clone()).ok()
     };
-    let recovered = store.recover(found, &finished)?;
+    let recovered = store.recover(found, &finished, uploads)?;
     warn!(
         moved_aside = ?recovered.moved_aside,
         corrupt_records = recovered.corrupt_records,
@@ -848,11 +852,12 @@ async fn open_store(
     state_dir: &Path,
     output_dir: &Path,
     recover: bool,
+    uploads: bool,
 ) -> Result<Store, DaemonError> {
     let (state_dir, output_dir) = (state_dir.to_path_buf(), output_dir.to_path_buf());
     tokio::task::spawn_blocking(move || {
         if recover {
-            open_recovering(&state_dir, &output_dir)
+            open_recovering(&state_dir, &output_dir, uploads)
         } else {
             Store::open(&state_dir).map_err(DaemonError::from)
         }
@@ -948,7 +953,7 @@ pub async fn run(
         .map(Arc::new);
     let output_dir = config.local_output_dir();
     std::fs::create_dir_all(&output_dir).map_err(io_error(output_dir.display()))?;
-    let store = open_store(&state_dir, &output_dir, options.recover).await?;
+    let store = open_store(&state_dir, &output_dir, options.recover, bucket.is_some()).await?;
     let stop = CancellationToken::new();
     let notify = crate::notify::Notifier::new(&config.notify, store.clone())?;
 

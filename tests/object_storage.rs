@@ -199,6 +199,13 @@ async fn kill_9_during_the_upload_finishes_later_without_a_new_trigger() {
         h.env.push(("FAILPOINTS".into(), format!("{point}=return")));
         let (code, _, stderr) = h.run_once().await;
         assert_ne!(code, 0, "{point}: killed\n{stderr}");
+        if point == "after-multipart-begun" {
+            assert_eq!(
+                s3.open_multipart_uploads().await,
+                1,
+                "the kill left a multipart upload open"
+            );
+        }
     }
     let triggers = h.ledger().len();
     assert_eq!(triggers, 48, "every chunk triggered once before the kills");
@@ -435,4 +442,78 @@ async fn a_partial_run_retried_lands_complete() {
     );
     daemon.signal(15);
     assert_eq!(daemon.wait().await, 0);
+}
+
+/// `output_dir` changed while a run was half uploaded: the new place gets
+/// the whole run, not the rest of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_output_dir_gets_the_whole_run() {
+    let s3 = S3::start(false).await;
+    let mut h = Harness::new(SCENARIO).await;
+    s3.attach(&mut h, "first");
+    write_job(&h, "shop", 60);
+    let base_env = h.env.clone();
+    h.env
+        .push(("FAILPOINTS".into(), "after-upload-object=return".into()));
+    let (code, _, stderr) = h.run_once().await;
+    assert_ne!(code, 0, "killed after the first object\n{stderr}");
+    assert_eq!(s3.keys("first/shop").await.len(), 1, "one object sent");
+
+    h.env = base_env;
+    h.env.retain(|(k, _)| k != "HARVESTD_OUTPUT_DIR");
+    h.env.push((
+        "HARVESTD_OUTPUT_DIR".into(),
+        format!("s3://{BUCKET}/second"),
+    ));
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("output_dir changed"), "{stderr}");
+    assert_run_in_bucket(&s3, "second", "shop").await;
+    assert_eq!(h.ledger().len(), 2, "no new trigger");
+}
+
+/// `run --recover` after the store is lost: a run killed before its
+/// upload began is uploaded (its end read from the staged manifest); a run
+/// already uploaded, whose staging is gone, stays finished (its end kept
+/// in `run.json`) and costs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_finishes_an_upload_and_leaves_an_uploaded_run_alone() {
+    let s3 = S3::start(false).await;
+    let mut h = Harness::new(SCENARIO).await;
+    s3.attach(&mut h, "recover");
+    write_job(&h, "shop", 60);
+    let base_env = h.env.clone();
+    // Killed with the run's files staged and the run not yet recorded
+    // finished: only the staged manifest says it is.
+    h.env
+        .push(("FAILPOINTS".into(), "after-success=return".into()));
+    let (code, _, stderr) = h.run_once().await;
+    assert_ne!(code, 0, "killed after _SUCCESS was staged\n{stderr}");
+
+    for round in ["mid-upload", "uploaded"] {
+        // The store is lost: sled's data file emptied.
+        let mut files: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(h.path("state/db"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+            .collect();
+        files.sort();
+        let data = files.pop().unwrap().1;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        h.env = base_env.clone();
+        let (code, _, stderr) = h.run(&["run", "--once", "--recover"]).await;
+        assert_eq!(code, 0, "{round}: {stderr}");
+        assert_run_in_bucket(&s3, "recover", "shop").await;
+        assert_eq!(h.ledger().len(), 2, "{round}: no new trigger");
+        assert!(
+            !stderr.contains("upload failing"),
+            "{round}: nothing left to upload from a staging that is gone: {stderr}"
+        );
+    }
 }

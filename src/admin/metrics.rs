@@ -103,7 +103,7 @@ pub(super) async fn metrics(state: &AdminState) -> Result<String, String> {
     )?;
 
     let apis: Vec<_> = state.accounts.apis().collect();
-    let stats: Vec<(&'static str, Vec<(&'static str, String, u64)>)> = apis
+    let stats: Vec<_> = apis
         .iter()
         .map(|c| (c.provider.kind().as_str(), c.provider.call_stats()))
         .collect();

@@ -72,7 +72,17 @@ pub(super) async fn finalize(
         // The run is told finished once its files are in the object store;
         // until then it is recorded with its upload to do, by the same
         // flush, so a crash goes on uploading and never writes them again.
-        done.upload = Some(crate::store::RunUpload::default());
+        // A multipart upload left open by an earlier upload of this run (a
+        // retry) stays recorded, so that it is aborted.
+        done.upload = Some(crate::store::RunUpload {
+            multipart: run.upload.as_ref().and_then(|u| u.multipart.clone()),
+            to: run
+                .upload
+                .as_ref()
+                .map(|u| u.to.clone())
+                .unwrap_or_default(),
+            ..Default::default()
+        });
         ctx.store.put_run(&done)?;
         ctx.store.flush().await?;
         return super::upload::upload_run(ctx, target, done, dir, stop).await;
@@ -142,8 +152,13 @@ pub async fn retry_run(store: &Store, run: &mut RunRecord) -> Result<u32, Worker
         run.state = RunState::InProgress;
         run.finished_at = None;
         // The files are written again when the retried chunks end, and
-        // uploaded again then.
-        run.upload = None;
+        // uploaded again, whole, then. A multipart upload still open stays
+        // recorded, to be aborted.
+        if let Some(upload) = &mut run.upload {
+            upload.done.clear();
+            upload.error = None;
+            upload.failing_since = None;
+        }
         store.put_run(run)?;
     }
     store.flush().await?;

@@ -97,7 +97,7 @@ pub async fn drive_run(
     stop: CancellationToken,
 ) -> Result<RunOutcome, WorkerError> {
     let dir = run_dir(&ctx.output_dir, &run);
-    if run.upload.is_some() {
+    if run.upload.is_some() && run.state.is_terminal() {
         // Finished before a restart, its files still to upload.
         let Some(target) = ctx.bucket.clone() else {
             error!(job = %run.job, run = %run.run_id, staged = %dir.display(),

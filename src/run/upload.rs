@@ -56,15 +56,29 @@ pub(super) async fn upload_run(
     stop: &CancellationToken,
 ) -> Result<RunOutcome, WorkerError> {
     info!(job = %run.job, run = %run.run_id, to = %target.url, "uploading the run");
+    let to = target.url.to_string();
+    let upload = run.upload.get_or_insert_default();
+    if upload.to != to {
+        if !upload.to.is_empty() {
+            // `output_dir` changed since part of the run was sent: the new
+            // place gets all of it. An upload left open at the old place is
+            // for that store's lifecycle rule.
+            warn!(job = %run.job, run = %run.run_id, from = %upload.to, to = %to,
+                "output_dir changed during the run's upload; sending the whole run to the new one");
+        }
+        *upload = crate::store::RunUpload {
+            to,
+            ..Default::default()
+        };
+        ctx.store.put_run(&run)?;
+        ctx.store.flush().await?;
+    }
     let mut attempt: u32 = 0;
     let manifest = loop {
-        let tried = tokio::select! {
-            _ = stop.cancelled() => return Ok(RunOutcome::Stopped),
-            tried = attempt_upload(ctx, target, &mut run, dir) => tried,
-        };
-        let e = match tried {
+        let e = match attempt_upload(ctx, target, &mut run, dir, stop).await {
             Ok(manifest) => break manifest,
             Err(Failure::Store(e)) => return Err(e),
+            Err(Failure::Upload(BucketError::Stopped)) => return Ok(RunOutcome::Stopped),
             Err(Failure::Upload(e)) => e,
         };
         ctx.counters.upload_failures.fetch_add(1, Ordering::Relaxed);
@@ -149,15 +163,32 @@ impl<E: Into<WorkerError>> From<E> for Failure {
 }
 
 /// One attempt: every object not yet sent, in order. Returns the run's
-/// manifest, read from staging.
+/// manifest, read from staging. Stops between objects (and between the
+/// parts of one), never inside a request, once `stop` is cancelled.
 async fn attempt_upload(
     ctx: &Context,
     target: &Target,
     run: &mut RunRecord,
     dir: &Path,
+    stop: &CancellationToken,
 ) -> Result<Manifest, Failure> {
     let manifest = read_manifest(dir).await.map_err(Failure::Upload)?;
+    if run.upload.as_ref().is_none_or(|u| u.done.is_empty()) {
+        // A run sent before (a partial run, now retried) is overwritten
+        // object by object: its old manifest and `_SUCCESS` go first, so
+        // no reader takes the new data for what the old manifest says.
+        for file in ["manifest.json", "_SUCCESS"] {
+            let key = target.key(&[run.job.as_str(), run.run_id.as_str(), file]);
+            match object_store::ObjectStoreExt::delete(target.client.as_ref(), &key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Failure::Upload(e.into())),
+            }
+        }
+    }
     for object in objects(&manifest, &run.run_id) {
+        if stop.is_cancelled() {
+            return Err(Failure::Upload(BucketError::Stopped));
+        }
         let upload = run.upload.get_or_insert_default();
         if upload.done.iter().any(|d| d == object.file) {
             continue;
@@ -168,11 +199,12 @@ async fn attempt_upload(
                 .collect::<Vec<_>>(),
         );
         let file = dir.join(object.file);
-        if let Some((_, id)) = upload.multipart.clone() {
+        if let Some((open_file, id)) = upload.multipart.clone() {
             // Left by an attempt that failed or a crash: its parts are
             // stored, and billed, until it is aborted. Gone already
             // (completed or aborted) is as good as aborted.
-            match target.client.abort_multipart(&key, &id).await {
+            let open_key = target.key(&[run.job.as_str(), run.run_id.as_str(), open_file.as_str()]);
+            match target.client.abort_multipart(&open_key, &id).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(Failure::Upload(e.into())),
             }
@@ -182,7 +214,7 @@ async fn attempt_upload(
         let sent = if object.file == "latest" {
             point_latest(target, &key, &run.run_id).await
         } else {
-            put(ctx, target, run, &key, &file, &object).await?
+            put(ctx, target, run, &key, &file, &object, stop).await?
         }
         .map_err(Failure::Upload)?;
         ctx.counters.upload_bytes.fetch_add(sent, Ordering::Relaxed);
@@ -205,6 +237,7 @@ async fn put(
     key: &object_store::path::Path,
     file: &Path,
     object: &Object,
+    stop: &CancellationToken,
 ) -> Result<Result<u64, BucketError>, Failure> {
     let size = match tokio::fs::metadata(file).await {
         Ok(m) => m.len(),
@@ -227,7 +260,7 @@ async fn put(
     ctx.store.put_run(run)?;
     ctx.store.flush().await?;
     crate::failpoint::crash("after-multipart-begun");
-    let sent = bucket::put_parts(target.client.as_ref(), key, &id, file, sha).await;
+    let sent = bucket::put_parts(target.client.as_ref(), key, &id, file, sha, stop).await;
     if sent.is_ok() {
         // Completed: nothing is left to abort. After a failure the id is
         // kept, and the next attempt makes sure the upload is aborted.
@@ -246,6 +279,7 @@ async fn point_latest(
     key: &object_store::path::Path,
     run_id: &str,
 ) -> Result<u64, BucketError> {
+    let _one_at_a_time = target.latest.lock().await;
     let current = bucket::get_small(target.client.as_ref(), key).await?;
     let current = current
         .as_deref()

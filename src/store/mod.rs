@@ -373,21 +373,21 @@ impl Store {
         self.flush().await
     }
 
-    /// Stores a run. A run entering `planning` or `in_progress` is also
-    /// copied to `run.json` beside its inputs (durably, once per change of
-    /// state): what `--recover` rebuilds it from if sled loses it.
+    /// Stores a run. It is also copied to `run.json` beside its inputs
+    /// (durably, once per change of state, and when an upload to do is
+    /// recorded or done): what `--recover` rebuilds it from if sled loses
+    /// it, so a finished run is not taken for an unfinished one, nor an
+    /// upload to do forgotten.
     pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
         let key = run_key(&run.job, &run.run_id);
-        if !run.state.is_terminal() {
-            let previous = self.runs.get(&key)?;
-            let changed = previous
-                .and_then(|v| decode::<RunRecord>(&key, &v).ok())
-                .is_none_or(|p| p.state != run.state);
-            if changed {
-                let dir = self.run_inputs_dir(&run.job, &run.run_id);
-                self.place.make_dir(&dir)?;
-                guard::write_durable(&dir.join(RUN_COPY), &encode(run))?;
-            }
+        let previous = self.runs.get(&key)?;
+        let changed = previous
+            .and_then(|v| decode::<RunRecord>(&key, &v).ok())
+            .is_none_or(|p| p.state != run.state || p.upload.is_some() != run.upload.is_some());
+        if changed {
+            let dir = self.run_inputs_dir(&run.job, &run.run_id);
+            self.place.make_dir(&dir)?;
+            guard::write_durable(&dir.join(RUN_COPY), &encode(run))?;
         }
         self.runs.insert(key, encode(run))?;
         if let Some(o) = self.observer() {
@@ -1031,7 +1031,7 @@ mod tests {
         assert!(err.to_string().contains("harvestd run --recover"), "{err}");
 
         let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
-        let recovered = store.recover(found, &|_| None).unwrap();
+        let recovered = store.recover(found, &|_| None, false).unwrap();
         assert_eq!(recovered.chunks_in_doubt, 2, "{recovered:?}");
         let states: Vec<ChunkState> = store
             .chunks("j", "r1")
@@ -1081,7 +1081,7 @@ mod tests {
         let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
         // "done" finished: its manifest says so.
         let finished = |run: &RunRecord| (run.run_id == "done").then_some(RunState::Complete);
-        let recovered = store.recover(found, &finished).unwrap();
+        let recovered = store.recover(found, &finished, false).unwrap();
         assert_eq!(recovered.runs_rebuilt, 2, "{recovered:?}");
         assert_eq!(recovered.chunks_in_doubt, 2);
         let run = store.run("j", "r1").unwrap().unwrap();
@@ -1139,7 +1139,7 @@ mod tests {
         let (store, found) = Store::open_for_recovery(dir.path(), 0).unwrap();
         let aside = found.moved_aside.clone().expect("moved aside");
         assert!(aside.join("db").join("conf").exists());
-        let recovered = store.recover(found, &|_| None).unwrap();
+        let recovered = store.recover(found, &|_| None, false).unwrap();
         assert_eq!(recovered.runs_rebuilt, 1);
         assert_eq!(
             recovered.chunks_in_doubt, 2,

@@ -69,6 +69,10 @@ pub struct RunRecord {
 /// there and aborts what a crash left half done.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunUpload {
+    /// Where the files in `done` went (`s3://bucket/prefix`): a restart
+    /// with another `output_dir` sends the whole run there.
+    #[serde(default)]
+    pub to: String,
     /// Files uploaded, in order; a restart sends the rest.
     #[serde(default)]
     pub done: Vec<String>,

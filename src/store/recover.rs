@@ -97,18 +97,21 @@ impl Store {
 
     /// Rebuilds what it can (see the module docs) and flushes it.
     /// `finished`: a run's final state as its output directory records it
-    /// (the manifest), if it finished.
+    /// (the manifest), if it finished. `uploads`: output goes to an object
+    /// store, so a run found finished that way still has its upload to do
+    /// (sending it again is harmless; forgetting it is not).
     pub fn recover(
         &self,
         mut recovered: Recovered,
         finished: &dyn Fn(&RunRecord) -> Option<RunState>,
+        uploads: bool,
     ) -> Result<Recovered, StoreError> {
         recovered.corrupt_records += self.drop_corrupt()?;
         // The open index can only be trusted once its records decode.
         self.meta.remove(super::OPEN_INDEX_MARK)?;
         self.index_open_chunks()?;
         for (job, run_id) in self.run_dirs()? {
-            self.recover_run(&job, &run_id, finished, &mut recovered)?;
+            self.recover_run(&job, &run_id, finished, uploads, &mut recovered)?;
         }
         // Runs whose inputs are gone cannot be resumed, but their content
         // still ran: it stays seen.
@@ -182,6 +185,7 @@ impl Store {
         job: &str,
         run_id: &str,
         finished: &dyn Fn(&RunRecord) -> Option<RunState>,
+        uploads: bool,
         recovered: &mut Recovered,
     ) -> Result<(), StoreError> {
         let dir = self.run_inputs_dir(job, run_id);
@@ -212,6 +216,11 @@ impl Store {
                 return Ok(());
             }
         };
+        if run.state.is_terminal() {
+            // The copy kept the run's end (and any upload still to do).
+            self.put_run(&run)?;
+            return Ok(());
+        }
         if run.state == RunState::Planning {
             // Nothing is triggered before a run is in progress: it is
             // discarded and planned again, as after any crash.
@@ -227,6 +236,9 @@ impl Store {
                     "recover: the run had finished (its manifest says so)"
                 );
                 run.state = state;
+                if uploads {
+                    run.upload = Some(crate::store::RunUpload::default());
+                }
                 self.put_run(&run)?;
                 return Ok(());
             }

@@ -161,12 +161,16 @@ impl S3 {
 
     /// Multipart uploads begun and neither completed nor aborted.
     pub async fn open_multipart_uploads(&self) -> usize {
-        let text = reqwest::get(format!("http://{}/{BUCKET}?uploads", self.server_addr))
-            .await
-            .unwrap()
-            .text()
+        let answer = reqwest::get(format!("http://{}/{BUCKET}?uploads", self.server_addr))
             .await
             .unwrap();
+        assert!(
+            answer.status().is_success(),
+            "list uploads: {}",
+            answer.status()
+        );
+        let text = answer.text().await.unwrap();
+        assert!(text.contains("ListMultipartUploadsResult"), "{text}");
         text.matches("<UploadId>").count()
     }
 }
