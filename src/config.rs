@@ -532,6 +532,28 @@ impl Config {
         if let Some(v) = env.var("HARVESTD_FIRECRAWL_URL") {
             self.providers.firecrawl.base_url = Some(v);
         }
+        // systemd's `StateDirectory=` (its first directory, an absolute
+        // path): relative directories are taken from there, so a unit
+        // needs no paths of its own and the working directory is moot.
+        let base = env
+            .var("STATE_DIRECTORY")
+            .and_then(|v| v.split(':').next().map(PathBuf::from))
+            .filter(|p| p.is_absolute());
+        if let Some(base) = base {
+            let rebase = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            };
+            rebase(&mut self.jobs_dir);
+            rebase(&mut self.state_dir);
+            if ObjectUrl::parse(&self.output_dir).is_ok_and(|u| u.is_none()) {
+                rebase(&mut self.output_dir);
+            }
+            if let Some(staging) = self.storage.staging_dir.as_mut() {
+                rebase(staging);
+            }
+        }
         Ok(())
     }
 
@@ -870,6 +892,32 @@ mod tests {
         assert!(err.contains("lots"), "{err}");
         let small = Config::from_toml("[limits]\nmax_row_bytes = 10\n").unwrap();
         assert!(small.validate().is_err());
+    }
+
+    #[test]
+    fn under_systemd_relative_directories_are_in_the_state_directory() {
+        let env = MapEnv(HashMap::from([
+            ("STATE_DIRECTORY", "/var/lib/harvestd:/var/lib/other"),
+            ("HARVESTD_JOBS_DIR", "/srv/jobs"),
+        ]));
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/harvestd/state"));
+        assert_eq!(c.output_dir, PathBuf::from("/var/lib/harvestd/out"));
+        assert_eq!(c.jobs_dir, PathBuf::from("/srv/jobs"), "absolute stays");
+        assert_eq!(c.local_output_dir(), PathBuf::from("/var/lib/harvestd/out"));
+        let env = MapEnv(HashMap::from([
+            ("STATE_DIRECTORY", "/var/lib/harvestd"),
+            ("HARVESTD_OUTPUT_DIR", "s3://lake/x"),
+        ]));
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.output_dir, PathBuf::from("s3://lake/x"), "a URL stays");
+        assert_eq!(
+            c.local_output_dir(),
+            PathBuf::from("/var/lib/harvestd/state/staging")
+        );
+        // Without systemd, relative is relative to the working directory.
+        let c = Config::load(None, &MapEnv(HashMap::new())).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("state"));
     }
 
     #[test]

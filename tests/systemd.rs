@@ -146,6 +146,26 @@ fn the_unit_verifies_and_is_hardened() {
     };
     assert_eq!(directive("RestartPreventExitStatus"), "78");
     assert_eq!(directive("StartLimitBurst"), "5");
+    // A static user and group, so the group can read the outputs (a
+    // dynamic user's state is under /var/lib/private, 0700), and no
+    // directory of its own: $STATE_DIRECTORY says where.
+    assert_eq!(directive("User"), "harvestd");
+    assert_eq!(directive("Group"), "harvestd");
+    assert_eq!(directive("UMask"), "0027");
+    assert!(!unit.contains("DynamicUser="), "no dynamic user");
+    assert!(
+        !unit.contains("HARVESTD_STATE_DIR") && !unit.contains("/var/lib/harvestd/"),
+        "no paths of its own"
+    );
+    let sysusers = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/harvestd.sysusers"
+    ))
+    .unwrap();
+    assert!(
+        sysusers.lines().any(|l| l.starts_with("u harvestd ")),
+        "the user is declared for systemd-sysusers"
+    );
     let (ok, show) = analyze(&["security", "--offline=yes", path]);
     assert!(ok, "{show}");
     assert!(
@@ -235,5 +255,54 @@ async fn under_journald_each_line_carries_its_priority() {
             levels.contains("ERROR") && levels.contains("INFO"),
             "{levels:?}: {log}"
         );
+    }
+}
+
+/// As the unit runs it: `$STATE_DIRECTORY` set, no directory in the
+/// configuration, `UMask=0027`. State, jobs and outputs are found under
+/// the state directory, and what the daemon writes is readable by its
+/// group and by no one else (the unit's static user and group make that
+/// group `harvestd`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_unit_outputs_are_group_readable_in_the_state_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
+    // The configuration names no directory: the unit's way.
+    std::fs::write(h.path("harvestd.toml"), common::FAST_LIMITS).unwrap();
+    h.write_inputs("in.csv", 4);
+    h.write_job(
+        "grp.toml",
+        "provider = \"scraper_studio\"\ncollector = \"c_group00001\"\ninputs_file = \"in.csv\"\nchunk_size = 2\n",
+    );
+    let mut cmd = h.command_of(
+        "bash",
+        &[
+            "-c",
+            "umask 0027 && exec \"$0\" run --once",
+            env!("CARGO_BIN_EXE_harvestd"),
+        ],
+    );
+    cmd.env("STATE_DIRECTORY", h.dir.path()).current_dir("/");
+    let out = tokio::time::timeout(common::WAIT, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = h.run_dir("grp");
+    assert!(h.path("state").is_dir(), "state under $STATE_DIRECTORY");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for file in ["data.csv", "data.json", "manifest.json", "_SUCCESS"] {
+        assert_eq!(
+            mode(&run.join(file)),
+            0o640,
+            "{file}: group reads, others nothing"
+        );
+    }
+    for dir in [run.as_path(), run.parent().unwrap(), &h.path("out")] {
+        assert_eq!(mode(dir), 0o750, "{}: group enters", dir.display());
     }
 }
