@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -49,7 +49,7 @@ pub fn poll_interval(
 
 /// A random number in `[0, 1)` for the functions above.
 pub fn jitter() -> f64 {
-    rand::thread_rng().gen()
+    rand::rng().random()
 }
 
 /// Counts collections in flight for one key. Unlike a semaphore it can be
@@ -526,7 +526,7 @@ mod tests {
         use governor::clock::{Clock, FakeRelativeClock};
         for rps in [1, 5, 19, 20, 100, 200, 2000] {
             let clock = FakeRelativeClock::default();
-            let limiter = RateLimiter::direct_with_clock(request_quota(rps), &clock);
+            let limiter = RateLimiter::direct_with_clock(request_quota(rps), clock.clone());
             let burst = request_burst(rps) as usize;
             let mut sent = Vec::new();
             while sent.len() < 3 * rps as usize + burst {

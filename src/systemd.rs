@@ -7,7 +7,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
+    if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
 }
@@ -44,17 +44,11 @@ pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
-/// How often to ping the watchdog: half of `WATCHDOG_USEC`, if set for us.
-///
-/// Read here rather than with `sd_notify::watchdog_enabled`, which also
-/// demands `WATCHDOG_PID`; sd_watchdog_enabled(3) applies the watchdog to the
-/// caller when `WATCHDOG_PID` is unset and only refuses a different PID.
+/// How often to ping the watchdog: half of `WATCHDOG_USEC`, if set for us
+/// (sd_watchdog_enabled(3): for this process when `WATCHDOG_PID` is unset
+/// or names it).
 pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
-            return None;
-        }
-    }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    sd_notify::watchdog_enabled()
+        .filter(|d| !d.is_zero())
+        .map(|d| d / 2)
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{lines, Harness};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug)]
@@ -397,7 +397,7 @@ async fn kill_9_loop_with_the_store_damaged_between_lives_pays_once_and_loses_no
             &["run"]
         };
         let d = h.start_with(args).await;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
         d.signal(9);
         logs.extend(d.wait_all().await.1);
         // Every other life ends with its store damaged.

@@ -56,12 +56,20 @@ async fn run_once_on_a_terminal_shows_a_bar_per_run() {
     .expect("script(1) from util-linux runs the command on a pseudo-terminal");
     let screen = plain(&out.stdout);
     assert!(out.status.success(), "{screen}");
+    // A job's bar as last drawn: from its name to the end of the line or
+    // the next bar. A terminal whose width `script` leaves unknown gets
+    // the bars padded into one line that it wraps.
     let last = |job: &str| {
-        screen
-            .lines()
-            .rfind(|l| l.starts_with(job))
-            .unwrap_or_default()
-            .to_string()
+        let Some(at) = screen.rfind(&format!("{job} [")) else {
+            return String::new();
+        };
+        let rest = &screen[at..];
+        let end = ["\n", "alpha [", "beta ["]
+            .iter()
+            .filter_map(|stop| rest[1..].find(stop).map(|i| i + 1))
+            .min()
+            .unwrap_or(rest.len());
+        rest[..end].to_string()
     };
     let alpha = last("alpha");
     assert!(

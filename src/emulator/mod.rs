@@ -27,7 +27,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -156,7 +156,7 @@ impl State {
         const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         let tail: String = (0..17)
-            .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+            .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
             .collect();
         format!("{prefix}{tail}")
     }
@@ -213,7 +213,7 @@ impl State {
             let n = counts[i];
             counts[i] += 1;
             let by_count = n >= fault.skip && n < fault.skip + fault.first;
-            let by_chance = fault.probability > 0.0 && rng.gen::<f64>() < fault.probability;
+            let by_chance = fault.probability > 0.0 && rng.random::<f64>() < fault.probability;
             if by_count || by_chance {
                 return Some(fault.clone());
             }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 
 use super::{lines, Harness};
@@ -159,7 +159,7 @@ pub async fn run(kills: usize, seed: u64) -> Report {
         report.ready.push(started.elapsed());
         // A random moment in the daemon's life: mid-trigger, mid-poll,
         // mid-download or mid-write, whatever it is doing then.
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1200))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1200))).await;
         d.signal(9);
         let (_, seen) = d.wait_all().await;
         logs.extend(seen);
