@@ -543,8 +543,21 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     let version = version_of(req);
     let mut malformed = None;
     let reply = with_batch(state, req, |batch, now| {
-        let cap = limit.unwrap_or(batch.scenario.page_docs).max(1);
-        let docs: Vec<&UrlJob> = batch.documents(now).collect();
+        let sc = &batch.scenario;
+        if sc.kickoff_failure {
+            return json!({
+                "success": false, "status": "failed", "error": "Failed to start the batch: queue full",
+                "completed": 0, "total": 0, "creditsUsed": 0, "data": [],
+            });
+        }
+        let cap = limit.unwrap_or(sc.page_docs).max(1);
+        let completed = batch.documents(now).count();
+        // Self-hosted S1 forgets finished jobs: `completed` keeps them.
+        let kept = |u: &&UrlJob| {
+            sc.docs_vanish_after
+                .is_none_or(|d| now <= u.done_ms + d.as_millis() as i64)
+        };
+        let docs: Vec<&UrlJob> = batch.documents(now).filter(kept).collect();
         let mut data = Vec::new();
         let mut bytes = 0usize;
         for u in docs.iter().skip(skip).take(cap) {
@@ -564,20 +577,39 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
         let returned = data.len();
         let total = batch.total(now);
         let status = batch.status(now);
+        // "now + 24 h" on every read, milliseconds zeroed (§1.3).
+        let expires = super::iso((now / 1000 + 24 * 3600) * 1000);
+        let expires = match sc.expires_at_seconds {
+            true => expires,
+            false => expires.replacen('Z', ".000Z", 1),
+        };
+        let credits = match sc.credits_unknown {
+            true => json!(-1),
+            false => json!(completed * batch.page_cost),
+        };
         let mut body = json!({
             "success": true,
             "status": status,
-            "completed": docs.len(),
+            "completed": completed,
             "total": total,
-            "creditsUsed": docs.len() * batch.page_cost,
-            "expiresAt": super::iso((now / 1000 + 24 * 3600) * 1000),
+            "creditsUsed": credits,
+            "expiresAt": expires,
             "data": data,
         });
+        if let (Some(warning), false) = (&sc.warning, status == "scraping") {
+            body["warning"] = json!(warning);
+        }
         // Present while more may come, even on an empty page at the same
-        // skip while running (§1.3).
-        if total > skip + returned {
+        // skip while running (§1.3). Vanished documents are not among
+        // those to come.
+        let vanished = completed - docs.len();
+        if total.saturating_sub(vanished) > skip + returned {
+            let base = sc
+                .next_base
+                .clone()
+                .unwrap_or_else(|| format!("http://{host}"));
             let mut next = format!(
-                "http://{host}/v{version}/batch/scrape/{}?skip={}",
+                "{base}/v{version}/batch/scrape/{}?skip={}",
                 batch.id,
                 skip + returned
             );

@@ -446,6 +446,12 @@ fn check_auth(state: &State, req: &Request<Incoming>) -> Option<Reply> {
         ));
     };
     if !state.scenario.tokens.iter().any(|t| t == token.trim()) {
+        if state.scenario.auth_error_json {
+            return Some(json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "User authentication is required"}),
+            ));
+        }
         return Some(text(StatusCode::UNAUTHORIZED, "Invalid credentials"));
     }
     None
@@ -506,6 +512,20 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Reply {
         Some(FaultKind::Endless) => {
             let delay = fault.as_ref().map_or(Duration::ZERO, |f| f.delay);
             return endless(endpoint, delay);
+        }
+        Some(FaultKind::BrdError) => {
+            let status = fault
+                .as_ref()
+                .and_then(|f| StatusCode::from_u16(f.status).ok())
+                .unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut reply = full(status, "text/plain", "");
+            if let Reply::Response(r) = &mut reply {
+                r.headers_mut().insert(
+                    "x-brd-error",
+                    http::HeaderValue::from_static("Proxy Error: upstream connection refused"),
+                );
+            }
+            return reply;
         }
         Some(FaultKind::Html) => {
             return full(

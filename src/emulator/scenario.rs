@@ -31,6 +31,9 @@ pub struct Scenario {
     pub collectors: BTreeMap<String, CollectorScenario>,
     /// The Firecrawl account.
     pub firecrawl: FirecrawlScenario,
+    /// Bright Data's 401s as JSON (`{"error": "User authentication is
+    /// required"}`, as `/progress` documents them) instead of plain text.
+    pub auth_error_json: bool,
     pub faults: Vec<Fault>,
 }
 
@@ -65,6 +68,25 @@ pub struct FirecrawlScenario {
     pub malformed_document: Option<MalformedRow>,
     /// The URL (from 0, in input order) whose document is the malformed one.
     pub malformed_at: usize,
+    /// `scheme://host` of `next` links (a self-hosted server behind a
+    /// proxy names another than the request's); unset: `http://<Host>`.
+    pub next_base: Option<String>,
+    /// `creditsUsed` is `-1`, as a server that cannot read its billing
+    /// data answers.
+    pub credits_unknown: bool,
+    /// A `warning` (v2, robots.txt notes) once the batch is not scraping.
+    pub warning: Option<String>,
+    /// `expiresAt` in whole seconds (`…:00Z`), where upstream writes
+    /// milliseconds (`…:00.000Z`).
+    pub expires_at_seconds: bool,
+    /// The batch failed at kickoff: every status read is 200 with
+    /// `success: false`, `status: "failed"` and an `error` (S2 v1).
+    pub kickoff_failure: bool,
+    /// Documents finished longer ago than this are left out of `data`
+    /// while `completed` still counts them (self-hosted S1 drops finished
+    /// jobs after an hour).
+    #[serde(with = "humantime_serde::option")]
+    pub docs_vanish_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -127,6 +149,10 @@ pub struct CollectorScenario {
     pub whole_download_max_records: Option<u64>,
     /// Web Scraper API: running snapshots per dataset before 429.
     pub max_running: Option<usize>,
+    /// Web Scraper API: a snapshot not ready for download answers 409
+    /// `{"error": "Snapshot is not ready for download"}` (the OpenAPI's
+    /// form) instead of 202.
+    pub not_ready_409: bool,
     /// One row of the dataset the client cannot read (hostile provider):
     /// `invalid_utf8`, `control_char`, `deep_nesting` or `huge`. None by
     /// default: the documented APIs send JSON.
@@ -232,6 +258,10 @@ pub enum FaultKind {
     Truncate,
     /// 200 with an HTML error page.
     Html,
+    /// An answer with an `x-brd-error` header (the proxy layers' error
+    /// signal) and the fault's `status`, which may be 200: the call was
+    /// not carried out.
+    BrdError,
     /// 200 with a body that never ends: rows for a dataset endpoint
     /// (`dataset`, `v3_snapshot`), a JSON object that never closes for any
     /// other (a status answer), in 64 KiB pieces `delay` apart.
@@ -252,6 +282,7 @@ impl Default for Scenario {
             defaults: CollectorScenario::default(),
             collectors: BTreeMap::new(),
             firecrawl: FirecrawlScenario::default(),
+            auth_error_json: false,
             faults: Vec::new(),
         }
     }
@@ -279,6 +310,7 @@ impl Default for CollectorScenario {
             fail_message: "Something went wrong. Our team is looking into it.".into(),
             whole_download_max_records: None,
             max_running: None,
+            not_ready_409: false,
             malformed_row: None,
             malformed_at: 0,
             huge_row_bytes: 100 * 1024 * 1024,
@@ -301,6 +333,12 @@ impl Default for FirecrawlScenario {
             credits: None,
             malformed_document: None,
             malformed_at: 0,
+            next_base: None,
+            credits_unknown: false,
+            warning: None,
+            expires_at_seconds: false,
+            kickoff_failure: false,
+            docs_vanish_after: None,
         }
     }
 }

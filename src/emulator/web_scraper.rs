@@ -343,6 +343,12 @@ fn snapshot(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     };
     match s.phase(now) {
         Phase::Expired => return text(StatusCode::BAD_REQUEST, "Snapshot is expired"),
+        Phase::Starting | Phase::Running if s.scenario.not_ready_409 => {
+            return json_reply(
+                StatusCode::CONFLICT,
+                &json!({"error": "Snapshot is not ready for download"}),
+            )
+        }
         Phase::Starting | Phase::Running => {
             return not_ready(
                 s.status_word(now),

@@ -249,6 +249,25 @@ impl Http {
             crate::failpoint::crash("after-send");
         }
         self.note_clock(&response);
+        // Bright Data's proxy layers say an error in a header, whatever the
+        // status (a 200 among them), and the call was not carried out as
+        // asked: retried like any transient fault; a trigger is in doubt.
+        let brd_error = ["x-brd-error", "x-luminati-error"]
+            .iter()
+            .find_map(|h| response.headers().get(*h))
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            });
+        if let Some(message) = brd_error {
+            self.stats.count(endpoint, "brd_error");
+            return Err(CallError::Transient {
+                detail: format!("{endpoint}: x-brd-error: {message}"),
+                sent: true,
+            });
+        }
         let status = response.status();
         let class = CLASSES.get(usize::from(status.as_u16() / 100).wrapping_sub(1));
         self.stats
