@@ -63,6 +63,12 @@ const V2_ONLY_KEYS: &[&str] = &[
     "lockdown",
     "onlyCleanContent",
     "integration",
+    // In upstream's v2 `baseScrapeOptions`; firecrawl-py 4.55.0 sends each
+    // when asked for (tests/sdk).
+    "threatProtection",
+    "auditMetadata",
+    "redactPII",
+    "profile",
 ];
 
 enum Outcome {
