@@ -183,3 +183,25 @@ async fn bright_data_a_json_401_blocks_with_its_message() {
     );
     assert!(h.ledger().is_empty(), "nothing triggered");
 }
+
+/// Scraper Studio's dataset answering 404 (or 400) for a while after
+/// `/dca/log` said done, as seen live: "not yet", within the grace, never
+/// a lost collection or a second trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraper_studio_a_dataset_lagging_with_4xx_is_waited_out() {
+    for status in [404, 400] {
+        let h = Harness::new(&format!(
+            "[defaults]\nbuild_time = \"100ms\"\ndataset_lag_polls = 3\ndataset_lag_status = {status}\n"
+        ))
+        .await;
+        h.write_inputs("in.csv", 6);
+        h.write_job(
+            "studio.toml",
+            "provider = \"scraper_studio\"\ncollector = \"c_lag4xx0001\"\ninputs_file = \"in.csv\"\nchunk_size = 3\n",
+        );
+        let (code, _, stderr) = h.run_once().await;
+        assert_eq!(code, 0, "{status}: {stderr}");
+        assert_eq!(h.manifest("studio")["rows"], 6, "{status}");
+        assert_eq!(h.ledger().len(), 2, "{status}: one trigger per chunk");
+    }
+}

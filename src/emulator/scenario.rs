@@ -122,6 +122,9 @@ pub struct CollectorScenario {
     pub early_404: Duration,
     /// `/dca/dataset` still answers "building" this many times after `done`.
     pub dataset_lag_polls: u32,
+    /// Scraper Studio: the lag's answers are this status (400 or 404, as
+    /// seen live while the job's state catches up) instead of "building".
+    pub dataset_lag_status: Option<u16>,
     /// How "building" looks on `/dca/dataset`.
     pub building_reply: BuildingReply,
     /// `title` (documented example) or `lower` (seen live) keys on `/dca/log`.
@@ -298,6 +301,7 @@ impl Default for CollectorScenario {
             zero_rows: false,
             early_404: Duration::ZERO,
             dataset_lag_polls: 0,
+            dataset_lag_status: None,
             building_reply: BuildingReply::Accepted,
             log_keys: LogKeys::Title,
             unknown_status_word: None,

@@ -337,6 +337,13 @@ fn dataset(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     if job.cancelled_ms.is_none() && job.dataset_polls_done < job.scenario.dataset_lag_polls {
         job.dataset_polls_done += 1;
         job.status_polls += 1;
+        if let Some(status) = job
+            .scenario
+            .dataset_lag_status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+        {
+            return text(status, "Dataset not found");
+        }
         return building(job.scenario.building_reply);
     }
     job.fetched_ms.get_or_insert(now);
