@@ -26,6 +26,7 @@ use std::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
+use harvestd::emulator::Emulator;
 use support::median;
 
 fn sizes() -> Vec<usize> {
@@ -122,7 +123,9 @@ fn formats() -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
+/// The emulator with one collection of `rows` rows of ~1 KB, and a job
+/// for it in the job's formats.
+fn big_job(rt: &tokio::runtime::Runtime, rows: usize) -> (Emulator, tempfile::TempDir) {
     let (emulator, dir, jobs) = support::setup(
         rt,
         &format!("[defaults]\nbuild_time = \"0s\"\nrows_per_input = {rows}\nrow_bytes = 1000\n"),
@@ -136,6 +139,11 @@ fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
         ),
     )
     .unwrap();
+    (emulator, dir)
+}
+
+fn one_run(rt: &tokio::runtime::Runtime, rows: usize) -> Sample {
+    let (emulator, dir) = big_job(rt, rows);
     std::fs::write(
         dir.path().join("harvestd.toml"),
         "admin_listen = \"off\"\nintake_settle = \"0s\"\n[limits]\npoll_min_interval = \"100ms\"\npoll_max_interval = \"200ms\"\n",
@@ -230,19 +238,7 @@ impl Drop for S3Server {
 /// uploaded, server CPU seconds).
 fn one_s3_run(rt: &tokio::runtime::Runtime, rows: usize) -> (f64, f64, f64, f64, f64) {
     let s3 = S3Server::start();
-    let (emulator, dir, jobs) = support::setup(
-        rt,
-        &format!("[defaults]\nbuild_time = \"0s\"\nrows_per_input = {rows}\nrow_bytes = 1000\n"),
-    );
-    std::fs::write(
-        jobs.join("big.toml"),
-        format!(
-            "provider = \"scraper_studio\"\ncollector = \"c_bigdata001\"\n\
-             inputs = [{{url = \"https://big.example/catalog\"}}]\nformats = {}\n",
-            formats()
-        ),
-    )
-    .unwrap();
+    let (emulator, dir) = big_job(rt, rows);
     std::fs::write(
         dir.path().join("harvestd.toml"),
         format!(

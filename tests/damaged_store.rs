@@ -15,10 +15,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{lines, Harness};
+use common::{lines, sled_data_file, Harness};
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 
@@ -27,18 +27,6 @@ enum Damage {
     TruncateToHalf,
     TruncateToZero,
     Garbage,
-}
-
-/// sled's data file: the largest regular file under `state/db`.
-fn sled_data_file(state: &Path) -> PathBuf {
-    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(state.join("db"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
-        .collect();
-    files.sort();
-    files.pop().expect("sled has a data file").1
 }
 
 fn damage(state: &Path, how: Damage) {

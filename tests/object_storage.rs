@@ -265,13 +265,7 @@ async fn a_store_that_goes_away_and_comes_back_gets_the_run() {
     let (_, table, _) = h.run(&["status"]).await;
     assert!(table.contains("complete (upload failing)"), "{table}");
     assert!(table.contains("UPLOAD FAILING"), "{table}");
-    let addr = std::fs::read_to_string(h.path("state/admin.addr")).unwrap();
-    let metrics = reqwest::get(format!("http://{}/metrics", addr.trim()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("harvestd_uploads{state=\"failing\"} 1"),
         "{metrics}"
@@ -492,14 +486,7 @@ async fn recover_finishes_an_upload_and_leaves_an_uploaded_run_alone() {
 
     for round in ["mid-upload", "uploaded"] {
         // The store is lost: sled's data file emptied.
-        let mut files: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(h.path("state/db"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
-            .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
-            .collect();
-        files.sort();
-        let data = files.pop().unwrap().1;
+        let data = common::sled_data_file(&h.path("state"));
         std::fs::OpenOptions::new()
             .write(true)
             .open(&data)

@@ -643,13 +643,7 @@ async fn firecrawl_credits_are_recorded_per_chunk_and_run_and_estimated_beforeha
     let (_, table, _) = h.run(&["status"]).await;
     assert!(table.lines().next().unwrap().contains("CREDITS"), "{table}");
 
-    let addr = std::fs::read_to_string(h.path("state/admin.addr")).unwrap();
-    let metrics = reqwest::get(format!("http://{}/metrics", addr.trim()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     let total = docs * 6;
     let line = format!("harvestd_credits_used_total{{provider=\"firecrawl\"}} {total}");
     assert!(metrics.lines().any(|l| l == line), "{metrics}");

@@ -59,6 +59,16 @@ async fn tls_front(emulator: SocketAddr) -> (SocketAddr, String) {
     (addr, ca.pem())
 }
 
+/// Where the harness's emulator listens.
+fn emulator_addr(h: &Harness) -> SocketAddr {
+    h.emulator
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
 /// A CONNECT proxy on loopback that records each tunnel's target.
 async fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
@@ -108,13 +118,7 @@ async fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_through_a_connect_proxy_with_the_hosts_trust_store() {
     let mut h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
-    let emulator: SocketAddr = h
-        .emulator
-        .url()
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
+    let emulator = emulator_addr(&h);
     let (front, ca_pem) = tls_front(emulator).await;
     let (proxy, tunnels) = connect_proxy().await;
     let ca_file = h.path("corporate-ca.pem");
@@ -161,13 +165,7 @@ async fn https_through_a_connect_proxy_with_the_hosts_trust_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_the_host_does_not_trust_is_refused() {
     let mut h = Harness::new("[defaults]\nbuild_time = \"50ms\"\n").await;
-    let emulator: SocketAddr = h
-        .emulator
-        .url()
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
+    let emulator = emulator_addr(&h);
     let (front, _) = tls_front(emulator).await;
     h.env = vec![(
         "HARVESTD_BRIGHTDATA_URL".into(),

@@ -199,6 +199,17 @@ impl Harness {
         runs.pop().unwrap()
     }
 
+    /// `GET /metrics` of the running daemon (admin listening).
+    pub async fn metrics(&self) -> String {
+        let addr = std::fs::read_to_string(self.path("state/admin.addr")).unwrap();
+        reqwest::get(format!("http://{}/metrics", addr.trim()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn manifest(&self, job: &str) -> Value {
         read_json(&self.run_dir(job).join("manifest.json"))
     }
@@ -320,4 +331,16 @@ pub fn assert_agree(back: &[Value], json: &[Value]) {
     for (i, (b, j)) in back.iter().zip(json).enumerate() {
         assert!(agrees(b, j), "row {i}: read back {b}\nfor {j}");
     }
+}
+
+/// sled's largest file under `state/db`: its data.
+pub fn sled_data_file(state: &Path) -> PathBuf {
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(state.join("db"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+        .collect();
+    files.sort();
+    files.pop().expect("sled has a data file").1
 }
