@@ -475,6 +475,7 @@ impl Config {
         };
         config.apply_env(env)?;
         config.validate()?;
+        check_tls()?;
         Ok(config)
     }
 
@@ -534,7 +535,9 @@ impl Config {
         }
         // systemd's `StateDirectory=` (its first directory, an absolute
         // path): relative directories are taken from there, so a unit
-        // needs no paths of its own and the working directory is moot.
+        // needs no paths of its own. Other relative paths (token files,
+        // notify commands) stay relative to the working directory, which
+        // the unit sets to the same place.
         let base = env
             .var("STATE_DIRECTORY")
             .and_then(|v| v.split(':').next().map(PathBuf::from))
@@ -756,6 +759,27 @@ impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
     }
+}
+
+/// Refuses to start when the host's trust store cannot be used (an
+/// `SSL_CERT_FILE` or `SSL_CERT_DIR` with no certificate that parses):
+/// every HTTPS client would fail to build, so it is a configuration
+/// error, named, rather than a failure at the first call.
+fn check_tls() -> Result<(), ConfigError> {
+    reqwest::Client::builder()
+        .build()
+        .map(drop)
+        .map_err(|e| {
+            let mut cause = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                cause = format!("{cause}: {s}");
+                source = s.source();
+            }
+            ConfigError::Invalid(format!(
+                "TLS: the host's trust store cannot be used ({cause}); check SSL_CERT_FILE and SSL_CERT_DIR"
+            ))
+        })
 }
 
 /// Finds a provider's token: environment variables, then `token_file`, then

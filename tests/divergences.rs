@@ -162,6 +162,18 @@ async fn web_scraper_an_x_brd_error_header_is_a_failure_whatever_the_status() {
         assert_eq!(h.manifest("web")["rows"], 10, "{endpoint}");
         assert_eq!(h.ledger().len(), 2, "{endpoint}: one trigger per chunk");
     }
+    // On a 429 the header changes nothing: the pause the status asks for.
+    let (code, stderr, h) = web_scraper_run(
+        "[defaults]\nbuild_time = \"100ms\"\n[[faults]]\nendpoint = \"v3_progress\"\nkind = \"brd_error\"\nstatus = 429\nfirst = 1\n",
+        10,
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("429 from provider"),
+        "a 429 stays a 429: {stderr}"
+    );
+    assert_eq!(h.manifest("web")["rows"], 10);
 }
 
 /// A refused token answered as JSON (`/progress`'s documented 401): the

@@ -42,6 +42,7 @@ async fn the_official_sdks_find_the_emulator_as_they_find_the_providers() {
         Command::new(common::s3::venv().join("bin/python"))
             .arg(format!("{root}/tests/sdk/run.py"))
             .arg(&url)
+            .kill_on_drop(true)
             .output(),
     )
     .await

@@ -183,3 +183,22 @@ async fn a_certificate_the_host_does_not_trust_is_refused() {
     d.signal(15);
     assert_eq!(d.wait().await, 0);
 }
+
+/// A trust store with nothing usable in it (`SSL_CERT_FILE` naming a file
+/// without a certificate that parses): refused at start with exit 78 and
+/// the variable named, not a failure at the first call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_trust_store_is_a_configuration_error() {
+    let mut h = Harness::new("").await;
+    let bad = h.path("broken-ca.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    h.env = vec![("SSL_CERT_FILE".into(), bad.display().to_string())];
+    let (code, _, stderr) = h.run_once().await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("SSL_CERT_FILE"), "{stderr}");
+    assert!(h.ledger().is_empty());
+}

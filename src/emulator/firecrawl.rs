@@ -551,6 +551,9 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
     let reply = with_batch(state, req, |batch, now| {
         let sc = &batch.scenario;
         if sc.kickoff_failure {
+            if !batch.served.swap(true, Ordering::Relaxed) {
+                state.in_flight(ACCOUNT, -1);
+            }
             return json!({
                 "success": false, "status": "failed", "error": "Failed to start the batch: queue full",
                 "completed": 0, "total": 0, "creditsUsed": 0, "data": [],
@@ -560,8 +563,11 @@ fn status(state: &Arc<State>, req: &Request<Incoming>) -> Reply {
         let completed = batch.documents(now).count();
         // Self-hosted S1 forgets finished jobs: `completed` keeps them.
         let kept = |u: &&UrlJob| {
-            sc.docs_vanish_after
-                .is_none_or(|d| now <= u.done_ms + d.as_millis() as i64)
+            sc.docs_vanish_after.is_none_or(|d| {
+                now <= u
+                    .done_ms
+                    .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            })
         };
         let docs: Vec<&UrlJob> = batch.documents(now).filter(kept).collect();
         let mut data = Vec::new();

@@ -126,6 +126,14 @@ impl Http {
         }
     }
 
+    /// Counts a call's time in `harvestd_request_duration_seconds`, timeouts
+    /// and failed connections included: the slowest calls are the point.
+    fn observe(&self, endpoint: &'static str, sent_at: std::time::Instant) {
+        if let Ok(h) = self.stats.latency.get_metric_with_label_values(&[endpoint]) {
+            h.observe(sent_at.elapsed().as_secs_f64());
+        }
+    }
+
     /// Now on the provider's clock, as its latest answer to any API of
     /// the account told it.
     pub fn provider_now(&self) -> crate::chunk::UnixMs {
@@ -226,6 +234,7 @@ impl Http {
         let sent_at = std::time::Instant::now();
         let response = match tokio::time::timeout(self.timeout, request.send()).await {
             Err(_) => {
+                self.observe(endpoint, sent_at);
                 self.stats.count(endpoint, "timeout");
                 return Err(CallError::Transient {
                     detail: format!("{endpoint}: no answer within {:?}", self.timeout),
@@ -233,6 +242,7 @@ impl Http {
                 });
             }
             Ok(Err(e)) => {
+                self.observe(endpoint, sent_at);
                 self.stats.count(endpoint, "network");
                 return Err(CallError::Transient {
                     // Only a failed connect proves the request never left.
@@ -242,9 +252,7 @@ impl Http {
             }
             Ok(Ok(r)) => r,
         };
-        if let Ok(h) = self.stats.latency.get_metric_with_label_values(&[endpoint]) {
-            h.observe(sent_at.elapsed().as_secs_f64());
-        }
+        self.observe(endpoint, sent_at);
         if TRIGGERS.contains(&endpoint) {
             crate::failpoint::crash("after-send");
         }
@@ -252,8 +260,12 @@ impl Http {
         // Bright Data's proxy layers say an error in a header, whatever the
         // status (a 200 among them), and the call was not carried out as
         // asked: retried like any transient fault; a trigger is in doubt.
-        let brd_error = ["x-brd-error", "x-luminati-error"]
+        // Only where the status says success: a 401, 429 or 4xx keeps its
+        // own meaning (a block, a pause, a refusal), header or not.
+        let bright_data = self.name != "firecrawl";
+        let brd_error = ["x-brd-error", "x-luminati-error", "x-brd-err-msg"]
             .iter()
+            .filter(|_| bright_data && response.status().as_u16() < 400)
             .find_map(|h| response.headers().get(*h))
             .map(|v| {
                 String::from_utf8_lossy(v.as_bytes())

@@ -28,7 +28,17 @@ pub fn venv() -> PathBuf {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
     VENV.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let lock_path = std::env::temp_dir().join("harvestd-test-venv.lock");
+        // Beside the venv, where tests/tools/setup puts it: the same for
+        // every test binary of this checkout, and owned by whoever builds.
+        let venv = std::env::var_os("HARVESTD_TEST_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::var_os("CARGO_TARGET_DIR")
+                    .map_or_else(|| root.join("target"), PathBuf::from)
+                    .join("test-venv")
+            });
+        let lock_path = venv.with_extension("lock");
+        std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
         let lock = std::fs::File::create(&lock_path).unwrap();
         lock.lock().unwrap();
         let out = std::process::Command::new(root.join("tests/tools/setup"))
