@@ -360,12 +360,7 @@ async fn metrics_follow_the_prometheus_conventions() {
         "provider = \"scraper_studio\"\ncollector = \"c_metrics001\"\ninputs_file = \"in.csv\"\nchunk_size = 2\n",
     );
     d.wait_for_line("run complete").await;
-    let after = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let after = h.metrics().await;
     promtool_check(&after);
     for needle in [
         "# TYPE harvestd_request_duration_seconds histogram",

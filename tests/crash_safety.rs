@@ -403,17 +403,6 @@ async fn twenty_kill_9s_at_random_moments_lose_nothing_and_pay_once() {
     assert_eq!(report.settled_unreachable, 0, "{report}");
 }
 
-/// GET on the running daemon's admin API.
-async fn admin_get(h: &Harness, path: &str) -> String {
-    let addr = std::fs::read_to_string(h.path("state/admin.addr")).unwrap();
-    reqwest::get(format!("http://{}{path}", addr.trim()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn metric(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
@@ -493,7 +482,7 @@ async fn expiry_is_announced_then_recorded(api: Api, retention_h: u64, warn_h: u
             "{table}"
         );
 
-        let metrics = admin_get(&h, "/metrics").await;
+        let metrics = h.metrics().await;
         assert_eq!(
             metric(
                 &metrics,

@@ -199,15 +199,20 @@ impl Harness {
         runs.pop().unwrap()
     }
 
-    /// `GET /metrics` of the running daemon (admin listening).
-    pub async fn metrics(&self) -> String {
+    /// `GET path` on the running daemon's admin API (admin listening).
+    pub async fn admin_get(&self, path: &str) -> String {
         let addr = std::fs::read_to_string(self.path("state/admin.addr")).unwrap();
-        reqwest::get(format!("http://{}/metrics", addr.trim()))
+        reqwest::get(format!("http://{}{path}", addr.trim()))
             .await
             .unwrap()
             .text()
             .await
             .unwrap()
+    }
+
+    /// `GET /metrics` of the running daemon.
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await
     }
 
     pub fn manifest(&self, job: &str) -> Value {
